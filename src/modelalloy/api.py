@@ -1,0 +1,58 @@
+"""The library's front door: `merge` and `plan_merge`, what `alloy merge` and `alloy plan` call."""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from contextlib import ExitStack
+from pathlib import Path
+
+from modelalloy.config import MergeConfig, load_config
+from modelalloy.execute import MergeOptions, MergeResult, Progress, execute
+from modelalloy.io.checkpoint import Checkpoint, open_checkpoint
+from modelalloy.plan import Plan, make_plan
+
+
+def _as_config(config: str | Path | MergeConfig) -> MergeConfig:
+    return config if isinstance(config, MergeConfig) else load_config(config)
+
+
+def open_models(config: MergeConfig, *, allow_pickle: bool = False, stack: ExitStack | None = None) -> dict[str, Checkpoint]:
+    """Open every model the config names (headers only), each once."""
+    models = {}
+    for ref in config.all_model_refs():
+        ckpt = open_checkpoint(ref, allow_pickle=allow_pickle)
+        if stack is not None:
+            stack.enter_context(ckpt)
+        models[ref] = ckpt
+    return models
+
+
+def plan_merge(config: str | Path | MergeConfig, *, options: MergeOptions = MergeOptions()) -> tuple[Plan, dict[str, Checkpoint]]:
+    """Everything `merge` checks, without computing or writing; returns the plan and open models."""
+    cfg = _as_config(config)
+    models = open_models(cfg, allow_pickle=options.allow_pickle)
+    return make_plan(cfg, models, allow_crimes=options.allow_crimes), models
+
+
+def merge(
+    config: str | Path | MergeConfig,
+    out_dir: str | Path,
+    *,
+    options: MergeOptions | None = None,
+    progress: Callable[[Progress], None] | None = None,
+    **option_fields,
+) -> MergeResult:
+    """Merge the models a mergekit-style config describes into the HF checkpoint `out_dir`.
+
+    Options can be given as a `MergeOptions` or as its fields: ``merge(cfg, out, threads=1)``.
+
+    Example:
+        >>> import modelalloy
+        >>> modelalloy.merge("merge.yaml", "./merged")  # doctest: +SKIP
+    """
+    opts = options or MergeOptions(**option_fields)
+    cfg = _as_config(config)
+    with ExitStack() as stack:
+        models = open_models(cfg, allow_pickle=opts.allow_pickle, stack=stack)
+        plan = make_plan(cfg, models, allow_crimes=opts.allow_crimes)
+        return execute(plan, models, out_dir, options=opts, progress=progress)

@@ -1,0 +1,80 @@
+"""What a tensor name means, inferred from the name and config.json, for any architecture.
+
+Transformer checkpoints name their repeated blocks ``<container>.<index>.<rest>``:
+``model.layers.3.mlp.up_proj.weight`` (Llama, Mistral, Qwen, Gemma, Phi), ``transformer.h.3.attn``
+(GPT-2), ``gpt_neox.layers.3`` (GPT-NeoX), ``bert.encoder.layer.3`` (BERT). The first such index
+is the layer. Tensors outside the layers are "pre" (embeddings, which come before the first
+layer) or "post" (final norm, LM head, pooler), which matters for slices and gradients.
+"""
+
+from __future__ import annotations
+
+import re
+from dataclasses import dataclass
+
+# Containers of repeated blocks, as named across the transformers library.
+_LAYER = re.compile(r"(?:^|\.)(?:layers|layer|h|blocks|block|decoder_layers|encoder_layers)\.(\d+)\.")
+_PRE = re.compile(r"(embed|wte|wpe|word_embeddings|position_embeddings|token_type_embeddings|(^|\.)embeddings\.)")
+_LAYER_COUNT_KEYS = ("num_hidden_layers", "n_layer", "num_layers", "n_layers")
+
+# Block kinds, checked in order; the first matching pattern names the block.
+_KINDS: tuple[tuple[str, re.Pattern], ...] = (
+    ("embedding", re.compile(r"embed|wte|wpe|word_embeddings|position_embeddings|token_type_embeddings")),
+    ("head", re.compile(r"(^|\.)(lm_head|cls|classifier|score|qa_outputs|pooler)\.")),
+    ("norm", re.compile(r"norm|(^|\.)ln_|layernorm|LayerNorm")),
+    ("attention", re.compile(r"attn|attention|self_attn|q_proj|k_proj|v_proj|o_proj|query|key|value|qkv")),
+    ("mlp", re.compile(r"mlp|ffn|feed_forward|intermediate|fc\d|up_proj|down_proj|gate_proj|(^|\.)output\.dense")),
+)
+
+
+@dataclass(frozen=True)
+class TensorRole:
+    layer: int | None  # index of the repeated block, None outside the layers
+    position: str  # "pre", "layer" or "post"
+    kind: str  # embedding, head, norm, attention, mlp or other
+
+
+def layer_index(name: str) -> int | None:
+    m = _LAYER.search(name)
+    return int(m.group(1)) if m else None
+
+
+def role(name: str) -> TensorRole:
+    layer = layer_index(name)
+    if layer is not None:
+        position = "layer"
+    else:
+        position = "pre" if _PRE.search(name) else "post"
+    kind = next((k for k, pattern in _KINDS if pattern.search(name)), "other")
+    return TensorRole(layer, position, kind)
+
+
+def with_layer(name: str, new_index: int) -> str:
+    """The same tensor name in layer `new_index` (for slices that renumber layers)."""
+    m = _LAYER.search(name)
+    if m is None:
+        raise ValueError(f"{name!r} is not inside a layer")
+    return name[: m.start(1)] + str(new_index) + name[m.end(1) :]
+
+
+def layer_count_key(config: dict) -> str | None:
+    """The config.json key that holds the number of layers (text_config for multimodal models)."""
+    return next((k for k in _LAYER_COUNT_KEYS if isinstance(config.get(k), int)), None)
+
+
+def num_layers(config: dict, tensor_names) -> int:
+    """Layers from config.json, else one more than the largest layer index among the tensors."""
+    key = layer_count_key(config)
+    if key is not None:
+        return int(config[key])
+    indices = [i for i in (layer_index(n) for n in tensor_names) if i is not None]
+    return max(indices) + 1 if indices else 0
+
+
+def architecture(config: dict) -> str:
+    archs = config.get("architectures") or []
+    return archs[0] if archs else str(config.get("model_type", "unknown"))
+
+
+def tied_embeddings(config: dict) -> bool:
+    return bool(config.get("tie_word_embeddings", config.get("model_type") in ("gpt2", "bert", "gemma", "gemma2")))

@@ -1,0 +1,6 @@
+"""Checkpoint input and output: lazy readers, the streaming shard writer, support files."""
+
+from modelalloy.io.checkpoint import Checkpoint, open_checkpoint
+from modelalloy.io.writer import ShardedWriter, parse_size
+
+__all__ = ["Checkpoint", "ShardedWriter", "open_checkpoint", "parse_size"]

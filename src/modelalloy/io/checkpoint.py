@@ -1,0 +1,188 @@
+"""Opening a model checkpoint lazily: headers now, tensors one at a time when asked.
+
+A model reference is a local Hugging Face directory (``config.json`` plus ``model.safetensors``
+or shards listed by ``model.safetensors.index.json``), or a model id already in the local
+Hugging Face cache (looked up offline; we never download). Pickle ``.bin`` checkpoints run code
+when unpickled, so they are refused unless the caller opts in, and then loaded with
+``weights_only=True``.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import threading
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import torch
+
+from modelalloy.errors import CheckpointError
+from modelalloy.io.safetensors_format import TensorLocation, read_header, read_tensor
+
+SAFETENSORS_INDEX = "model.safetensors.index.json"
+PICKLE_INDEX = "pytorch_model.bin.index.json"
+
+
+@dataclass
+class Checkpoint:
+    """One input model: where it is, its config, and where each tensor lives (nothing loaded)."""
+
+    ref: str  # what the user wrote
+    path: Path  # the resolved directory
+    config: dict
+    tensors: dict[str, TensorLocation]
+    revision: str | None = None  # the HF cache snapshot commit, when it came from the cache
+    _fds: dict[str, int] = field(default_factory=dict, repr=False)
+    _pickled: dict[str, dict[str, torch.Tensor]] = field(default_factory=dict, repr=False)
+    _lock: threading.Lock = field(default_factory=threading.Lock, repr=False)
+
+    def read(self, name: str) -> torch.Tensor:
+        """The tensor `name` as stored (dtype and shape from the file), in a buffer of its own."""
+        loc = self.tensors.get(name)
+        if loc is None:
+            raise CheckpointError(f"{self.ref}: no tensor named {name!r}")
+        if loc.file.endswith(".bin"):
+            return self._pickled[loc.file][name]
+        return read_tensor(self._fd(loc.file), loc)
+
+    def _fd(self, file: str) -> int:
+        fd = self._fds.get(file)
+        if fd is None:
+            with self._lock:  # two threads may ask for the same shard at once
+                fd = self._fds.get(file)
+                if fd is None:
+                    fd = os.open(file, os.O_RDONLY)
+                    self._fds[file] = fd
+        return fd
+
+    def close(self) -> None:
+        for fd in self._fds.values():
+            os.close(fd)
+        self._fds.clear()
+        self._pickled.clear()
+
+    @property
+    def weight_files(self) -> list[str]:
+        return sorted({t.file for t in self.tensors.values()})
+
+    def __enter__(self) -> Checkpoint:
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.close()
+
+
+def resolve_model_path(ref: str) -> tuple[Path, str | None]:
+    """A local directory, or the snapshot of an HF id in the local cache; (path, revision)."""
+    local = Path(ref).expanduser()
+    try:
+        if local.is_dir():
+            return local, None
+        if local.exists():
+            if local.suffix == ".gguf":
+                raise CheckpointError(f"{ref}: GGUF files are not supported as merge inputs yet; convert to safetensors first")
+            raise CheckpointError(f"{ref}: is a file; a model is a directory with config.json and *.safetensors")
+    except OSError as e:  # symlink loops, permission denied on a parent
+        raise CheckpointError(f"{ref}: cannot open ({e.strerror or e})") from None
+    repo_id, _, revision = ref.partition("@")
+    if repo_id.count("/") == 1 and not repo_id.startswith((".", "/", "~")):
+        # Offline by construction: a model that is not in the cache is an error, never a download.
+        from huggingface_hub import snapshot_download
+        from huggingface_hub.errors import LocalEntryNotFoundError
+
+        try:
+            path = snapshot_download(repo_id, revision=revision or None, local_files_only=True)
+        except (LocalEntryNotFoundError, FileNotFoundError, ValueError, OSError):
+            raise CheckpointError(
+                f"{ref}: no such directory, and not in the local Hugging Face cache; "
+                f"download it first (huggingface-cli download {repo_id}) or give a local path"
+            ) from None
+        return Path(path), Path(path).name
+    raise CheckpointError(f"{ref}: model directory not found")
+
+
+def open_checkpoint(ref: str, *, allow_pickle: bool = False) -> Checkpoint:
+    """Open `ref` lazily: config and every tensor header are read and validated; no tensor data."""
+    path, revision = resolve_model_path(ref)
+    if not os.access(path, os.R_OK | os.X_OK):
+        raise CheckpointError(f"{ref}: permission denied reading the directory")
+    config_file = path / "config.json"
+    config: dict = {}
+    if config_file.exists():
+        try:
+            config = json.loads(config_file.read_text())
+        except (OSError, UnicodeDecodeError, json.JSONDecodeError) as e:
+            raise CheckpointError(f"{config_file}: unreadable config.json ({e})") from None
+        if not isinstance(config, dict):
+            raise CheckpointError(f"{config_file}: config.json is not a JSON object")
+    tensors = _safetensors_tensors(path, ref)
+    ckpt = Checkpoint(ref=ref, path=path, config=config, tensors=tensors, revision=revision)
+    if not tensors:
+        bins = _pickle_files(path)
+        if not bins:
+            raise CheckpointError(f"{ref}: no weight files (*.safetensors or pytorch_model*.bin) in {path}")
+        if not allow_pickle:
+            raise CheckpointError(
+                f"{ref}: only pickle .bin weights found; pickle can run arbitrary code when loaded, "
+                "so it is refused: convert to safetensors, or pass --allow-pickle if you trust this file"
+            )
+        _load_pickled(ckpt, bins)
+    if not config_file.exists():
+        raise CheckpointError(f"{ref}: config.json missing in {path}; a Hugging Face model directory needs one")
+    return ckpt
+
+
+def _inside(path: Path, file: str, ref: str, index: Path) -> str:
+    target = (path / file).resolve()
+    if not target.is_relative_to(path.resolve()):
+        raise CheckpointError(f"{index}: shard name {file!r} points outside the model directory; refusing it")
+    if not target.is_file():
+        raise CheckpointError(f"{index}: lists shard {file!r}, which is missing from {path}")
+    return str(target)
+
+
+def _safetensors_tensors(path: Path, ref: str) -> dict[str, TensorLocation]:
+    index = path / SAFETENSORS_INDEX
+    if index.exists():
+        try:
+            weight_map = json.loads(index.read_text())["weight_map"]
+            assert isinstance(weight_map, dict)
+        except (OSError, ValueError, KeyError, TypeError, AssertionError):
+            raise CheckpointError(f"{index}: not a valid index (needs a 'weight_map' object)") from None
+        files = sorted({_inside(path, f, ref, index) for f in weight_map.values()})
+    else:
+        files = sorted(str(p) for p in path.glob("*.safetensors"))
+        # An adapter or a non-model file beside the weights is not part of the model.
+        files = [f for f in files if not Path(f).name.startswith("adapter_")]
+    tensors: dict[str, TensorLocation] = {}
+    for file in files:
+        found, _ = read_header(file)
+        for name, loc in found.items():
+            if name in tensors:
+                raise CheckpointError(f"{ref}: tensor {name!r} appears in both {tensors[name].file} and {file}")
+            tensors[name] = loc
+    return tensors
+
+
+def _pickle_files(path: Path) -> list[Path]:
+    index = path / PICKLE_INDEX
+    if index.exists():
+        try:
+            names = set(json.loads(index.read_text())["weight_map"].values())
+        except (OSError, ValueError, KeyError, TypeError, AttributeError):
+            raise CheckpointError(f"{index}: not a valid index (needs a 'weight_map' object)") from None
+        return [Path(_inside(path, n, str(path), index)) for n in sorted(names)]
+    return sorted(path.glob("pytorch_model*.bin"))
+
+
+def _load_pickled(ckpt: Checkpoint, files: list[Path]) -> None:
+    """Opt-in only: torch.load with weights_only=True (no arbitrary code), memory-mapped."""
+    for file in files:
+        try:
+            state = torch.load(file, map_location="cpu", weights_only=True, mmap=True)
+        except Exception as e:  # torch raises many types for bad pickles
+            raise CheckpointError(f"{file}: cannot load as a weights-only checkpoint ({type(e).__name__}: {e})") from None
+        ckpt._pickled[str(file)] = state
+        for name, t in state.items():
+            ckpt.tensors[name] = TensorLocation(name, str(file), t.dtype, tuple(t.shape), 0, t.numel() * t.element_size())

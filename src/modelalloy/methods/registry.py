@@ -1,0 +1,155 @@
+"""How a merge method declares itself, and the registry that `alloy` looks methods up in.
+
+A method is one pure function over the tensors of one output tensor:
+
+    fn(tensors: list[Tensor], *, base: Tensor (if it takes one), generator (if random), **params)
+
+``tensors`` are the non-base inputs in config order; per-model parameters arrive as lists aligned
+with them, global ones as scalars. A parameter named ``lambda`` arrives as ``lambda_`` (Python
+keyword). The declaration says everything `plan.py` checks before any tensor is read: whether a
+base is needed, how many models, which parameters exist, their defaults and valid ranges.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass, field
+from typing import Any
+
+from modelalloy.errors import ConfigError, did_you_mean
+
+REQUIRED = object()  # sentinel: the parameter has no default
+
+
+@dataclass(frozen=True)
+class Param:
+    """One method parameter. `check(value)` returns an error message or None."""
+
+    name: str
+    default: Any = REQUIRED
+    per_model: bool = False
+    kind: type = float
+    doc: str = ""
+    check: Callable[[Any], str | None] | None = None
+    choices: tuple[Any, ...] | None = None
+
+    @property
+    def required(self) -> bool:
+        return self.default is REQUIRED
+
+    @property
+    def kwarg(self) -> str:
+        return self.name + "_" if self.name in ("lambda",) else self.name
+
+    def coerce(self, value: Any, where: str) -> Any:
+        """Validate one resolved value for this parameter; returns it in its declared kind."""
+        if self.choices is not None:
+            if value not in self.choices:
+                raise ConfigError(f"{where}: {self.name}={value!r} is not one of {', '.join(map(repr, self.choices))}")
+            return value
+        if self.kind is bool:
+            if not isinstance(value, bool):
+                raise ConfigError(f"{where}: {self.name} must be true or false, not {value!r}")
+        elif self.kind in (int, float):
+            if isinstance(value, bool) or not isinstance(value, (int, float)):
+                raise ConfigError(f"{where}: {self.name} must be a number, not {value!r}")
+            value = self.kind(value)
+        if self.check is not None and (problem := self.check(value)):
+            raise ConfigError(f"{where}: {self.name}={value!r} {problem}")
+        return value
+
+
+def in_range(low: float, high: float, *, low_open: bool = False, high_open: bool = False) -> Callable[[Any], str | None]:
+    def check(value: float) -> str | None:
+        below = value <= low if low_open else value < low
+        above = value >= high if high_open else value > high
+        if below or above:
+            return f"is outside {'(' if low_open else '['}{low}, {high}{')' if high_open else ']'}"
+        return None
+
+    return check
+
+
+@dataclass(frozen=True)
+class MergeMethod:
+    name: str
+    fn: Callable[..., Any]
+    params: tuple[Param, ...]
+    base: str  # "required", "optional" or "unused"
+    min_models: int = 1  # non-base inputs
+    max_models: int | None = None
+    randomized: bool = False
+    reference: str = ""
+    doc: str = ""
+    vs_mergekit: str = ""  # where and why we differ from mergekit, shown by `alloy methods`
+    exact_count: bool = field(default=False)  # with a base, exactly min_models others
+
+    def param(self, name: str) -> Param | None:
+        return next((p for p in self.params if p.name == name), None)
+
+    @property
+    def param_names(self) -> list[str]:
+        return [p.name for p in self.params]
+
+    def __call__(self, tensors: Sequence[Any], *, base: Any = None, generator: Any = None, **params: Any) -> Any:
+        kwargs = {self.param(k).kwarg if self.param(k) else k: v for k, v in params.items()}
+        if self.base != "unused":
+            kwargs["base"] = base
+        if self.randomized:
+            kwargs["generator"] = generator
+        return self.fn(list(tensors), **kwargs)
+
+
+def merge_method(
+    name: str,
+    *,
+    params: Sequence[Param] = (),
+    base: str = "unused",
+    min_models: int = 1,
+    max_models: int | None = None,
+    randomized: bool = False,
+    reference: str = "",
+    vs_mergekit: str = "",
+) -> Callable[[Callable[..., Any]], MergeMethod]:
+    """Decorator: declares a method; the docstring's first paragraph is its one-line doc."""
+    if base not in ("required", "optional", "unused"):
+        raise ValueError(f"method {name!r}: base must be required, optional or unused, not {base!r}")
+    names = [p.name for p in params]
+    if len(set(names)) != len(names):
+        raise ValueError(f"method {name!r} declares a parameter twice: {names}")
+    for p in params:
+        if not p.required and p.default is not None:
+            p.coerce(p.default, f"method {name!r} default")  # a bad default is our bug, caught at import
+
+    def wrap(fn: Callable[..., Any]) -> MergeMethod:
+        doc = (fn.__doc__ or "").strip().split("\n\n")[0].replace("\n", " ")
+        return MergeMethod(name, fn, tuple(params), base, min_models, max_models, randomized, reference, doc, vs_mergekit)
+
+    return wrap
+
+
+class Registry:
+    """Methods by name; a repeated name is an error, not a silent override."""
+
+    def __init__(self) -> None:
+        self._methods: dict[str, MergeMethod] = {}
+
+    def add(self, method: MergeMethod) -> None:
+        if method.name in self._methods:
+            raise ValueError(f"merge method {method.name!r} is registered twice")
+        self._methods[method.name] = method
+
+    def get(self, name: str) -> MergeMethod:
+        method = self._methods.get(name)
+        if method is None:
+            raise ConfigError(f"merge_method: unknown method {name!r}{did_you_mean(name, self._methods)}; `alloy methods` lists them")
+        return method
+
+    def __contains__(self, name: str) -> bool:
+        return name in self._methods
+
+    def __iter__(self):
+        return iter(sorted(self._methods.values(), key=lambda m: m.name))
+
+    def names(self) -> list[str]:
+        return sorted(self._methods)
