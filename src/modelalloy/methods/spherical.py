@@ -80,7 +80,9 @@ def multislerp(tensors: list[Tensor], *, base: Tensor | None, weight: list[float
     for i, w in enumerate(weight):
         x = vector(i)
         n = _norm(x)
-        direction.add_(x, alpha=w / (n + eps))
+        # u_i first, then ŵ_i·u_i: each rounding is odd in x, so exactly opposite inputs cancel
+        # exactly (a fused x·(w/n) does not, and leaves a 1e-8 "direction" of pure rounding).
+        direction.add_(x.div(n + eps).mul_(w))
         length += w * n
     m_norm = _norm(direction)
     if m_norm < eps:
