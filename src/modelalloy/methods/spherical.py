@@ -52,7 +52,10 @@ def _multislerp_check(params: dict[str, Any], models: Sequence[str]) -> str | No
     vs_mergekit=(
         "mergekit also projects onto the tangent space at the mean and back with the exponential map; "
         "that step is a mathematical no-op (the weighted tangent vectors sum to 0), so we skip it; the "
-        "numbers agree to rounding. A weight sum of 0 with normalize_weights is rejected while planning."
+        "numbers agree to rounding. A weight sum of 0 with normalize_weights is rejected while planning. "
+        "Where every task vector is 0 (a tensor no model changed) the result is the base; mergekit raises "
+        "'the weighted sum is zero' there with 3+ models. 'Cancelling' is judged relative to the inputs' "
+        "size (‖m‖ < eps·Σ|ŵ_i|‖u_i‖), so tiny tensors are not mistaken for opposite ones."
     ),
 )
 def multislerp(tensors: list[Tensor], *, base: Tensor | None, weight: list[float], normalize_weights: bool, eps: float) -> Tensor:
@@ -63,8 +66,8 @@ def multislerp(tensors: list[Tensor], *, base: Tensor | None, weight: list[float
 
         u_i = x_i / (‖x_i‖ + eps),   m = Σ ŵ_i u_i,   result = m/‖m‖ · Σ ŵ_i ‖x_i‖.
 
-    If ‖m‖ < eps the directions cancel: two models fall back to the linear mix Σ ŵ_i x_i, more
-    is an error. One model is returned as is (as mergekit does).
+    If ‖m‖ < eps·Σ|ŵ_i|‖u_i‖ the directions cancel: two models fall back to the linear mix
+    Σ ŵ_i x_i, more is an error. All x_i = 0 gives 0 (θ_0). One model is returned as is.
     """
     if len(tensors) == 1:
         return tensors[0]
@@ -77,6 +80,7 @@ def multislerp(tensors: list[Tensor], *, base: Tensor | None, weight: list[float
 
     direction = torch.zeros_like(tensors[0])
     length = 0.0
+    aligned = 0.0  # ‖m‖ if every ŵ_i u_i pointed the same way: what "‖m‖ ≈ 0" is measured against
     for i, w in enumerate(weight):
         x = vector(i)
         n = _norm(x)
@@ -84,8 +88,11 @@ def multislerp(tensors: list[Tensor], *, base: Tensor | None, weight: list[float
         # exactly (a fused x·(w/n) does not, and leaves a 1e-8 "direction" of pure rounding).
         direction.add_(x.div(n + eps).mul_(w))
         length += w * n
+        aligned += abs(w) * n / (n + eps)
     m_norm = _norm(direction)
-    if m_norm < eps:
+    if aligned == 0.0:  # every x_i is 0 (e.g. a tensor no fine-tune changed): so is the mean
+        out = direction
+    elif m_norm < eps * aligned:
         if len(tensors) != 2:
             raise MergeError(
                 f"multislerp: the weighted directions of the {len(tensors)} models cancel out (antipodal inputs); change the weights"
@@ -125,7 +132,8 @@ def _non_negative(value: float) -> str | None:
     vs_mergekit=(
         "mergekit ignores `weight` (always 1/N); we honour it when every model has one (without weights "
         "the result is mergekit's). An input antipodal to the running mean has no log map and is skipped "
-        "in that step instead of producing NaN."
+        "in that step instead of producing NaN. Inputs with 0 < ‖θ‖ ≤ tol keep their direction (mergekit "
+        "drops them, so identical tiny tensors merged to 0)."
     ),
 )
 def karcher(tensors: list[Tensor], *, weight: list[float | None], max_iter: int, tol: float) -> Tensor:
@@ -133,7 +141,7 @@ def karcher(tensors: list[Tensor], *, weight: list[float | None], max_iter: int,
 
     Karcher 1977; the fixed-point iteration of Buss & Fillmore 2001 ("Spherical averages and
     applications to spherical splines and interpolation", ACM TOG 20(2)). With α_i = w_i/Σw
-    (1/N without weights), u_i = θ_i/‖θ_i‖ for the inputs with ‖θ_i‖ > tol:
+    (1/N without weights), u_i = θ_i/‖θ_i‖ for the inputs with ‖θ_i‖ > 0:
 
         μ ← normalised Σ α_i u_i;  repeat ≤ max_iter: v = Σ α_i (φ_i / sin φ_i)(u_i − cos φ_i μ),
         φ_i = arccos⟨μ, u_i⟩; stop if ‖v‖ < tol; μ ← cos‖v‖ μ + sin‖v‖ v/‖v‖.
@@ -145,7 +153,7 @@ def karcher(tensors: list[Tensor], *, weight: list[float | None], max_iter: int,
         return tensors[0]
     alpha = [1.0 / len(tensors)] * len(tensors) if weight[0] is None else [w / sum(weight) for w in weight]
     norms = [_norm(x) for x in tensors]
-    valid = [i for i, n in enumerate(norms) if n > tol]
+    valid = [i for i, n in enumerate(norms) if n > 0.0]  # mergekit: n > tol, so tiny tensors became 0
     if not valid:
         return torch.zeros_like(tensors[0])
     share = sum(alpha[i] for i in valid)
