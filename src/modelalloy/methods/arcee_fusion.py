@@ -31,14 +31,16 @@ def fusion_threshold(importance: Tensor, generator: torch.Generator | None) -> T
     min_models=1,
     max_models=1,
     randomized=True,  # only tensors over 1e6 entries: the quantile sample is drawn from the seed
-    reference="https://www.arcee.ai/blog/meet-mergekit-v0-1-arcee-fusion-expanded-model-support-multi-gpu-acceleration",
+    reference="https://arcee.ai",
     vs_mergekit=(
         "The output keeps the inputs' dtype (mergekit promotes it to float32); the quantile sample of large "
         "tensors comes from the per-tensor seed, not the global RNG, so reruns are bit-identical."
     ),
 )
 def arcee_fusion(tensors: list[Tensor], *, base: Tensor, generator: torch.Generator | None = None) -> Tensor:
-    """Importance I = |θ_1 − θ_0| ⊙ KL(softmax θ_1 ‖ softmax θ_0) (softmax over the last dim,
+    """Arcee Fusion: keep the other model's changes only where their importance is an outlier.
+
+    Importance I = |θ_1 − θ_0| ⊙ KL(softmax θ_1 ‖ softmax θ_0) (softmax over the last dim,
     +1e-8, one KL per row); keep δ = θ_1 − θ_0 where I ≥ median(I) + 1.5·IQR(I) (Tukey's upper
     fence: the outliers of importance), else the base.
     """

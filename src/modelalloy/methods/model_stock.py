@@ -27,7 +27,9 @@ _DENOMINATOR_MIN = 1e-6
     ),
 )
 def model_stock(tensors: list[Tensor], *, base: Tensor, filter_wise: bool) -> Tensor:
-    """Model Stock (Jang et al. 2024, eq. 5): with δ_i = θ_i − θ_0 (flattened, or per row along
+    """Model Stock (Jang et al. 2024): toward the fine-tunes' mean by an angle-derived ratio.
+
+    Eq. 5 of the paper, with δ_i = θ_i − θ_0 (flattened, or per row along
     the last dim with `filter_wise`) and cosθ the mean over pairs i<j of cos(δ_i, δ_j)
     (norm product floored at 1e-6, clamped to [−1, 1]):
 

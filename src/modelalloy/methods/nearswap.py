@@ -20,9 +20,10 @@ _MIN_DISTANCE = 1e-6
     vs_mergekit="t ≤ 0 and a wrong model count are rejected while planning; mergekit raises mid-merge, at the first tensor.",
 )
 def nearswap(tensors: list[Tensor], *, base: Tensor, t: float) -> Tensor:
-    """Elementwise α = clamp(t / max(|θ_0 − θ_1|, 1e-6), 0, 1); result α θ_1 + (1 − α) θ_0.
+    """Take the other model's entries where they are within t of the base, interpolate the rest.
 
-    (alchemonaut, QuartetAnemoi-70B model card, 2024.) Entries within t of the base take the
+    Elementwise α = clamp(t / max(|θ_0 − θ_1|, 1e-6), 0, 1); result α θ_1 + (1 − α) θ_0
+    (alchemonaut, QuartetAnemoi-70B model card, 2024). Entries within t of the base take the
     other model's value; farther ones move toward it by t/|difference|, so far-apart entries
     stay close to the base.
     """

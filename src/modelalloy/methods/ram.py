@@ -21,7 +21,9 @@ def _active_counts(tensors: list[Tensor], base: Tensor, epsilon: float) -> Tenso
 
 @merge_method("ram", params=[_EPSILON], base="required", min_models=1, reference=_REFERENCE)
 def ram(tensors: list[Tensor], *, base: Tensor, epsilon: float) -> Tensor:
-    """Reinforced Agent Merging (RAM): with τ_i = θ_i − θ_0, a_ij = [|τ_ij| > ε], c_j = Σ_i a_ij:
+    """Reinforced Agent Merging (RAM): average changes only over the models that made them.
+
+    With τ_i = θ_i − θ_0, a_ij = [|τ_ij| > ε], c_j = Σ_i a_ij:
 
         θ_0 + Σ_i a_ij τ_ij · ([c_j = 1] + [c_j > 1] / c_j)
 
@@ -48,7 +50,9 @@ def ram(tensors: list[Tensor], *, base: Tensor, epsilon: float) -> Tensor:
     reference=_REFERENCE,
 )
 def ramplus_tl(tensors: list[Tensor], *, base: Tensor, r: float, alpha: float, epsilon: float) -> Tensor:
-    """RAM+ (tensor-local): as `ram`, but model i's unique entries are scaled by
+    """RAM+ (tensor-local): RAM, boosting the unique changes of models that mostly overlap others.
+
+    As `ram`, but model i's unique entries are scaled by
     λ_i = 1 + r · clip(ρ_i, 0, α), ρ_i = #(active ∧ shared) / max(#(active ∧ unique), ε),
     so a model whose changes mostly overlap others' has its few unique ones reinforced.
     """

@@ -27,7 +27,9 @@ _DIVISOR_MIN = 1e-6
     ),
 )
 def sce(tensors: list[Tensor], *, base: Tensor, select_topk: float, int8_mask: bool = False) -> Tensor:
-    """SCE (Wan et al. 2024, FuseChat): Select, Calculate, Erase. With τ_i = θ_i − θ_0:
+    """SCE (Wan et al. 2024, FuseChat): select high-variance entries, weight by energy, erase minority signs.
+
+    With τ_i = θ_i − θ_0:
 
     Select: if select_topk < 1, zero every τ_i outside the k = int(count_nonzero(var)·select_topk)
     entries of largest variance across models (population variance).

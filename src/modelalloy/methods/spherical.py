@@ -59,7 +59,7 @@ def _multislerp_check(params: dict[str, Any], models: Sequence[str]) -> str | No
     ),
 )
 def multislerp(tensors: list[Tensor], *, base: Tensor | None, weight: list[float], normalize_weights: bool, eps: float) -> Tensor:
-    """Barycentric interpolation on the hypersphere (Goddard 2025, "Multi-SLERP").
+    """Weighted mean of many models on the hypersphere (Goddard 2025, "Multi-SLERP").
 
     With x_i = θ_i (or δ_i = θ_i − θ_0 when a base is given, added back at the end) and ŵ the
     weights (divided by Σ w when `normalize_weights`):
@@ -127,7 +127,7 @@ def _non_negative(value: float) -> str | None:
     ],
     base="unused",
     min_models=1,
-    reference="https://doi.org/10.1145/502122.502124",
+    reference="https://en.wikipedia.org/wiki/Karcher_mean",
     check=_karcher_weights_check,
     vs_mergekit=(
         "mergekit ignores `weight` (always 1/N); we honour it when every model has one (without weights "
@@ -137,7 +137,7 @@ def _non_negative(value: float) -> str | None:
     ),
 )
 def karcher(tensors: list[Tensor], *, weight: list[float | None], max_iter: int, tol: float) -> Tensor:
-    """Weighted Karcher (Riemannian, Fréchet) mean of the directions, times the mean length.
+    """Weighted Karcher (Riemannian) mean of the models' directions, times their mean length.
 
     Karcher 1977; the fixed-point iteration of Buss & Fillmore 2001 ("Spherical averages and
     applications to spherical splines and interpolation", ACM TOG 20(2)). With α_i = w_i/Σw
