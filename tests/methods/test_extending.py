@@ -113,6 +113,16 @@ def test_registry_refuses_duplicates_and_bad_declarations():
 runner = CliRunner()
 
 
+@pytest.fixture(autouse=True)
+def wide_console(monkeypatch):
+    """Rich fixes the console width when it is created; a wide one keeps table rows on one line."""
+    from rich.console import Console
+
+    import modelalloy.cli as cli
+
+    monkeypatch.setattr(cli, "out", Console(width=400))
+
+
 def test_alloy_methods_lists_every_method_with_parameters_defaults_base_rule_and_reference():
     result = runner.invoke(app, ["methods"], env={"COLUMNS": "400"})
     assert result.exit_code == 0, result.output
