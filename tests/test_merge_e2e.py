@@ -16,7 +16,7 @@ import reference as ref
 import modelalloy
 from models import CAUSAL
 
-FAMILIES = ["llama", "mistral", "qwen2", "gemma", "gpt2", "bert"]
+FAMILIES = ["llama", "mistral", "qwen2", "gemma", "gpt2", "bert", "qwen3", "phi", "gpt_neox"]
 
 
 def load_state(path: Path) -> dict[str, np.ndarray]:
@@ -229,3 +229,29 @@ def test_existing_output_needs_force(tmp_path, families):
         run(tmp_path, method_config("linear", p))
     assert (out / "model.safetensors").stat().st_mtime_ns == before
     run(tmp_path, method_config("linear", p), force=True)
+
+
+def test_mergekit_documentation_ties_config_runs(tmp_path, families):
+    """mergekit's README TIES example, with its model names pointed at local tiny models."""
+    from test_config import MERGEKIT_TIES
+
+    p = families("llama")
+    text = MERGEKIT_TIES
+    for name, key in [("psmathur/orca_mini_v3_13b", "ft_dense"), ("garage-bAInd/Platypus2-13B", "ft_flip"), ("WizardLM/WizardMath-13B-V1.0", "ft_sparse"), ("TheBloke/Llama-2-13B-fp16", "base")]:
+        text = text.replace(name, str(p[key]))
+    cfg = tmp_path / "mergekit.yaml"
+    cfg.write_text(text)
+    out = tmp_path / "out"
+    modelalloy.merge(cfg, out)
+    merged = load_state(out)
+    states = {k: load_state(p[k]) for k in ("base", "ft_dense", "ft_flip", "ft_sparse")}
+    # Layer 1 of 4: t = 1/3. density [1, 0.7, 0.1] -> 0.8; weight [0, 0.3, 0.7, 1] -> 0.3; mlp weight 0.5.
+    name = "model.layers.1.mlp.up_proj.weight"
+    base = states["base"][name].astype(np.float16).astype(np.float64)
+    xs = [states[k][name].astype(np.float16).astype(np.float64) for k in ("ft_dense", "ft_flip", "ft_sparse")]
+    densities, weights = [0.8, 0.5, 0.33], [1.0, 0.3, 0.5]
+    masks = [ref.topk_mask(x - base, d) for x, d in zip(xs, densities)]
+    expected = ref.task_family(base, xs, weights, masks, consensus="sum", normalize=True)
+    np.testing.assert_allclose(merged[name], expected, rtol=2e-3, atol=2e-4)  # float16 output
+    assert json.loads((out / "config.json").read_text())["dtype"] == "float16"
+    forward(out, "llama")
