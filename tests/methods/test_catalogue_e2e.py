@@ -114,3 +114,43 @@ def test_della_density_one_needs_no_epsilon_room(families):
     paths = families("llama")
     plan, _ = _plan(paths, "della", ["ft_dense", "ft_sparse"], {"epsilon": 0.4}, [{"weight": 1.0}, {"weight": 1.0, "density": 0.5}])
     assert plan.recipes[0].params["density"] == (1.0, 0.5)
+
+
+def test_sce_accepts_mergekit_configs_normalize_true_only(families):
+    # Published mergekit configs for sce often carry `normalize: true`, which mergekit ignores.
+    paths = families("llama")
+    plan, _ = _plan(paths, "sce", ["ft_dense", "ft_sparse"], {"normalize": True, "select_topk": 0.5}, [{}, {}])
+    assert plan.recipes[0].params["normalize"] is True
+    with pytest.raises(ConfigError, match="normalize=False cannot be turned off"):
+        _plan(paths, "sce", ["ft_dense", "ft_sparse"], {"normalize": False}, [{}, {}])
+
+
+def test_a_refused_tensor_is_named(families, tmp_path):
+    """multislerp cannot average exactly opposite task vectors of 3 models: one line naming the tensor."""
+    import shutil
+
+    from safetensors.torch import save_file
+
+    from modelalloy.errors import MergeError
+
+    paths = families("llama")
+    base = load_file(str(paths["base"] / "model.safetensors"))
+    dense = load_file(str(paths["ft_dense"] / "model.safetensors"))
+    made = {}
+    for name, sign in (("plus", 1.0), ("minus", -1.0)):
+        made[name] = tmp_path / name
+        shutil.copytree(paths["base"], made[name])
+        tensors = {k: v if k != CHECKED else base[k] + sign * (dense[k] - base[k]) for k, v in base.items()}
+        save_file(tensors, str(made[name] / "model.safetensors"), metadata={"format": "pt"})
+    config = MergeConfig.model_validate(
+        {
+            "merge_method": "multislerp",
+            "base_model": str(paths["base"]),
+            "models": [{"model": str(made["plus"]), "parameters": {"weight": 1.0}}, {"model": str(made["minus"]), "parameters": {"weight": 1.0}}, {"model": str(paths["ft_dense"]), "parameters": {"weight": 0.0}}],
+        }
+    )
+    # ft_dense's own direction has weight 0, so on CHECKED the two others cancel exactly.
+    with pytest.raises(MergeError, match=rf"^{CHECKED}: multislerp: the weighted directions of the 3 models cancel out") as err:
+        modelalloy.merge(config, tmp_path / "out", threads=1, hash_inputs=False)
+    assert "\n" not in str(err.value)
+    assert not (tmp_path / "out").exists()

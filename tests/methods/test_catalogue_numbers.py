@@ -87,6 +87,13 @@ def test_multislerp_limits():
     close(run("multislerp", [d, -d], zero, weight=[1.0, 3.0], normalize_weights=True, eps=1e-8), -d)  # no cancelling
     with pytest.raises(MergeError, match="cancel out"):
         run("multislerp", [d, -d, zero], zero, weight=[1.0, 1.0, 1.0], normalize_weights=True, eps=1e-8)
+    # In float32, (θ_0 + d) − θ_0 and (θ_0 − d) − θ_0 cancel only up to rounding: still cancelling,
+    # not a unit "direction" made of rounding noise scaled to the full length.
+    close(run("multislerp", [BASE + d, BASE - d], BASE, weight=[1.0, 1.0], normalize_weights=True, eps=1e-8), BASE, 1e-6)
+    with pytest.raises(MergeError, match="cancel out"):
+        run("multislerp", [BASE + d, BASE - d, BASE], BASE, weight=[1.0, 1.0, 1.0], normalize_weights=True, eps=1e-8)
+    # All task vectors 0 (a tensor no model changed): the base, where mergekit raises with 3+ models.
+    close(run("multislerp", [BASE, BASE, BASE], BASE, weight=[1.0, 2.0, 3.0], normalize_weights=True, eps=1e-8), BASE)
 
 
 # ---------------------------------------------------------------- karcher

@@ -17,6 +17,9 @@ _DIVISOR_MIN = 1e-6
     params=[
         Param("select_topk", default=1.0, doc="fraction of the entries (by variance across models) kept", check=in_range(0.0, 1.0, low_open=True)),
         Param("int8_mask", default=False, kind=bool, doc="store masks as int8 to save memory (no effect on the numbers)"),
+        # Many published mergekit configs for sce say `normalize: true`, which mergekit ignores; SCE
+        # always divides by the agreeing weights, so true is accepted and false is refused.
+        Param("normalize", default=True, kind=bool, doc="SCE always normalizes; accepted (true only) for mergekit configs", check=lambda v: None if v else "cannot be turned off: SCE always divides by the agreeing weights"),
     ],
     base="required",
     min_models=1,
@@ -26,7 +29,7 @@ _DIVISOR_MIN = 1e-6
         "order is unspecified); the merged sum is divided by max(Σ w_i m_i, 1e-6) where mergekit turns an exact 0 into 1."
     ),
 )
-def sce(tensors: list[Tensor], *, base: Tensor, select_topk: float, int8_mask: bool = False) -> Tensor:
+def sce(tensors: list[Tensor], *, base: Tensor, select_topk: float, int8_mask: bool = False, normalize: bool = True) -> Tensor:
     """SCE (Wan et al. 2024, FuseChat): select high-variance entries, weight by energy, erase minority signs.
 
     With τ_i = θ_i − θ_0:

@@ -55,7 +55,8 @@ def _multislerp_check(params: dict[str, Any], models: Sequence[str]) -> str | No
         "numbers agree to rounding. A weight sum of 0 with normalize_weights is rejected while planning. "
         "Where every task vector is 0 (a tensor no model changed) the result is the base; mergekit raises "
         "'the weighted sum is zero' there with 3+ models. 'Cancelling' is judged relative to the inputs' "
-        "size (‖m‖ < eps·Σ|ŵ_i|‖u_i‖), so tiny tensors are not mistaken for opposite ones."
+        "size (‖m‖ < max(eps, 16 ulp)·Σ|ŵ_i|‖u_i‖): tiny tensors are not mistaken for opposite ones, and inputs "
+        "that cancel up to float rounding are not given a direction made of rounding noise."
     ),
 )
 def multislerp(tensors: list[Tensor], *, base: Tensor | None, weight: list[float], normalize_weights: bool, eps: float) -> Tensor:
@@ -66,7 +67,7 @@ def multislerp(tensors: list[Tensor], *, base: Tensor | None, weight: list[float
 
         u_i = x_i / (‖x_i‖ + eps),   m = Σ ŵ_i u_i,   result = m/‖m‖ · Σ ŵ_i ‖x_i‖.
 
-    If ‖m‖ < eps·Σ|ŵ_i|‖u_i‖ the directions cancel: two models fall back to the linear mix
+    If ‖m‖ < max(eps, 16 ulp)·Σ|ŵ_i|‖u_i‖ the directions cancel: two models fall back to the linear mix
     Σ ŵ_i x_i, more is an error. All x_i = 0 gives 0 (θ_0). One model is returned as is.
     """
     if len(tensors) == 1:
@@ -92,7 +93,9 @@ def multislerp(tensors: list[Tensor], *, base: Tensor | None, weight: list[float
     m_norm = _norm(direction)
     if aligned == 0.0:  # every x_i is 0 (e.g. a tensor no fine-tune changed): so is the mean
         out = direction
-    elif m_norm < eps * aligned:
+    # Below a few units of rounding the mean direction is noise, not a direction (float32 inputs
+    # that cancel up to rounding leave ‖m‖ ~ 1e-7): treat that as cancelling too.
+    elif m_norm < max(eps, 16 * torch.finfo(direction.dtype).eps) * aligned:
         if len(tensors) != 2:
             raise MergeError(
                 f"multislerp: the weighted directions of the {len(tensors)} models cancel out (antipodal inputs); change the weights"

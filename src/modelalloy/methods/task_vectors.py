@@ -9,6 +9,11 @@ Combine without sign consensus: Σ D_i, divisor Σ w_i. With it (TIES, Yadav et 
 s = sign(Σ D_i) (or sign(Σ sign D_i) for `consensus_method: count`), zeros counting as +;
 m_i = [sign D_i = s], so zeros never match; Σ m_i D_i, divisor Σ m_i w_i elementwise.
 
+Sparsifiers: magnitude (TIES: the k largest |δ|), random (DARE: keep with probability density),
+magnitude_outliers (Breadcrumbs: drop the top gamma fraction, then the smallest), della_magprune
+(DELLA: keep-probability density ± epsilon by per-row magnitude rank). Rescale after dropping:
+l1 restores ‖δ‖₁ (mergekit), inverse_p divides by each entry's keep-probability (the papers).
+
 Memory: without consensus each D_i is added to the sum and dropped, so one task vector is alive
 at a time. With consensus the N sparsified D_i are kept (they are needed twice) but never stacked
 into one N× tensor.
