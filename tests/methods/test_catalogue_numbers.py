@@ -511,3 +511,16 @@ def test_ram_limits():
     close(run("ramplus_tl", RAM_MODELS, BASE, r=0.0, alpha=0.2, epsilon=1e-5), run("ram", RAM_MODELS, BASE, epsilon=1e-5))
     # A threshold above every change: the base.
     close(run("ram", MODELS, BASE, epsilon=1.0), BASE)
+
+
+def test_sce_weights_small_task_vectors_by_energy_too():
+    # LLM-sized task vectors (|τ| ~ 1e-4, mean τ² ~ 1e-8): still weighted by energy, as in mergekit,
+    # not made uniform by a 1e-6 floor on the energy sum.
+    small = [BASE + d * 1e-3 for d in DELTAS]
+    got = run("sce", small, BASE, select_topk=1.0, int8_mask=False, dtype=torch.float64)
+    close(got, sce_np(BASE, small, 1.0), 1e-12)
+    tau = np.stack([m - BASE for m in small])
+    sign = np.where(tau.sum(0) >= 0, 1.0, -1.0)
+    agree = np.sign(tau) == sign
+    uniform = BASE + (agree * tau).sum(0) / np.maximum(agree.sum(0), 1e-6)
+    assert np.abs(got - uniform).max() > 1e-6

@@ -36,7 +36,7 @@ def sce(tensors: list[Tensor], *, base: Tensor, select_topk: float, int8_mask: b
 
     Select: if select_topk < 1, zero every τ_i outside the k = int(count_nonzero(var)·select_topk)
     entries of largest variance across models (population variance).
-    Calculate: w_i = mean(τ_i²) / Σ_k mean(τ_k²) (uniform when the sum is 0).
+    Calculate: w_i = mean(τ_i²) / Σ_k mean(τ_k²) (uniform when the sum is exactly 0).
     Erase: s = sign(Σ τ_i) (0 counts as +), m_i = [sign τ_i = s];
     result θ_0 + Σ w_i m_i τ_i / max(Σ w_i m_i, 1e-6).
     """
@@ -56,6 +56,8 @@ def sce(tensors: list[Tensor], *, base: Tensor, select_topk: float, int8_mask: b
         deltas = [d.mul_(selected) for d in deltas]
     energy = [float(d.square().sum(dtype=torch.float64)) / max(d.numel(), 1) for d in deltas]
     total = sum(energy)
+    # Uniform only when there is no energy at all, as in mergekit. (METHODS.md's "sum < 1e-6"
+    # would make the weights uniform for typical LLM task vectors, whose mean(τ²) is ~1e-7.)
     weights = [1.0 / n] * n if total == 0 else [e / total for e in energy]
     direction = torch.zeros_like(base)
     for d in deltas:
