@@ -296,6 +296,9 @@ class _Planner:
                 params[p.name] = tuple(self._resolve(p, sl, out_name, t, s.model) for s in others)
             else:
                 params[p.name] = self._resolve(p, sl, out_name, t, None)
+        if params.get("layout") == "auto":
+            # Methods that treat weight matrices as linear maps need to know which they are.
+            params["layout"] = arch.linear_layout(self.checkpoints[tsrc.model].config, out_name, tloc.shape)
         self._check_values(out_name, params)
         out_dtype = self.out_dtype or tloc.dtype
         seed = seed_for(self.config.random_seed, out_name, method.name) if method.randomized else 0

@@ -10,12 +10,13 @@ from importlib.metadata import entry_points
 
 from modelalloy.methods.interpolation import linear, nuslerp, passthrough, slerp
 from modelalloy.methods.registry import REQUIRED, MergeMethod, Param, Registry, in_range, merge_method
+from modelalloy.methods.subspace import SUBSPACE_METHODS
 from modelalloy.methods.task_vectors import FAMILY_METHODS
 
 __all__ = ["REGISTRY", "MergeMethod", "Param", "REQUIRED", "get_method", "in_range", "merge_method"]
 
 REGISTRY = Registry()
-for _method in (linear, slerp, nuslerp, passthrough, *FAMILY_METHODS):
+for _method in (linear, slerp, nuslerp, passthrough, *FAMILY_METHODS, *SUBSPACE_METHODS):
     REGISTRY.add(_method)
 
 
