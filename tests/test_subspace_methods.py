@@ -11,6 +11,15 @@ from modelalloy import merge, parse_config
 from modelalloy.methods import get_method
 from modelalloy.methods.subspace import iso_cts_split
 
+
+@pytest.fixture(autouse=True, scope="module")
+def _one_torch_thread():
+    """Tiny tensors: a torch thread pool only spins (10x slower on a shared, loaded machine)."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
 RNG = np.random.default_rng(1234)
 
 

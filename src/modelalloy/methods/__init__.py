@@ -8,6 +8,7 @@ from __future__ import annotations
 
 from importlib.metadata import entry_points
 
+from modelalloy.methods.data_aware import DATA_AWARE_METHODS
 from modelalloy.methods.interpolation import linear, nuslerp, passthrough, slerp
 from modelalloy.methods.registry import REQUIRED, MergeMethod, Param, Registry, in_range, merge_method
 from modelalloy.methods.subspace import SUBSPACE_METHODS
@@ -16,7 +17,7 @@ from modelalloy.methods.task_vectors import FAMILY_METHODS
 __all__ = ["REGISTRY", "MergeMethod", "Param", "REQUIRED", "get_method", "in_range", "merge_method"]
 
 REGISTRY = Registry()
-for _method in (linear, slerp, nuslerp, passthrough, *FAMILY_METHODS, *SUBSPACE_METHODS):
+for _method in (linear, slerp, nuslerp, passthrough, *FAMILY_METHODS, *SUBSPACE_METHODS, *DATA_AWARE_METHODS):
     REGISTRY.add(_method)
 
 
