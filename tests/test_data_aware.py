@@ -257,6 +257,9 @@ def test_regmean_merge_end_to_end(llama_stats, tmp_path):
     np.testing.assert_allclose(merged[name], expected, rtol=1e-4, atol=1e-5)
     for vector in ("model.norm.weight", "model.embed_tokens.weight", "lm_head.weight"):  # averaged
         np.testing.assert_allclose(merged[vector], (ws[0][vector] + ws[1][vector]) / 2, atol=1e-6)
+    card = (tmp_path / "out" / "README.md").read_text()  # the statistics are inputs, hashed like models
+    assert f"| `{stats['ft_flip']}` | statistics of `{fam['ft_flip']}` | - | `" in card
+    assert f"statistics of `{fam['ft_flip']}` | - | `-` |" not in card
 
 
 def test_fisher_merge_end_to_end(llama_stats, tmp_path):
@@ -296,3 +299,20 @@ def test_plan_checks_the_statistics(llama_stats, families, tmp_path):
     (tmp_path / "c.yaml").write_text(base_cfg + f"    stats: {wrong}\n")
     res = CliRunner().invoke(app, ["plan", str(tmp_path / "c.yaml")])
     assert res.exit_code == 2 and "needs [64, 64]" in res.output and "Traceback" not in res.output
+
+
+def test_regmean_on_gpt2_conv1d(families, tmp_path):
+    """GPT-2 keeps its linear layers as Conv1D, weight (in, out): the Gram is still (in, in)."""
+    fam = families("gpt2")
+    stats = {}
+    for i, name in enumerate(("ft_dense", "ft_flip")):
+        stats[name] = tmp_path / f"{name}.safetensors"
+        compute_stats(fam[name], _write_jsonl(tmp_path / f"{name}.jsonl", _samples(10, seed=20 + i)), stats[name], kinds=("gram",))
+    merge(_config("regmean", fam, stats), tmp_path / "out", threads=1)
+    merged = _load(tmp_path / "out" / "model.safetensors")
+    name = "transformer.h.1.mlp.c_fc.weight"  # (in 32, out 128)
+    ws = [_load(fam[n] / "model.safetensors")[name] for n in ("ft_dense", "ft_flip")]
+    grams = [_load(stats[n])[f"gram:{name}"] for n in ("ft_dense", "ft_flip")]
+    assert grams[0].shape == (32, 32) and np.linalg.matrix_rank(sum(grams)) == 32  # enough tokens: a unique solution
+    x = np.linalg.solve(sum(grams), sum(g @ w for g, w in zip(grams, ws)))
+    np.testing.assert_allclose(merged[name], x, rtol=1e-4, atol=1e-5)

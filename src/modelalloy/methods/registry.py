@@ -129,7 +129,7 @@ def merge_method(
             p.coerce(p.default, f"method {name!r} default")  # a bad default is our bug, caught at import
 
     def wrap(fn: Callable[..., Any]) -> MergeMethod:
-        doc = (fn.__doc__ or "").strip().split("\n\n")[0].replace("\n", " ")
+        doc = " ".join((fn.__doc__ or "").strip().split("\n\n")[0].split())  # one line, indentation gone
         return MergeMethod(name, fn, tuple(params), base, min_models, max_models, randomized, reference, doc, vs_mergekit, stats=stats)
 
     return wrap

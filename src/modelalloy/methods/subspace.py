@@ -26,11 +26,11 @@ LAYOUT = Param(
     default="auto",
     kind=str,
     choices=("auto", "out_in", "in_out", "vector"),
-    doc="out_in / in_out: a linear layer's [out, in] (torch Linear) or [in, out] (GPT-2 Conv1D) weight; "
-    "vector: merge by task arithmetic (mean of task vectors); auto: from the architecture "
-    "(1-D tensors, embeddings and the LM head are vectors)",
+    doc="out_in / in_out: a linear layer's weight stored (out, in) as torch Linear or (in, out) as GPT-2's Conv1D; "
+    "vector: not treated as a matrix, merged by the method's fallback (the mean of the models or task vectors); "
+    "auto: from the architecture (1-D tensors, embeddings and the LM head are vectors)",
 )
-ALPHA = Param("alpha", default=1.0, doc="scales the merged task matrix (α; 1 in the paper)")
+ALPHA = Param("alpha", default=1.0, doc="scales the merged task matrix (α; 1 as in TSV-M and FusionBench's defaults)")
 
 
 def _mean_task_vector(tensors: list[Tensor], base: Tensor) -> Tensor:
