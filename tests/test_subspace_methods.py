@@ -157,7 +157,7 @@ def test_iso_cts_with_fraction_one_is_iso_c():
     np.testing.assert_allclose(_run("iso_cts", base, fts, common_space_fraction=1.0), np_iso_c(base, fts), atol=1e-10)
 
 
-@pytest.mark.parametrize("shape,tasks", [((8, 12), 2), ((12, 5), 3), ((10, 10), 1)])
+@pytest.mark.parametrize("shape,tasks", [((8, 12), 2), ((12, 5), 3), ((10, 10), 1), ((4, 12), 2)])  # last: G singular
 def test_wudi_matches_least_squares(shape, tasks):
     base, fts = _setup(shape, tasks)
     got = _run("wudi", base, fts)

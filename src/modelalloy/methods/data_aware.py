@@ -13,6 +13,7 @@ import torch
 from torch import Tensor
 
 from modelalloy.methods.registry import Param, in_range, merge_method
+from modelalloy.methods.linalg import solve_psd
 from modelalloy.methods.subspace import LAYOUT
 
 
@@ -51,23 +52,6 @@ def _scale_off_diagonal(gram: Tensor, alpha: float) -> Tensor:
     if alpha == 1.0:
         return gram
     return gram * alpha + torch.diag_embed(torch.diagonal(gram) * (1.0 - alpha))
-
-
-def solve_psd(a: Tensor, b: Tensor, fallback: Tensor) -> Tensor:
-    """x with a x = b for a symmetric positive semi-definite `a` ([n, n]); b, fallback [n, k].
-
-    Cholesky when `a` is positive definite. Otherwise a is singular: x is determined only on
-    a's range (no data came from the other input directions), so there x is the pseudo-inverse
-    solution and on the null space x takes `fallback`'s component.
-    """
-    factor, info = torch.linalg.cholesky_ex(a)
-    if int(info) == 0:  # .item(): a sync point on CUDA
-        return torch.cholesky_solve(b, factor)
-    eigenvalues, vectors = torch.linalg.eigh(a)
-    keep = eigenvalues > eigenvalues.max() * a.shape[0] * torch.finfo(a.dtype).eps
-    v = vectors[:, keep]
-    inside = v @ ((v.T @ b) / eigenvalues[keep].unsqueeze(1))
-    return inside + fallback - v @ (v.T @ fallback)
 
 
 @merge_method(

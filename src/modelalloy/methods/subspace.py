@@ -19,6 +19,7 @@ from __future__ import annotations
 import torch
 from torch import Tensor
 
+from modelalloy.methods.linalg import solve_psd
 from modelalloy.methods.registry import Param, in_range, merge_method
 
 LAYOUT = Param(
@@ -195,8 +196,9 @@ def wudi(tensors: list[Tensor], *, base: Tensor, layout: str, solver: str, iter_
 
     For a [out, in] weight the loss is quadratic in τ, so its minimiser solves the normal equations
     τ G = B with G = Σ_i τ_iᵀτ_i/‖τ_i‖² ([in, in]) and B = Σ_i τ_i τ_iᵀτ_i/‖τ_i‖²; we take
-    τ = B G⁺ (float64, pseudo-inverse). That is also where the paper's gradient descent from Σ τ_i
-    converges: the gradient 2(τG − B) never leaves the row space of G, which holds Σ τ_i.
+    τ = B G⁺ (float64; Cholesky, or the pseudo-inverse when G is singular). That is also where
+    the paper's gradient descent from Σ τ_i converges: the gradient 2(τG − B) never leaves the row
+    space of G, which holds Σ τ_i.
     `solver: adam` runs the paper's optimiser instead (Adam, `lr`, `iter_num` steps from Σ τ_i).
     For a GPT-2 Conv1D weight ([in, out]) everything is transposed.
     """
@@ -216,8 +218,9 @@ def wudi(tensors: list[Tensor], *, base: Tensor, layout: str, solver: str, iter_
     mats = [(d.to(torch.float64) if out_in else d.T.to(torch.float64), n) for d, n in live]
     gram = sum(d.T @ d / n for d, n in mats)  # [in, in]
     rhs = sum(d @ (d.T @ d) / n for d, n in mats)  # [out, in]
-    tau = rhs @ torch.linalg.pinv(gram, hermitian=True)
-    tau = tau if out_in else tau.T
+    # τᵀ = G⁺ Bᵀ; in G's null space (no task's rows reach there) τ is 0, as gradient descent leaves it.
+    tau_t = solve_psd(gram, rhs.T, fallback=torch.zeros_like(rhs.T))  # [in, out]
+    tau = tau_t.T if out_in else tau_t
     return tau.to(base.dtype).add_(base)
 
 
