@@ -116,6 +116,8 @@ def merge(
     task = bar.add_task("merge", total=None, rate="")
 
     def on_progress(p) -> None:
+        if not bar.live.is_started:  # shown once planning has passed, so an input error stays one line
+            bar.start()
         rate = p.bytes_written / p.elapsed / 1e9 if p.elapsed > 0 else 0.0
         bar.update(task, completed=p.done, total=p.total, rate=f"{rate:.2f} GB/s")
 
@@ -123,8 +125,11 @@ def merge(
         warnings.simplefilter("always")
         previous_sigterm = signal.signal(signal.SIGTERM, _interrupt)  # `kill` stops as cleanly as Ctrl-C
         try:
-            with bar:
+            try:
                 result = run_merge(config, out_dir, options=options, progress=on_progress)
+            finally:
+                if bar.live.is_started:
+                    bar.stop()
         except ModelAlloyError as e:
             _show_warnings(caught, quiet)
             _fail(e)
@@ -213,6 +218,37 @@ def plan(
     if show_tensors:
         for r in summary["recipes"]:
             out.print(f"{r['name']}  {r['method']}  {r['shape']}  {r['dtype']}  <- {', '.join(r['inputs'])}", highlight=False)
+
+
+@app.command()
+def verify(
+    path: Annotated[Path, typer.Argument(help="checkpoint directory: a merge output or any safetensors HF model")],
+    config: Annotated[Optional[Path], typer.Option("--config", "-c", help="the merge config; then every planned tensor must be present")] = None,
+    read_data: Annotated[bool, typer.Option(help="read every tensor back and check for NaN/Inf")] = True,
+    allow_pickle: Annotated[bool, typer.Option("--allow-pickle", help=_help("allow_pickle"))] = False,
+    as_json: Annotated[bool, typer.Option("--json", help="print the report as JSON")] = False,
+) -> None:
+    """Re-read a checkpoint: index, headers, shard hashes, NaN/Inf, planned tensors. Exit 1 if anything is wrong."""
+    from modelalloy.verify import verify_checkpoint
+
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        try:
+            report = verify_checkpoint(path, config=config, read_data=read_data, allow_pickle=allow_pickle)
+        except ModelAlloyError as e:
+            _fail(e)
+    _show_warnings(caught, as_json)
+    if as_json:
+        out.print_json(json.dumps(report.summary()))
+    else:
+        for problem in report.problems:
+            err.print(f"[bold red]problem:[/] {escape(problem)}", highlight=False, soft_wrap=True)
+        checks = f"{report.tensors} tensors in {len(report.files)} file(s), {report.hashes_checked} shard hash(es) matched"
+        if config is not None:
+            checks += f", {report.planned_checked} planned tensors present"
+        err.print(("ok: " if report.ok else f"{len(report.problems)} problem(s); checked ") + checks, highlight=False, soft_wrap=True)
+    if not report.ok:
+        raise typer.Exit(1)
 
 
 @app.command()

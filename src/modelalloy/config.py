@@ -248,15 +248,20 @@ class MergeConfig(_Strict):
 DTYPE_NAMES = ("bfloat16", "float16", "float32", "float64", "int64")
 
 
-def _yaml_position(text: str, loc: tuple) -> str:
-    """'line L, column C' of the YAML node at a pydantic error location, '' if not found."""
+def _yaml_position(text: str, loc: tuple, *, at_key: bool = False) -> str:
+    """'line L, column C' of the YAML node at a pydantic error location, '' if not found.
+
+    `at_key`: point at the last key itself (an unknown key) rather than at its value."""
     try:
         node = yaml.compose(text)
     except yaml.YAMLError:
         return ""
     best = node
-    for key in loc:
+    for depth, key in enumerate(loc, start=1):
         if isinstance(node, yaml.MappingNode):
+            if at_key and depth == len(loc) and (found := next((k for k, v in node.value if k.value == key), None)) is not None:
+                best = found
+                break
             nxt = next((v for k, v in node.value if k.value == key), None)
             if nxt is None:
                 nxt_key = next((k for k, v in node.value if k.value == key), None)
@@ -284,7 +289,7 @@ _FIELDS = {
 def _explain(err: dict, text: str, source: str) -> str:
     loc = tuple(x for x in err["loc"] if not (isinstance(x, str) and x.startswith(("function-", "tagged-union"))))
     path = ".".join(str(x) for x in loc) or "(top level)"
-    pos = _yaml_position(text, loc)
+    pos = _yaml_position(text, loc, at_key=err["type"] == "extra_forbidden")
     at = f"{source}: {path}" + (f" ({pos})" if pos else "")
     if err["type"] == "extra_forbidden":
         key = str(loc[-1])

@@ -222,8 +222,13 @@ def execute(
         else:
             _run_bounded(todo, run, options.threads)
         files = writer.finalize()
-    except BaseException:
+    except MergeError:
+        # The same plan would fail the same way again, so its shards are not worth resuming from.
         writer.abort()
+        shutil.rmtree(partial, ignore_errors=True)
+        raise
+    except BaseException:
+        writer.abort()  # finished shards stay recorded in the manifest: a rerun resumes from them
         raise
     finally:
         nonfinite.warn()
