@@ -319,8 +319,9 @@ def check_output(out_dir: Path, checkpoints: Mapping[str, Checkpoint], out_bytes
         parent = parent.parent
     free = shutil.disk_usage(parent).free
     partial = out_dir.with_name(out_dir.name + ".partial")
-    # An interrupted run's files are overwritten in place or kept: their space counts as available.
-    reusable = sum(f.stat().st_size for f in partial.iterdir() if f.is_file()) if partial.is_dir() else 0
+    # An interrupted run's shards are kept or overwritten in place: their allocated blocks (not their
+    # size: unwritten regions of a laid-out shard are holes) count as available.
+    reusable = sum(f.stat().st_blocks * 512 for f in partial.iterdir() if f.is_file()) if partial.is_dir() else 0
     if out_bytes > free + reusable:
         raise OutputError(
             f"{out_dir}: the merge writes {out_bytes / 1e9:.2f} GB but only {free / 1e9:.2f} GB is free there; "
