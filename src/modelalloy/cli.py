@@ -7,6 +7,7 @@ bug of ours (or `--debug`).
 from __future__ import annotations
 
 import json
+import signal
 import sys
 import warnings
 from pathlib import Path
@@ -14,6 +15,7 @@ from typing import Annotated, Optional
 
 import typer
 from rich.console import Console
+from rich.markup import escape
 from rich.progress import BarColumn, Progress, TextColumn, TimeElapsedColumn, TimeRemainingColumn
 from rich.table import Table
 
@@ -45,7 +47,7 @@ class _State:
 def _fail(e: Exception) -> None:
     if _State.debug:
         raise e
-    err.print(f"[bold red]error:[/] {e}", highlight=False, soft_wrap=True)
+    err.print(f"[bold red]error:[/] {escape(str(e))}", highlight=False, soft_wrap=True)
     raise typer.Exit(2)
 
 
@@ -53,7 +55,11 @@ def _show_warnings(caught: list[warnings.WarningMessage], quiet: bool) -> None:
     if quiet:
         return
     for w in caught:
-        err.print(f"[yellow]warning:[/] {w.message}", highlight=False, soft_wrap=True)
+        err.print(f"[yellow]warning:[/] {escape(str(w.message))}", highlight=False, soft_wrap=True)
+
+
+def _interrupt(signum, frame) -> None:
+    raise KeyboardInterrupt
 
 
 @app.callback()
@@ -74,6 +80,7 @@ def merge(
     write_model_card: Annotated[bool, typer.Option(help=_help("write_model_card"))] = True,
     copy_tokenizer: Annotated[bool, typer.Option(help=_help("copy_tokenizer"))] = True,
     hash_inputs: Annotated[bool, typer.Option(help=_help("hash_inputs"))] = True,
+    resume: Annotated[bool, typer.Option(help=_help("resume"))] = True,
     quiet: Annotated[bool, typer.Option("--quiet", "-q", help="no progress bar")] = False,
     as_json: Annotated[bool, typer.Option("--json", help="print a JSON summary on stdout")] = False,
 ) -> None:
@@ -91,6 +98,7 @@ def merge(
             write_model_card=write_model_card,
             copy_tokenizer=copy_tokenizer,
             hash_inputs=hash_inputs,
+            resume=resume,
         )
     except ValueError as e:
         _fail(ModelAlloyError(str(e).splitlines()[-1]))
@@ -108,21 +116,41 @@ def merge(
     task = bar.add_task("merge", total=None, rate="")
 
     def on_progress(p) -> None:
+        if not bar.live.is_started:  # shown once planning has passed, so an input error stays one line
+            bar.start()
         rate = p.bytes_written / p.elapsed / 1e9 if p.elapsed > 0 else 0.0
         bar.update(task, completed=p.done, total=p.total, rate=f"{rate:.2f} GB/s")
 
     with warnings.catch_warnings(record=True) as caught:
         warnings.simplefilter("always")
+        previous_sigterm = signal.signal(signal.SIGTERM, _interrupt)  # `kill` stops as cleanly as Ctrl-C
         try:
-            with bar:
+            try:
                 result = run_merge(config, out_dir, options=options, progress=on_progress)
+            finally:
+                if bar.live.is_started:
+                    bar.stop()
         except ModelAlloyError as e:
             _show_warnings(caught, quiet)
             _fail(e)
+        except KeyboardInterrupt:
+            _show_warnings(caught, quiet)
+            partial = out_dir.with_name(out_dir.name + ".partial")
+            err.print(
+                f"interrupted: {out_dir} was not written; the finished shards are kept in {partial}, "
+                "run the same command again to resume from them",
+                highlight=False,
+                soft_wrap=True,
+            )
+            raise typer.Exit(130) from None
+        finally:
+            signal.signal(signal.SIGTERM, previous_sigterm)
     _show_warnings(caught, quiet)
     if as_json:
         out.print_json(json.dumps(result.summary()))
     elif not quiet:
+        if result.shards_reused:
+            err.print(f"resumed: {result.shards_reused} finished shard(s) of an interrupted run were verified and reused", highlight=False)
         err.print(
             f"wrote {result.tensors} tensors, {result.bytes_written / 1e9:.3f} GB in {result.seconds:.1f}s "
             f"to {result.out_dir}",
@@ -145,10 +173,13 @@ def plan(
     from modelalloy.api import plan_merge
     from modelalloy.execute import check_output
 
-    options = MergeOptions(threads=threads, allow_pickle=allow_pickle, allow_crimes=allow_crimes, force=force)
     with warnings.catch_warnings(record=True) as caught:
         warnings.simplefilter("always")
         try:
+            try:
+                options = MergeOptions(threads=threads, allow_pickle=allow_pickle, allow_crimes=allow_crimes, force=force)
+            except ValueError as e:
+                raise ModelAlloyError(str(e).splitlines()[-1]) from None
             the_plan, models = plan_merge(config, options=options)
             if out_dir is not None:
                 check_output(out_dir, models, the_plan.output_bytes, force=force)
@@ -187,6 +218,37 @@ def plan(
     if show_tensors:
         for r in summary["recipes"]:
             out.print(f"{r['name']}  {r['method']}  {r['shape']}  {r['dtype']}  <- {', '.join(r['inputs'])}", highlight=False)
+
+
+@app.command()
+def verify(
+    path: Annotated[Path, typer.Argument(help="checkpoint directory: a merge output or any safetensors HF model")],
+    config: Annotated[Optional[Path], typer.Option("--config", "-c", help="the merge config; then every planned tensor must be present")] = None,
+    read_data: Annotated[bool, typer.Option(help="read every tensor back and check for NaN/Inf")] = True,
+    allow_pickle: Annotated[bool, typer.Option("--allow-pickle", help=_help("allow_pickle"))] = False,
+    as_json: Annotated[bool, typer.Option("--json", help="print the report as JSON")] = False,
+) -> None:
+    """Re-read a checkpoint: index, headers, shard hashes, NaN/Inf, planned tensors. Exit 1 if anything is wrong."""
+    from modelalloy.verify import verify_checkpoint
+
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        try:
+            report = verify_checkpoint(path, config=config, read_data=read_data, allow_pickle=allow_pickle)
+        except ModelAlloyError as e:
+            _fail(e)
+    _show_warnings(caught, as_json)
+    if as_json:
+        out.print_json(json.dumps(report.summary()))
+    else:
+        for problem in report.problems:
+            err.print(f"[bold red]problem:[/] {escape(problem)}", highlight=False, soft_wrap=True)
+        checks = f"{report.tensors} tensors in {len(report.files)} file(s), {report.hashes_checked} shard hash(es) matched"
+        if config is not None:
+            checks += f", {report.planned_checked} planned tensors present"
+        err.print(("ok: " if report.ok else f"{len(report.problems)} problem(s); checked ") + checks, highlight=False, soft_wrap=True)
+    if not report.ok:
+        raise typer.Exit(1)
 
 
 @app.command()
