@@ -190,9 +190,12 @@ def evaluate(
             if progress:
                 progress(f"{label} (cached)", 1, 1)
             continue
+        what = f"{label}: merging in memory" if is_config(ref) else f"{label}: loading"
         if progress:
-            progress(f"{label}: loading", 0, 1)
+            progress(what, 0, 1)
         model, tok = load_model(ref, tokenizer=tokenizer)
+        if progress:
+            progress(what, 1, 1)
         per_set = {}
         for s in sets:
             if cached[s.name] is not None:
