@@ -422,8 +422,8 @@ def report_(
 @app.command()
 def demo(
     cache: Annotated[Path, typer.Option(help="where the base, the specialists and the scores are kept")] = Path(".cache/demo"),
-    methods: Annotated[str, typer.Option(help="merge methods to compare")] = "linear,task_arithmetic,ties,dare_ties,dare_linear,breadcrumbs_ties,della",
-    domains: Annotated[str, typer.Option(help="specialist domains (news is always the held-out control)")] = "shakespeare,german,code",
+    methods: Annotated[str, typer.Option(help="merge methods to compare")] = "linear,task_arithmetic,ties,dare_ties,dare_linear,della",
+    domains: Annotated[str, typer.Option(help="specialist domains: shakespeare, german, code (news is always the held-out control)")] = "shakespeare,german",
     report: Annotated[Optional[Path], typer.Option("--report", help="HTML report (default: CACHE/report.html)")] = None,
     save: _SaveOpt = None,
     as_json: _JsonOpt = False,

@@ -32,7 +32,7 @@ from modelalloy.errors import ModelAlloyError
 GGUF_NAME = "SmolLM2-135M-Instruct.Q4_1.gguf"
 FORTUNES_DE = Path("/usr/share/games/fortunes/de")  # where Debian's fortunes-de puts its files
 HELD_OUT_PLAYS = ("hamlet", "the-tempest")
-METHODS = ("linear", "task_arithmetic", "ties", "dare_ties", "dare_linear", "breadcrumbs_ties", "della")
+METHODS = ("linear", "task_arithmetic", "ties", "dare_ties", "dare_linear", "della")
 
 # (done, total, what): the CLI draws progress bars from these.
 StepProgress = Callable[[str, int, int], None]
@@ -49,14 +49,14 @@ class DemoSettings:
     Changing a field changes the cache keys of what depends on it (specialists, scores).
     """
 
-    train_steps: int = 16  # optimizer steps per specialist
-    batch_size: int = 8  # sequences per step
+    train_steps: int = 12  # optimizer steps per specialist
+    batch_size: int = 4  # sequences per step
     seq_len: int = 64  # tokens per training sequence
     train_layers: int = 6  # the top N of the 30 transformer blocks are trained, the rest frozen
-    learning_rate: float = 3e-4
-    eval_tokens: int = 512  # per domain, held-out text
+    learning_rate: float = 5e-4
+    eval_tokens: int = 255  # per domain, held-out text: two windows of 128
     eval_window: int = 128
-    domains: tuple[str, ...] = ("shakespeare", "german", "code")
+    domains: tuple[str, ...] = ("shakespeare", "german")
     seed: int = 0
 
     def key(self, *fields: str) -> str:
