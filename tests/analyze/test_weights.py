@@ -91,13 +91,18 @@ def test_analyze_streams_a_real_family_and_matches_numpy(families):
     assert [r["layer"] for r in result.layers] == [0, 1, 2, 3]
 
 
-def test_analyze_errors_name_the_tensor(families, tmp_path):
-    fam = families("llama")
-    with pytest.raises(PlanError, match="needs at least one model"):
-        analyze(str(fam["base"]), [])
+def test_analyze_errors_name_the_tensor(tmp_path):
     from safetensors.torch import save_file
 
-    (tmp_path / "config.json").write_text("{}")
-    save_file({"model.embed_tokens.weight": torch.zeros(128, 32)}, tmp_path / "model.safetensors")
-    with pytest.raises(PlanError, match=r"tensor '.*' is missing from .*; analyze compares models of the same layout"):
-        analyze(str(fam["base"]), [str(tmp_path)])
+    for name, tensors in (("base", {"model.layers.0.mlp.up_proj.weight": torch.zeros(4, 3)}), ("other", {"model.embed_tokens.weight": torch.zeros(4, 3)}),
+                          ("wide", {"model.layers.0.mlp.up_proj.weight": torch.zeros(4, 5)})):
+        (tmp_path / name).mkdir()
+        (tmp_path / name / "config.json").write_text("{}")
+        save_file(tensors, tmp_path / name / "model.safetensors")
+    base = str(tmp_path / "base")
+    with pytest.raises(PlanError, match="needs at least one model"):
+        analyze(base, [])
+    with pytest.raises(PlanError, match=r"tensor 'model.layers.0.mlp.up_proj.weight' is missing from .*other; analyze compares models of the same layout"):
+        analyze(base, [str(tmp_path / "other")])
+    with pytest.raises(PlanError, match=r"shape \[4, 5\] in .*wide but \[4, 3\] in"):
+        analyze(base, [str(tmp_path / "wide")])
