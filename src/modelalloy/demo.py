@@ -49,12 +49,12 @@ class DemoSettings:
     Changing a field changes the cache keys of what depends on it (specialists, scores).
     """
 
-    train_steps: int = 12  # optimizer steps per specialist
+    train_steps: int = 8  # optimizer steps per specialist
     batch_size: int = 4  # sequences per step
     seq_len: int = 64  # tokens per training sequence
-    train_layers: int = 6  # the top N of the 30 transformer blocks are trained, the rest frozen
+    train_layers: int = 4  # the top N of the 30 transformer blocks are trained, the rest frozen
     learning_rate: float = 5e-4
-    eval_tokens: int = 255  # per domain, held-out text: two windows of 128
+    eval_tokens: int = 128  # per domain, held-out text: one window
     eval_window: int = 128
     domains: tuple[str, ...] = ("shakespeare", "german")
     seed: int = 0

@@ -34,7 +34,7 @@ def grouped_bars(values: Mapping[str, Mapping[str, float | None]], *, title: str
         ax.axhline(reference, color="black", linewidth=0.8, linestyle="--")
     ax.set_title(title)
     ax.set_ylabel(ylabel)
-    ax.legend(fontsize=8, ncols=min(4, len(series)))
+    ax.legend(fontsize=8, loc="upper left", bbox_to_anchor=(1.01, 1.0))  # beside the bars, never over them
     return _png(fig)
 
 
