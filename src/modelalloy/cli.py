@@ -571,6 +571,48 @@ def demo(
     _save_outputs(payload, save, report or cache / "report.html", as_json)
 
 
+@app.command()
+def search(
+    spec_file: Annotated[Path, typer.Argument(help="search space and objective (SEARCH.yaml)")],
+    out_dir: Annotated[Path, typer.Argument(help="output directory: study.db, best.yaml, trials, plots")],
+    resume: Annotated[bool, typer.Option("--resume", help="continue the search stored in OUT_DIR/study.db")] = False,
+    force: Annotated[bool, typer.Option("--force", help="delete OUT_DIR and start over")] = False,
+    trials: Annotated[Optional[int], typer.Option("--trials", help="complete trials wanted (overrides the file)")] = None,
+    use_ray: Annotated[bool, typer.Option("--ray", help="run trials in parallel as Ray actors (a local Ray instance)")] = False,
+    ray_address: Annotated[Optional[str], typer.Option("--ray-address", help="join an existing Ray cluster")] = None,
+    storage: Annotated[Optional[str], typer.Option("--storage", help="optuna storage URL (default: sqlite in OUT_DIR)")] = None,
+    device: Annotated[str, typer.Option(help=_help("device"))] = _DEFAULTS.device,
+    quiet: Annotated[bool, typer.Option("--quiet", "-q", help="no per-trial lines")] = False,
+    as_json: Annotated[bool, typer.Option("--json", help="print the summary as JSON")] = False,
+) -> None:
+    """Search merge parameters against an evaluation (optuna; resumable; optionally on Ray)."""
+    from modelalloy.search import load_spec, run_search
+
+    def line(r) -> None:
+        if quiet:
+            return
+        value = "failed: " + r.error if r.error else ", ".join(f"{v:.4g}" for v in r.values)
+        best = ", ".join(f"{v:.4g}" for v in r.best) if r.best else "-"
+        eta = f"{r.eta:.0f}s" if r.eta is not None else "?"
+        err.print(f"trial {r.number:>3} [{r.done}/{r.total}] {value}  best {best}  ETA {eta}", highlight=False, soft_wrap=True)
+
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        try:
+            spec = load_spec(spec_file)
+            if trials is not None:
+                spec = spec.model_copy(update={"trials": trials})
+            result = run_search(spec, out_dir, resume=resume, force=force, ray=use_ray, ray_address=ray_address, storage=storage, device=device, progress=line)
+        except ModelAlloyError as e:
+            _fail(e)
+    _show_warnings([w for w in caught if issubclass(w.category, UserWarning) and "modelalloy" in str(w.filename)], quiet)
+    summary = json.loads((result.out_dir / "summary.json").read_text())
+    if as_json:
+        out.print_json(json.dumps(summary))
+    else:
+        err.print(f"{result.trials} trials; best {', '.join(f'{v:.4g}' for v in result.best_values)} (trial {summary['best_trial']}); wrote {result.out_dir / 'best.yaml'}", highlight=False)
+
+
 def main() -> None:
     try:
         app()
