@@ -86,6 +86,9 @@ class MergeMethod:
     doc: str = ""
     vs_mergekit: str = ""  # where and why we differ from mergekit, shown by `alloy methods`
     exact_count: bool = field(default=False)  # with a base, exactly min_models others
+    # Rules between parameters (e.g. DELLA's density ± epsilon inside (0, 1)), checked by plan.py
+    # per tensor: check(resolved params, names of the non-base models) -> one-line problem or None.
+    check: Callable[[dict[str, Any], Sequence[str]], str | None] | None = None
     stats: str | None = None  # the per-model statistic the method reads ("fisher", "gram"), if any
 
     def param(self, name: str) -> Param | None:
@@ -116,6 +119,7 @@ def merge_method(
     randomized: bool = False,
     reference: str = "",
     vs_mergekit: str = "",
+    check: Callable[[dict[str, Any], Sequence[str]], str | None] | None = None,
     stats: str | None = None,
 ) -> Callable[[Callable[..., Any]], MergeMethod]:
     """Decorator: declares a method; the docstring's first paragraph is its one-line doc."""
@@ -130,7 +134,7 @@ def merge_method(
 
     def wrap(fn: Callable[..., Any]) -> MergeMethod:
         doc = " ".join((fn.__doc__ or "").strip().split("\n\n")[0].split())  # one line, indentation gone
-        return MergeMethod(name, fn, tuple(params), base, min_models, max_models, randomized, reference, doc, vs_mergekit, stats=stats)
+        return MergeMethod(name, fn, tuple(params), base, min_models, max_models, randomized, reference, doc, vs_mergekit, check=check, stats=stats)
 
     return wrap
 
