@@ -323,6 +323,7 @@ def stats(
                 force=force,
                 progress=lambda p: bar.update(task, completed=p.samples),
             )
+            bar.update(task, total=result.samples)  # the data may hold fewer samples than asked for
     except ModelAlloyError as e:
         _fail(e)
     if as_json:
