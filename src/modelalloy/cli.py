@@ -227,6 +227,31 @@ def methods(name: Annotated[Optional[str], typer.Argument(help="show one method 
         out.print(f"differs from mergekit: {m.vs_mergekit}")
 
 
+@app.command()
+def moe(
+    config: Annotated[Path, typer.Argument(help="MoE config (mergekit-moe YAML)")],
+    out_dir: Annotated[Path, typer.Argument(help="output directory (a Hugging Face model)")],
+    i_understand: Annotated[bool, typer.Option("--i-understand-this-is-not-useful-without-training", help="allow every expert to be the same model")] = False,
+    layout: Annotated[Optional[str], typer.Option(help="expert tensor layout: fused (transformers 5) or per_expert; default: what the installed transformers expects")] = None,
+    max_shard_size: Annotated[str, typer.Option(help=_help("max_shard_size"))] = _DEFAULTS.max_shard_size,
+    force: Annotated[bool, typer.Option("--force", help=_help("force"))] = False,
+) -> None:
+    """Build a mixture of experts (Mixtral or Qwen2-MoE) from dense models."""
+    from modelalloy.moe import build_moe
+
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        try:
+            if layout not in (None, "fused", "per_expert"):
+                raise ModelAlloyError(f"--layout {layout!r}: use fused or per_expert")
+            result = build_moe(config, out_dir, allow_same_experts=i_understand, layout=layout, force=force, max_shard_size=max_shard_size)
+        except ModelAlloyError as e:
+            _show_warnings([w for w in caught if issubclass(w.category, UserWarning)], False)
+            _fail(e)
+    _show_warnings([w for w in caught if issubclass(w.category, UserWarning)], False)
+    err.print(f"wrote {result.architecture} ({result.layout} experts), {result.tensors} tensors in {result.seconds:.1f}s to {result.out_dir}", highlight=False)
+
+
 lora_app = typer.Typer(help="LoRA adapters: fold into a model, combine, extract.", no_args_is_help=True)
 app.add_typer(lora_app, name="lora")
 
