@@ -252,6 +252,58 @@ def moe(
     err.print(f"wrote {result.architecture} ({result.layout} experts), {result.tensors} tensors in {result.seconds:.1f}s to {result.out_dir}", highlight=False)
 
 
+@app.command("stack")
+def stack_cmd(
+    config: Annotated[Path, typer.Argument(help="stack config (YAML: model + layer_ranges | depth_upscale | progressive | interleave)")],
+    out_dir: Annotated[Optional[Path], typer.Argument(help="output directory (omit with --show)")] = None,
+    show: Annotated[bool, typer.Option("--show", help="print the compiled passthrough merge config (mergekit YAML) and stop")] = False,
+    force: Annotated[bool, typer.Option("--force", help=_help("force"))] = False,
+    threads: Annotated[int, typer.Option("--threads", "-j", help=_help("threads"))] = _DEFAULTS.threads,
+) -> None:
+    """Depth up-scaling / progressive stacking of one model, as passthrough slices."""
+    import yaml
+
+    from modelalloy.stack import compiled_stack, stack
+
+    try:
+        if show:
+            out.print(yaml.safe_dump(compiled_stack(config).model_dump(exclude_defaults=True), sort_keys=False), highlight=False, end="")
+            return
+        if out_dir is None:
+            raise ModelAlloyError("give an output directory (or --show to print the compiled config)")
+        result = stack(config, out_dir, force=force, threads=threads)
+    except ModelAlloyError as e:
+        _fail(e)
+    err.print(f"wrote {result.tensors} tensors to {result.out_dir}", highlight=False)
+
+
+@app.command("graft")
+def graft_cmd(
+    recipient: Annotated[str, typer.Argument(help="the model that receives modules")],
+    donor: Annotated[str, typer.Argument(help="the model the modules come from")],
+    out_dir: Annotated[Path, typer.Argument(help="output directory")],
+    module: Annotated[list[str], typer.Option("--module", "-m", help="name fragment selecting tensors to graft (repeatable), e.g. mlp")],
+    layers: Annotated[Optional[str], typer.Option(help="only layers START-END (END excluded), e.g. 10-20")] = None,
+    force: Annotated[bool, typer.Option("--force", help=_help("force"))] = False,
+    threads: Annotated[int, typer.Option("--threads", "-j", help=_help("threads"))] = _DEFAULTS.threads,
+) -> None:
+    """Take the selected modules from DONOR into RECIPIENT (shapes must match)."""
+    from modelalloy.stack import graft
+
+    try:
+        span = None
+        if layers is not None:
+            try:
+                start, end = (int(x) for x in layers.split("-"))
+            except ValueError:
+                raise ModelAlloyError(f"--layers {layers!r}: write START-END, e.g. 10-20") from None
+            span = (start, end)
+        result = graft(recipient, donor, out_dir, modules=module, layers=span, force=force, threads=threads)
+    except ModelAlloyError as e:
+        _fail(e)
+    err.print(f"wrote {result.tensors} tensors to {result.out_dir}", highlight=False)
+
+
 lora_app = typer.Typer(help="LoRA adapters: fold into a model, combine, extract.", no_args_is_help=True)
 app.add_typer(lora_app, name="lora")
 
