@@ -330,7 +330,9 @@ def extract_adapter(
             if progress is not None:
                 progress(name)
             if _is_lora_target(name, loc):
-                delta = (w1.double() - w0.double())
+                # float32 unless the weights are float64 (mergekit's precision; float64 SVD costs 2x)
+                compute = torch.float64 if w0.dtype == torch.float64 else torch.float32
+                delta = w1.to(compute) - w0.to(compute)
                 delta = delta.T if fan_in_fan_out else delta  # Conv1D stores [in, out]; LoRA is [out, in]
                 u, s, vh = torch.linalg.svd(delta, full_matrices=False)
                 r = _choose_rank(s, rank, energy)
