@@ -28,6 +28,7 @@ from __future__ import annotations
 
 import json
 import math
+import shutil
 import time
 import warnings
 from collections.abc import Callable
@@ -203,7 +204,7 @@ def build_moe(
     training, or to check that the MoE computes the dense model). `layout` overrides the detected
     expert layout ("fused" or "per_expert").
     """
-    from modelalloy.execute import prepare_output
+    from modelalloy.execute import check_output
 
     cfg = config if isinstance(config, MoEConfig) else load_moe_config(config)
     start = time.perf_counter()
@@ -272,7 +273,11 @@ def build_moe(
 
         out_dir = Path(out_dir)
         total = sum(s.nbytes for s in specs)
-        partial = prepare_output(out_dir, models, total, force=force)
+        check_output(out_dir, models, total, force=force)
+        partial = out_dir.with_name(out_dir.name + ".partial")
+        if partial.exists():
+            shutil.rmtree(partial)
+        partial.mkdir(parents=True)
         writer = ShardedWriter(partial, specs, max_shard_size=parse_size(max_shard_size), metadata={"modelalloy_method": f"moe:{architecture}"})
         try:
             for name, make in plan:
@@ -288,8 +293,6 @@ def build_moe(
         write_text_durably(partial / "config.json", json.dumps(out_config, indent=2, sort_keys=True) + "\n")
         copy_support_files(base.path, partial)
         _write_card(partial, cfg, architecture)
-        import shutil
-
         if out_dir.exists():
             shutil.rmtree(out_dir)
         partial.rename(out_dir)
