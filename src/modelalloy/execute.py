@@ -24,7 +24,7 @@ from pydantic import BaseModel, ConfigDict, Field
 
 from modelalloy.errors import MergeError, OutputError
 from modelalloy.io.checkpoint import Checkpoint
-from modelalloy.io.output import copy_support_files, write_model_card
+from modelalloy.io.output import write_model_card, write_tokenizer_files
 from modelalloy.io.writer import OutputTensor, ShardedWriter, parse_size, write_text_durably
 from modelalloy.methods import get_method
 from modelalloy.plan import Plan, TensorRecipe
@@ -114,6 +114,8 @@ class _InputHasher:
 def merge_tensor(recipe: TensorRecipe, read: Callable[[str, str], torch.Tensor], plan: Plan, device: torch.device) -> torch.Tensor:
     """Compute one output tensor (in the output dtype, on the CPU)."""
     method = get_method(recipe.method)
+    if recipe.aligned:  # embedding/head rows are put in the output vocabulary's order first
+        read = plan.vocab.aligned_reader(read)
 
     def load(model: str, tensor: str) -> torch.Tensor:
         x = read(model, tensor)
@@ -185,7 +187,10 @@ def execute(
     input_hashes = hasher.result() if hasher else {}
     write_text_durably(partial / "config.json", json.dumps(plan.output_config, indent=2, sort_keys=True) + "\n")
     if options.copy_tokenizer:
-        copy_support_files(checkpoints[plan.donor].path, partial)
+        tokenizer = plan.vocab.tokenizer if plan.vocab is not None else None
+        write_tokenizer_files(checkpoints[plan.donor], partial, tokenizer=tokenizer, chat_template=plan.chat_template)
+    if plan.vocab is not None:
+        write_text_durably(partial / "vocab_report.json", json.dumps(plan.vocab.report, indent=2, ensure_ascii=False) + "\n")
     if options.write_model_card:
         write_model_card(partial, plan, checkpoints, input_hashes)
     _fsync_dir(partial)
