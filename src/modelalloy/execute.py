@@ -18,6 +18,7 @@ from collections.abc import Callable, Mapping
 from concurrent.futures import FIRST_EXCEPTION, ThreadPoolExecutor, wait
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Literal
 
 import torch
 from pydantic import BaseModel, ConfigDict, Field
@@ -44,6 +45,8 @@ class MergeOptions(BaseModel):
     write_model_card: bool = Field(True, description="write README.md with the config, method and input hashes")
     copy_tokenizer: bool = Field(True, description="copy tokenizer and generation files from the donor model")
     hash_inputs: bool = Field(True, description="SHA-256 of every input tensor read, recorded in the model card")
+    out_format: Literal["safetensors", "gguf"] = Field("safetensors", description="output weights: safetensors shards, or one GGUF file (llama.cpp)")
+    out_type: Literal["f32", "f16", "bf16", "q8_0"] = Field("f16", description="tensor type inside a GGUF output (norms stay f32)")
 
 
 @dataclass
@@ -159,7 +162,10 @@ def execute(
 
     specs = [OutputTensor(r.name, r.out_dtype, r.shape) for r in plan.recipes]
     metadata = {"modelalloy_method": plan.method.name}
-    writer = ShardedWriter(partial, specs, max_shard_size=parse_size(options.max_shard_size), metadata=metadata)
+    if options.out_format == "gguf":
+        writer = _gguf_writer(plan, checkpoints, partial, specs, options)
+    else:
+        writer = ShardedWriter(partial, specs, max_shard_size=parse_size(options.max_shard_size), metadata=metadata)
     start = time.perf_counter()
     done = written = 0
     total_bytes = plan.output_bytes
@@ -199,6 +205,24 @@ def execute(
     os.replace(partial, out_dir)
     _fsync_dir(out_dir.parent)
     return MergeResult(out_dir, len(plan.recipes), written, files, time.perf_counter() - start, input_hashes)
+
+
+def _gguf_writer(plan: Plan, checkpoints: Mapping[str, Checkpoint], partial: Path, specs: list[OutputTensor], options: MergeOptions):
+    """One GGUF file, its metadata (config, tokenizer, chat template) written before any tensor."""
+    from modelalloy.io.gguf import GGUFWriter
+    from modelalloy.vocab import load_tokenizer
+
+    tokenizer = plan.vocab.tokenizer if plan.vocab is not None else load_tokenizer(checkpoints[plan.donor])
+    if plan.chat_template is not None:
+        import copy
+
+        tokenizer = copy.copy(tokenizer)
+        tokenizer.chat_template = plan.chat_template
+    try:
+        return GGUFWriter(partial / "model.gguf", specs, config=plan.output_config, tokenizer=tokenizer, out_type=options.out_type)
+    except BaseException:
+        shutil.rmtree(partial, ignore_errors=True)
+        raise
 
 
 def _run_bounded(recipes: list[TensorRecipe], run: Callable[[TensorRecipe], None], threads: int) -> None:
