@@ -300,3 +300,74 @@ def test_chat_template_is_written(bpe, tmp_path, setting):
         return
     text = tok.apply_chat_template([{"role": "user", "content": "hi"}], tokenize=False, add_generation_prompt=True)
     assert text == "<|im_start|>user\nhi<|im_end|>\n<|im_start|>assistant\n"
+
+
+def test_tied_embeddings_stay_tied(tmp_path):
+    base_tok = bpe_tokenizer()
+    n = len(base_tok)
+    chat_tok = with_added(base_tok, ["<|im_start|>"])
+    base = save_model(tmp_path / "base", llama_config(n, tied=True), base_tok, seed=0)
+    save_model(tmp_path / "chat", llama_config(n + 1, tied=True), chat_tok, seed=1, like=base)
+    tensors, tok, config = _merge(
+        tmp_path,
+        {"merge_method": "linear", "models": [{"model": str(tmp_path / "base"), "parameters": {"weight": 0.5}}, {"model": str(tmp_path / "chat"), "parameters": {"weight": 0.5}}], "tokenizer_source": "union"},
+    )
+    assert HEAD not in tensors and config["tie_word_embeddings"] is True and config["vocab_size"] == n + 1
+    model = transformers.AutoModelForCausalLM.from_pretrained(tmp_path / "out")
+    assert model.lm_head.weight.data_ptr() == model.model.embed_tokens.weight.data_ptr()
+    assert torch.equal(model.lm_head.weight[n], tensors[EMBED][n])
+
+
+class _Headers:
+    """Just enough of a Checkpoint for build_vocab: a name and tensor headers."""
+
+    def __init__(self, ref: str, rows: int, width: int):
+        from modelalloy.io.safetensors_format import TensorLocation
+
+        self.ref = ref
+        self.tensors = {EMBED: TensorLocation(EMBED, ref, torch.float32, (rows, width), 0, rows * width * 4)}
+
+
+def test_a_shuffled_50k_vocabulary_is_aligned_with_index_tensors():
+    """Every one of 50k tokens moved to another id in model B: each output row is B's row for that token."""
+    import time
+
+    from tokenizers import Tokenizer, models
+
+    from modelalloy.vocab import build_vocab
+
+    n, width = 50_000, 8
+    words = [f"w{i}" for i in range(n)]
+    perm = torch.randperm(n, generator=torch.Generator().manual_seed(0))  # B's id of word i is perm[i]
+    tok_a = transformers.PreTrainedTokenizerFast(tokenizer_object=Tokenizer(models.WordLevel({w: i for i, w in enumerate(words)}, unk_token="w0")))
+    vocab_b = {words[i]: int(perm[i]) for i in range(n)}
+    tok_b = with_added(transformers.PreTrainedTokenizerFast(tokenizer_object=Tokenizer(models.WordLevel(vocab_b, unk_token="w0"))), ["<new>"])
+    weights = {"a": torch.randn(n, width), "b": torch.randn(n + 1, width)}
+    headers = {"a": _Headers("a", n, width), "b": _Headers("b", n + 1, width)}
+    config = MergeConfig.model_validate({"merge_method": "linear", "models": [{"model": "a"}, {"model": "b"}], "tokenizer_source": "union"})
+    start = time.perf_counter()
+    plan = build_vocab(config, headers, base="a", models=["a", "b"], load=lambda c: {"a": tok_a, "b": tok_b}[c.ref])
+    read = lambda model, tensor: weights[model]  # noqa: E731
+    aligned_b = plan.align("b", EMBED, read)
+    aligned_a = plan.align("a", EMBED, read)
+    seconds = time.perf_counter() - start
+    assert plan.rows == n + 1
+    assert torch.equal(aligned_b[:n], weights["b"][perm])  # row i <- B's row perm[i]
+    assert torch.equal(aligned_b[n], weights["b"][n]) and torch.equal(aligned_a[n], weights["b"][n])  # <new>: only B has it
+    assert torch.equal(aligned_a[:n], weights["a"])
+    assert plan.report["models"]["b"]["remapped"] == int((perm != torch.arange(n)).sum())
+    assert seconds < 10, seconds  # index tensors, not a Python loop over 50k tokens (about 1 s here)
+
+
+def test_report_renders_as_text_and_html(bpe):
+    from modelalloy.vocab import format_report, report_html
+
+    chat, tool = bpe["ft_chat"], bpe["ft_tool"]
+    plan, opened = api.plan_merge(MergeConfig.model_validate({"merge_method": "linear", "models": [{"model": str(chat[0]), "parameters": {"weight": 1.0}}, {"model": str(tool[0]), "parameters": {"weight": 1.0}}], "tokenizer_source": "union"}))
+    for m in opened.values():
+        m.close()
+    text = format_report(plan.vocab.report)
+    assert f"vocabulary: {bpe['n'] + 3} tokens in {bpe['n'] + 3} rows, source union" in text
+    assert f"filled from base {chat[0]}: '<|im_start|>', '<|im_end|>'" in text and "1 remapped" in text
+    page = report_html(plan.vocab.report)
+    assert page.startswith('<section class="vocabulary">') and "<code>&lt;tool&gt;</code>" in page
