@@ -216,3 +216,25 @@ def test_smollm2_gguf_matches_transformers_own_loader():
         text = "<|im_start|>user\nMerging models is fun.<|im_end|>"
         assert len(tok) == 49152 and tok.decode(tok(text).input_ids) == text
         assert tok.convert_ids_to_tokens(1) == "<|im_start|>"
+
+
+@pytest.mark.parametrize("family", ["llama", "qwen2"])
+def test_transformers_loads_our_gguf_output(tmp_path, family):
+    """An independent reader: transformers' GGUF loader gets back exactly the merged f32 tensors."""
+    tok = bpe_tokenizer()
+    tok.pad_token = "</s>"  # without a padding id in the file, transformers assumes Qwen's real one (151643)
+    if family == "llama":
+        config = tiny_config(len(tok))
+    else:  # qwen2: biases on q/k/v and no row interleave in GGUF
+        config = transformers.Qwen2Config(hidden_size=32, intermediate_size=64, num_attention_heads=4, num_key_value_heads=2, num_hidden_layers=2, vocab_size=len(tok), max_position_embeddings=64, tie_word_embeddings=False)
+    save_model(tmp_path / "a", config, tok, seed=0)
+    cfg = {"merge_method": "linear", "models": [{"model": str(tmp_path / "a"), "parameters": {"weight": 1.0}}], "dtype": "float32"}
+    api.merge(MergeConfig.model_validate(cfg), tmp_path / "ref", threads=1)
+    api.merge(MergeConfig.model_validate(cfg), tmp_path / "out", threads=1, out_format="gguf", out_type="f32")
+    reference = load_file(tmp_path / "ref" / "model.safetensors")
+    model = transformers.AutoModelForCausalLM.from_pretrained(tmp_path / "out", gguf_file="model.gguf", dtype=torch.float32)
+    theirs = model.state_dict()
+    for name, value in reference.items():
+        assert torch.equal(theirs[name], value), name
+    gguf_tok = transformers.AutoTokenizer.from_pretrained(tmp_path / "out", gguf_file="model.gguf")
+    assert gguf_tok(TEXT).input_ids == tok(TEXT).input_ids

@@ -99,8 +99,8 @@ def bert_config(rows: int) -> transformers.BertConfig:
 def save_model(path: Path, config, tok, *, seed: int, like: dict[str, torch.Tensor] | None = None) -> dict[str, torch.Tensor]:
     """A model with `config`, weights = `like` + noise where shapes allow (new rows random), and `tok`."""
     torch.manual_seed(seed)
-    cls = transformers.BertForMaskedLM if isinstance(config, transformers.BertConfig) else transformers.LlamaForCausalLM
-    model = cls(config)
+    cls = transformers.AutoModelForMaskedLM if isinstance(config, transformers.BertConfig) else transformers.AutoModelForCausalLM
+    model = cls.from_config(config)
     if like is not None:
         g = torch.Generator().manual_seed(seed)
         state = model.state_dict()

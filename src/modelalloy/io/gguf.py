@@ -294,11 +294,11 @@ def _tokenizer_metadata(writer, tokenizer, rows: int, pre: str) -> None:
     writer.add_token_list(tokens)
     writer.add_token_types([int(t) for t in types])
     writer.add_token_merges(merges)
-    for attr, add in (("bos_token_id", writer.add_bos_token_id), ("eos_token_id", writer.add_eos_token_id),
-                      ("unk_token_id", writer.add_unk_token_id), ("pad_token_id", writer.add_pad_token_id)):
-        value = getattr(tokenizer, attr, None)
-        if isinstance(value, int):
-            add(value)
+    for attr, add in (("bos_token", writer.add_bos_token_id), ("eos_token", writer.add_eos_token_id),
+                      ("unk_token", writer.add_unk_token_id), ("pad_token", writer.add_pad_token_id)):
+        token = getattr(tokenizer, attr, None)  # by name: a tokenizer without one may still report an id
+        if isinstance(token, str) and vocab.get(token, rows) < rows:
+            add(vocab[token])
     if isinstance(getattr(tokenizer, "chat_template", None), str):
         writer.add_chat_template(tokenizer.chat_template)
 
