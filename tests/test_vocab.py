@@ -371,3 +371,21 @@ def test_report_renders_as_text_and_html(bpe):
     assert f"filled from base {chat[0]}: '<|im_start|>', '<|im_end|>'" in text and "1 remapped" in text
     page = report_html(plan.vocab.report)
     assert page.startswith('<section class="vocabulary">') and "<code>&lt;tool&gt;</code>" in page
+
+
+def test_alloy_plan_and_merge_print_the_vocabulary_report(bpe, tmp_path):
+    import yaml
+    from typer.testing import CliRunner
+
+    from modelalloy.cli import app
+
+    chat, tool = bpe["ft_chat"], bpe["ft_tool"]
+    cfg = {"merge_method": "linear", "models": [{"model": str(chat[0]), "parameters": {"weight": 1.0}}, {"model": str(tool[0]), "parameters": {"weight": 1.0}}], "tokenizer": {"source": "union", "pad_to_multiple_of": 64}}
+    (tmp_path / "m.yaml").write_text(yaml.safe_dump(cfg))
+    rows = (bpe["n"] + 3 + 63) // 64 * 64
+    planned = CliRunner().invoke(app, ["plan", str(tmp_path / "m.yaml"), "--json"])
+    assert planned.exit_code == 0, planned.output
+    assert json.loads(planned.stdout)["vocabulary"]["rows"] == rows
+    merged = CliRunner().invoke(app, ["merge", str(tmp_path / "m.yaml"), str(tmp_path / "out")])
+    assert merged.exit_code == 0, merged.output
+    assert f"vocabulary: {bpe['n'] + 3} tokens in {rows} rows ({rows - bpe['n'] - 3} padding), source union" in merged.output

@@ -163,9 +163,11 @@ class VocabPlan:
                 src = torch.cat([src, mean])  # the mean is one extra row at index len(src)
                 src_rows = torch.where(src_rows == MEAN_ROW, src.shape[0] - 1, src_rows)
             picked = src.index_select(0, src_rows)  # [n, ...]
-            weights = terms.weights.to(dtype).view(-1, *([1] * (picked.dim() - 1)))
-            # weight 1 and a zero start make copied rows bit-exact; means accumulate in order.
-            out.index_add_(0, terms.out_rows, picked * weights)
+            if bool((terms.weights == 1.0).all()):
+                out.index_copy_(0, terms.out_rows, picked)  # rows taken whole: bit-exact copies
+            else:  # a mean over the models that have the token: each adds its share, in model order
+                weights = terms.weights.to(dtype).view(-1, *([1] * (picked.dim() - 1)))
+                out.index_add_(0, terms.out_rows, picked * weights)
         return out
 
 
@@ -177,6 +179,8 @@ def _lookup(tokens: list[str | None], vocab: dict[str, int]) -> torch.Tensor:
 def _vocab_within(tok, rows: int) -> tuple[dict[str, int], list[str]]:
     """The tokenizer's token -> id map, without ids the embedding has no row for (those are listed)."""
     vocab = tok.get_vocab()
+    if not vocab or max(vocab.values()) < rows:
+        return vocab, []
     kept = {t: i for t, i in vocab.items() if i < rows}
     stripped = sorted((t for t, i in vocab.items() if i >= rows), key=vocab.get)
     return kept, stripped
@@ -249,10 +253,12 @@ def build_vocab(
     rows = max(n_token_rows, donor_rows)  # a padded source keeps its padding: never shrink silently
     if tcfg.pad_to_multiple_of:
         rows = math.ceil(rows / tcfg.pad_to_multiple_of) * tcfg.pad_to_multiple_of
-    tokens: list[str | None] = [None] * rows
-    for t, i in out_vocab.items():
-        tokens[i] = t
-    is_pad = torch.tensor([t is None for t in tokens])
+    out_ids = torch.from_numpy(np.fromiter(out_vocab.values(), dtype=np.int64, count=len(out_vocab)))
+    table = np.full(rows, None, dtype=object)
+    table[out_ids.numpy()] = list(out_vocab)
+    tokens: list[str | None] = table.tolist()
+    is_pad = torch.ones(rows, dtype=torch.bool)
+    is_pad[out_ids] = False
 
     ids = torch.stack([_lookup(tokens, vocabs[ref]) for ref in refs])  # [M, rows], -1 = absent
     have = ids >= 0
@@ -304,7 +310,7 @@ def build_vocab(
     fills: dict[str, dict[str, Any]] = {}
     for ref in refs:
         m = idx[ref]
-        terms: dict[str, list[tuple[torch.Tensor, torch.Tensor, torch.Tensor]]] = {}
+        terms: dict[tuple[str, bool], list[tuple[torch.Tensor, torch.Tensor, torch.Tensor]]] = {}  # (source, share of a mean)
 
         def add(src: str, mask: torch.Tensor, src_rows: torch.Tensor | None = None, weights: torch.Tensor | None = None) -> None:
             out_rows = mask.nonzero().flatten()
@@ -313,7 +319,7 @@ def build_vocab(
             if src_rows is None:
                 src_rows = ids[idx[src], out_rows]
             w = torch.ones(len(out_rows), dtype=torch.float64) if weights is None else weights[out_rows]
-            terms.setdefault(src, []).append((out_rows, src_rows, w))
+            terms.setdefault((src, weights is not None), []).append((out_rows, src_rows, w))
 
         free = ~override[m]
         own = have[m] & free
@@ -332,14 +338,13 @@ def build_vocab(
         add(ref, pad, src_rows=torch.full((int(pad.sum()),), MEAN_ROW, dtype=torch.int64))
         gathers[ref] = [
             _Terms(src, torch.cat([t[0] for t in parts]), torch.cat([t[1] for t in parts]), torch.cat([t[2] for t in parts]))
-            for src, parts in terms.items()
+            for (src, _), parts in terms.items()
         ] + configured[ref]
-        real = torch.tensor(sorted(set(vocabs[ref].values())), dtype=torch.int64)
-        mean_rows[ref] = real
+        mean_rows[ref] = torch.unique(torch.from_numpy(np.fromiter(vocabs[ref].values(), dtype=np.int64, count=len(vocabs[ref]))))
         identity[ref] = bool(not override[m].any() and have[m].all() and torch.equal(ids[m], torch.arange(rows)))
 
-        def names(mask: torch.Tensor) -> list[str]:
-            return [tokens[i] for i in mask.nonzero().flatten().tolist()]
+        def names(mask: torch.Tensor, limit: int | None = None) -> list[str]:
+            return [tokens[i] for i in mask.nonzero().flatten()[:limit].tolist()]
 
         model_fills: dict[str, str] = {t: f"from base {base}" for t in names(from_base)}
         only = ids.new_full((rows,), -1)
@@ -354,16 +359,15 @@ def build_vocab(
             if target == ref:
                 model_fills[tokens[r]] = how
         moved = have[m] & (ids[m] != torch.arange(rows))
-        present_out = set(out_vocab)
         fills[ref] = {
             "tokens": len(vocabs[ref]),
             "embedding_rows": rows_of[ref],
             "stripped": stripped[ref],
             "remapped": int(moved.sum()),
-            "remapped_examples": {t: [int(ids[m, row_of_token[t]]), row_of_token[t]] for t in names(moved)[:20]},
+            "remapped_examples": {t: [int(ids[m, row_of_token[t]]), row_of_token[t]] for t in names(moved, 20)},
             "filled": model_fills,
             "padding_rows_mean": int(pad.sum()),
-            "dropped": sorted((t for t in vocabs[ref] if t not in present_out), key=vocabs[ref].get),
+            "dropped": sorted(vocabs[ref].keys() - out_vocab.keys(), key=vocabs[ref].get),
         }
 
     base_vocab = vocabs[base]
