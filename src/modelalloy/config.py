@@ -116,6 +116,7 @@ Parameters = dict[str, Any]
 class InputModel(_Strict):
     model: str
     parameters: Parameters = Field(default_factory=dict)
+    stats: str | None = None  # statistics file from `alloy stats`, for data-aware methods (fisher, regmean)
 
     @field_validator("model", mode="before")
     @classmethod
