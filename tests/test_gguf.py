@@ -238,3 +238,25 @@ def test_transformers_loads_our_gguf_output(tmp_path, family):
         assert torch.equal(theirs[name], value), name
     gguf_tok = transformers.AutoTokenizer.from_pretrained(tmp_path / "out", gguf_file="model.gguf")
     assert gguf_tok(TEXT).input_ids == tok(TEXT).input_ids
+
+
+def test_a_gguf_input_and_a_model_with_an_added_token_merge_by_token(tiny, tmp_path):
+    chat_tok = with_added(tiny["tok"], ["<|im_start|>"])
+    chat = save_model(tmp_path / "chat", tiny_config(len(chat_tok)), chat_tok, seed=3, like=tiny["state"])
+    cfg = {
+        "merge_method": "linear",
+        "models": [{"model": str(tiny["root"] / "gg" / "tiny.gguf"), "parameters": {"weight": 0.5}}, {"model": str(tmp_path / "chat"), "parameters": {"weight": 0.5}}],
+        "tokenizer_source": "union",
+        "dtype": "float32",
+    }
+    (tmp_path / "m.yaml").write_text(yaml.safe_dump(cfg))
+    res = CliRunner().invoke(app, ["merge", str(tmp_path / "m.yaml"), str(tmp_path / "out")])
+    assert res.exit_code == 0, res.output
+    out = load_file(tmp_path / "out" / "model.safetensors")
+    n = len(tiny["tok"])
+    for name in ("model.embed_tokens.weight", "lm_head.weight"):
+        assert torch.equal(out[name][n], chat[name][n]), name  # only the fine-tune has <|im_start|>
+        np.testing.assert_allclose(out[name][:n].numpy(), 0.5 * tiny["state"][name].numpy() + 0.5 * chat[name][:n].numpy(), rtol=1e-6, atol=1e-7)
+    assert "filled from" in res.output and "<|im_start|>" in res.output
+    tok = transformers.AutoTokenizer.from_pretrained(tmp_path / "out")
+    assert tok.convert_tokens_to_ids("<|im_start|>") == n and tok.decode(tok(TEXT + "<|im_start|>").input_ids) == TEXT + "<|im_start|>"

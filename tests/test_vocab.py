@@ -389,3 +389,22 @@ def test_alloy_plan_and_merge_print_the_vocabulary_report(bpe, tmp_path):
     merged = CliRunner().invoke(app, ["merge", str(tmp_path / "m.yaml"), str(tmp_path / "out")])
     assert merged.exit_code == 0, merged.output
     assert f"vocabulary: {bpe['n'] + 3} tokens in {rows} rows ({rows - bpe['n'] - 3} padding), source union" in merged.output
+
+
+def test_slices_with_a_union_vocabulary(bpe, tmp_path):
+    """A frankenmerge: embeddings from ft_chat's slice, head from ft_tool's; both aligned to the union."""
+    chat, tool = bpe["ft_chat"], bpe["ft_tool"]
+    tensors, tok, config = _merge(
+        tmp_path,
+        {
+            "merge_method": "passthrough",
+            "slices": [{"sources": [{"model": str(chat[0]), "layer_range": [0, 2]}]}, {"sources": [{"model": str(tool[0]), "layer_range": [1, 2]}]}],
+            "tokenizer_source": "union",
+        },
+    )
+    n = bpe["n"]
+    assert config["num_hidden_layers"] == 3 and config["vocab_size"] == n + 3
+    assert torch.equal(tensors[EMBED][: n + 2], chat[1][EMBED])  # ft_chat's own rows, in place
+    assert torch.equal(tensors[EMBED][n + 2], _row(tool, "<tool>"))  # ft_chat lacks <tool>: the only owner's row
+    assert torch.equal(tensors[HEAD][tok.convert_tokens_to_ids("<tool>")], _row(tool, "<tool>", HEAD))
+    assert torch.equal(tensors[HEAD][n], _row(chat, "<|im_start|>", HEAD))  # ft_tool lacks it: ft_chat's (the base's) row

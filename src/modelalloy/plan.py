@@ -98,6 +98,8 @@ class Plan:
         def working_set(r: TensorRecipe) -> int:
             n = len(r.sources())
             live = 2 * n + 3 if consensus else n + 3  # inputs, deltas (kept for consensus), sum, masks
+            if r.aligned:
+                live += n  # the raw, unaligned rows of every model are held while the aligned ones are built
             return r.numel * compute * live
 
         largest = sorted((working_set(r) for r in self.recipes), reverse=True)[:concurrency]
@@ -362,6 +364,12 @@ class _Planner:
         stats = self._stats(others, names, tloc.shape, params.get("layout"))
         out_dtype = self.out_dtype or tloc.dtype
         seed = seed_for(self.config.random_seed, out_name, method.name) if method.randomized else 0
+        if aligned and stats:
+            # A statistic has one row per token of its own model's vocabulary; aligning it is not done yet.
+            raise PlanError(
+                f"tensor {out_name!r}: {method.name}'s statistics follow each model's own vocabulary, which differs here; "
+                "merge models whose vocabularies match, or use a method without statistics"
+            )
         return TensorRecipe(out_name, method.name, inputs, base, params, shape, out_dtype, seed, stats, aligned=aligned)
 
     def _stats(self, others: list[_Source], names: dict[str, str], shape: tuple[int, ...], layout: str | None) -> tuple[TensorSource, ...]:
