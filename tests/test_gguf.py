@@ -230,7 +230,9 @@ def test_transformers_loads_our_gguf_output(tmp_path, family):
     save_model(tmp_path / "a", config, tok, seed=0)
     cfg = {"merge_method": "linear", "models": [{"model": str(tmp_path / "a"), "parameters": {"weight": 1.0}}], "dtype": "float32"}
     api.merge(MergeConfig.model_validate(cfg), tmp_path / "ref", threads=1)
-    api.merge(MergeConfig.model_validate(cfg), tmp_path / "out", threads=1, out_format="gguf", out_type="f32")
+    (tmp_path / "m.yaml").write_text(yaml.safe_dump(cfg))
+    res = CliRunner().invoke(app, ["merge", str(tmp_path / "m.yaml"), str(tmp_path / "out"), "--out-format", "gguf", "--out-type", "f32", "-q"])
+    assert res.exit_code == 0, res.output
     reference = load_file(tmp_path / "ref" / "model.safetensors")
     model = transformers.AutoModelForCausalLM.from_pretrained(tmp_path / "out", gguf_file="model.gguf", dtype=torch.float32)
     theirs = model.state_dict()

@@ -408,3 +408,17 @@ def test_slices_with_a_union_vocabulary(bpe, tmp_path):
     assert torch.equal(tensors[EMBED][n + 2], _row(tool, "<tool>"))  # ft_chat lacks <tool>: the only owner's row
     assert torch.equal(tensors[HEAD][tok.convert_tokens_to_ids("<tool>")], _row(tool, "<tool>", HEAD))
     assert torch.equal(tensors[HEAD][n], _row(chat, "<|im_start|>", HEAD))  # ft_tool lacks it: ft_chat's (the base's) row
+
+
+def test_a_token_two_models_have_is_filled_with_their_mean(bpe, tmp_path):
+    chat, tool = bpe["ft_chat"], bpe["ft_tool"]
+    chat2 = (tmp_path / "chat2", save_model(tmp_path / "chat2", llama_config(bpe["n"] + 2), bpe["tok"]["ft_chat"], seed=7, like=bpe["base"][1]))
+    models = [{"model": str(m[0]), "parameters": {"weight": w}} for m, w in [(tool, 0.2), (chat, 0.3), (chat2, 0.5)]]
+    tensors, tok, _ = _merge(tmp_path, {"merge_method": "linear", "models": models, "tokenizer_source": "union", "dtype": "float32"})
+    row = tok.convert_tokens_to_ids("<|im_start|>")
+    a, b = _row(chat, "<|im_start|>"), _row(chat2, "<|im_start|>")
+    # ft_tool (the base here) lacks it and two models have it: ft_tool's row is their mean.
+    expected = 0.2 * (a.double() + b.double()) / 2 + 0.3 * a.double() + 0.5 * b.double()
+    torch.testing.assert_close(tensors[EMBED][row].double(), expected, rtol=1e-6, atol=1e-7)
+    report = json.loads((tmp_path / "out" / "vocab_report.json").read_text())
+    assert report["models"][str(tool[0])]["filled"]["<|im_start|>"] == "mean of the 2 models that have it"
