@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import importlib.util
-import json
 import os
 from pathlib import Path
 
@@ -119,7 +118,7 @@ def test_gguf_output_reads_back_within_the_types_tolerance(tiny, tmp_path, out_t
     """Merge with an added token (vocabulary alignment) straight into GGUF; read it with the gguf package."""
     root = tiny["root"]
     chat_tok = with_added(tiny["tok"], ["<|im_start|>"])
-    chat = save_model(tmp_path / "chat", tiny_config(len(chat_tok)), chat_tok, seed=2, like=tiny["state"])
+    save_model(tmp_path / "chat", tiny_config(len(chat_tok)), chat_tok, seed=2, like=tiny["state"])
     cfg = MergeConfig.model_validate({
         "merge_method": "linear",
         "models": [{"model": str(root / "hf"), "parameters": {"weight": 0.5}}, {"model": str(tmp_path / "chat"), "parameters": {"weight": 0.5}}],

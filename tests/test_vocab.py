@@ -222,7 +222,7 @@ def test_sentencepiece_unigram_and_wordpiece_tokenizers(kind, tmp_path):
     n = len(base_tok)
     ft_tok = with_added(base_tok, [marker])
     base = save_model(tmp_path / "base", config_of(n), base_tok, seed=0)
-    ft = save_model(tmp_path / "ft", config_of(n + 1), ft_tok, seed=1, like=base)
+    save_model(tmp_path / "ft", config_of(n + 1), ft_tok, seed=1, like=base)
     stored = load_file(tmp_path / "ft" / "model.safetensors")
     heads = [h for h in heads if h in stored]
     tensors, tok, config = _merge(
@@ -253,6 +253,7 @@ def test_different_vocabularies_without_a_tokenizer_section_are_an_error(bpe):
         ({"source": "nope"}, "'nope' is not one of the models"),
         ({"tokens": {"<tool>": {"source": {"kind": "model_token", "model": "CHAT", "token": "<nope>"}}}}, "has no token '<nope>'"),
         ({"tokens": {"<tool>": {"source": "CHAT"}}}, "has no token '<tool>'"),
+        ({"tokens": {"<tool>": {"source": "union"}}}, r"tokens\['<tool>'\].source: 'union' is not one of the models"),
     ],
 )
 def test_bad_token_sources_name_the_field(bpe, tokenizer, message):

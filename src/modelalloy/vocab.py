@@ -214,12 +214,12 @@ def build_vocab(
     tcfg = tokenizer_config(config)
     assert tcfg is not None
     refs = list(dict.fromkeys([base, *models]))
-    for where, ref in [("tokenizer.source", tcfg.source)] + [
-        (f"tokenizer.tokens[{t!r}].source", e.source if isinstance(e.source, str) else e.source.model)
+    for where, ref, keywords in [("tokenizer.source", tcfg.source, ("union", "base"))] + [
+        (f"tokenizer.tokens[{t!r}].source", e.source if isinstance(e.source, str) else e.source.model, ("base",))
         for t, e in tcfg.tokens.items()
         if isinstance(e.source, (str, ModelTokenSource))
     ]:
-        if ref not in ("union", "base") and ref not in refs:
+        if ref not in keywords and ref not in refs:
             raise ConfigError(f"{where}: {ref!r} is not one of the models{did_you_mean(ref, refs)}")
 
     toks = {ref: load(checkpoints[ref]) for ref in refs}
@@ -288,7 +288,7 @@ def build_vocab(
                 raise ConfigError(f"{where}: {ref} has no token {token!r}; name a model that has it, or use {{kind: model_token, ...}}")
             term, how = (ref, int(ids[idx[ref], r])), f"from {ref} (configured)"
         else:
-            ref = src.model
+            ref = base if src.model == "base" else src.model
             if src.token is not None:
                 if src.token not in vocabs[ref]:
                     raise ConfigError(f"{where}: {ref} has no token {src.token!r}{did_you_mean(src.token, [t for t in vocabs[ref] if len(t) > 1][:5000])}")
