@@ -261,3 +261,16 @@ def test_a_gguf_input_and_a_model_with_an_added_token_merge_by_token(tiny, tmp_p
     assert "filled from" in res.output and "<|im_start|>" in res.output
     tok = transformers.AutoTokenizer.from_pretrained(tmp_path / "out")
     assert tok.convert_tokens_to_ids("<|im_start|>") == n and tok.decode(tok(TEXT + "<|im_start|>").input_ids) == TEXT + "<|im_start|>"
+
+
+def test_gguf_output_refuses_a_tokenizer_it_cannot_write(tmp_path):
+    from vocab_models import llama_config, unigram_tokenizer
+
+    from modelalloy.errors import OutputError
+
+    tok = unigram_tokenizer()
+    save_model(tmp_path / "a", llama_config(len(tok)), tok, seed=0)
+    cfg = MergeConfig.model_validate({"merge_method": "linear", "models": [{"model": str(tmp_path / "a"), "parameters": {"weight": 1.0}}]})
+    with pytest.raises(OutputError, match=r"Unigram \(not byte-level\) tokenizer to GGUF is not supported yet"):
+        api.merge(cfg, tmp_path / "out", out_format="gguf")
+    assert not (tmp_path / "out").exists() and not (tmp_path / "out.partial").exists()

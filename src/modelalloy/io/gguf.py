@@ -277,8 +277,12 @@ def _tokenizer_metadata(writer, tokenizer, rows: int, pre: str) -> None:
 
     state = json.loads(tokenizer.backend_tokenizer.to_str())
     model = state.get("model", {})
-    if model.get("type") != "BPE":
-        raise OutputError(f"--out-format gguf: writing a {model.get('type')} tokenizer to GGUF is not supported; only byte-level BPE (gpt2-style)")
+    byte_level = '"ByteLevel"' in json.dumps(state.get("pre_tokenizer"))
+    if model.get("type") != "BPE" or not byte_level:
+        # SentencePiece-style vocabularies (Unigram, or BPE over ▁-pieces) are llama.cpp's `llama` tokenizer,
+        # which needs scores and byte tokens we do not write yet; writing them as `gpt2` would tokenize wrongly.
+        kind = f"{model.get('type')}" + ("" if byte_level else " (not byte-level)")
+        raise OutputError(f"--out-format gguf: writing a {kind} tokenizer to GGUF is not supported yet; only byte-level BPE (gpt2-style)")
     vocab = tokenizer.get_vocab()
     tokens = [f"[PAD{i}]" for i in range(rows)]  # rows without a token, as llama.cpp's converter names them
     types = [gguf.TokenType.UNUSED] * rows
