@@ -423,3 +423,15 @@ def test_a_token_two_models_have_is_filled_with_their_mean(bpe, tmp_path):
     torch.testing.assert_close(tensors[EMBED][row].double(), expected, rtol=1e-6, atol=1e-7)
     report = json.loads((tmp_path / "out" / "vocab_report.json").read_text())
     assert report["models"][str(tool[0])]["filled"]["<|im_start|>"] == "mean of the 2 models that have it"
+
+
+def test_a_base_with_more_tokens_than_a_fine_tune(bpe, tmp_path):
+    """The output has the template's row count, yet the other model's rows still differ: aligned, not refused."""
+    chat, base = bpe["ft_chat"], bpe["base"]
+    tensors, tok, config = _merge(
+        tmp_path,
+        {"merge_method": "linear", "models": [{"model": str(chat[0]), "parameters": {"weight": 0.5}}, {"model": str(base[0]), "parameters": {"weight": 0.5}}], "tokenizer_source": "base", "dtype": "float32"},
+    )
+    n = bpe["n"]
+    assert tensors[EMBED].shape[0] == n + 2 == config["vocab_size"]
+    assert torch.equal(tensors[EMBED][n], _row(chat, "<|im_start|>"))

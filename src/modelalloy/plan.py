@@ -325,7 +325,8 @@ class _Planner:
         base = TensorSource(base_src.model, names[base_src.model]) if base_src else None
         inputs = tuple(TensorSource(s.model, names[s.model]) for s in others)
         shape, aligned = tloc.shape, False
-        if self.vocab is not None and names[tsrc.model] in self.vocab.vocab_tensors:
+        by_token = self.vocab is not None and names[tsrc.model] in self.vocab.vocab_tensors
+        if by_token:
             # Rows are matched by token (vocab.py); only the width has to agree.
             shape = (self.vocab.rows, *tloc.shape[1:])
             refs = [s.model for s in sl.sources] + [t.source for m in (s.model for s in sl.sources) for t in self.vocab.gathers[m]]
@@ -336,7 +337,7 @@ class _Planner:
             rows_of = {s.model: self._location(s.model, names[s.model]).shape[0] for s in sl.sources}
             aligned = self.vocab.needs_alignment(list(rows_of), rows_of)
         for src in (base, *inputs):
-            if src is None or shape != tloc.shape:
+            if src is None or by_token:
                 continue
             loc = self._location(src.model, src.tensor)
             if loc.shape != tloc.shape:
