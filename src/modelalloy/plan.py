@@ -288,6 +288,7 @@ class _Planner:
         self.out_dtype, self.notes = out_dtype, notes
         self.vocab = vocab
         self._warned: set[str] = set()
+        self._regions: dict[str, dict[str | int, list[str]]] = {}  # model -> layer or position -> names
 
     def _template(self, sl: _Slice) -> _Source:
         """The source whose tensor names define the output: the base if it is there, else the first."""
@@ -304,7 +305,25 @@ class _Planner:
     def outside_layers(self, sl: _Slice, position: str) -> list[TensorRecipe]:
         template = self.checkpoints[self._template(sl).model]
         names = [n for n in _ordered(template) if arch.role(n).position == position]
+        for s in sl.sources:
+            self._refuse_extra(sl, s, position, set(names))
         return [self._recipe(sl, name, {s.model: name for s in sl.sources}, 0.0) for name in names]
+
+    def _refuse_extra(self, sl: _Slice, src: _Source, region: str | int, used: set[str]) -> None:
+        """A tensor that an input has and the template lacks would be dropped silently (as mergekit
+        does); refuse it. Tensors the template has and an input lacks fail in `_location`."""
+        regions = self._regions.get(src.model)
+        if regions is None:
+            regions = self._regions[src.model] = {}
+            for n in _ordered(self.checkpoints[src.model]):
+                r = arch.role(n)
+                regions.setdefault(r.layer if r.layer is not None else r.position, []).append(n)
+        extra = [n for n in regions.get(region, []) if n not in used]
+        if extra:
+            raise PlanError(
+                f"tensor {extra[0]!r} is in {src.model} but missing from {self._template(sl).model}; "
+                "the models do not have the same layout (a tied or untied lm_head?)"
+            )
 
     def layer(self, sl: _Slice, offset: int, out_layer: int, t: float) -> list[TensorRecipe]:
         tsrc = self._template(sl)
@@ -315,6 +334,8 @@ class _Planner:
         for name in names:
             per_model = {s.model: arch.with_layer(name, s.start + offset) for s in sl.sources}
             recipes.append(self._recipe(sl, arch.with_layer(name, out_layer), per_model, t))
+        for s in sl.sources:
+            self._refuse_extra(sl, s, s.start + offset, {arch.with_layer(n, s.start + offset) for n in names})
         return recipes
 
     def _recipe(self, sl: _Slice, out_name: str, names: dict[str, str], t: float) -> TensorRecipe:

@@ -121,6 +121,17 @@ class VocabPlan:
     chat_template: str | None = None
     vocab_tensors: set[str] = field(default_factory=set)
 
+    def fingerprint(self) -> str:
+        """SHA-256 of the row mapping (every model's terms and padding): equal mappings, equal bytes out."""
+        import hashlib
+
+        h = hashlib.sha256(repr((self.rows, self.tokens)).encode())
+        for ref in sorted(self.gathers):
+            h.update(ref.encode() + self.mean_rows[ref].numpy().tobytes())
+            for t in self.gathers[ref]:
+                h.update(t.source.encode() + t.out_rows.numpy().tobytes() + t.src_rows.numpy().tobytes() + t.weights.numpy().tobytes())
+        return h.hexdigest()
+
     def needs_alignment(self, models: list[str], rows_of: Mapping[str, int]) -> bool:
         return not all(self.identity[m] and rows_of[m] == self.rows for m in models)
 

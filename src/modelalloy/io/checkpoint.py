@@ -77,6 +77,13 @@ def resolve_model_path(ref: str) -> tuple[Path, str | None]:
     """A local directory, or the snapshot of an HF id in the local cache; (path, revision)."""
     local = Path(ref).expanduser()
     try:
+        os.stat(local)  # is_dir()/exists() would hide a symlink loop or a forbidden parent as "missing"
+    except FileNotFoundError:
+        if local.is_symlink():
+            raise CheckpointError(f"{ref}: is a symlink to {os.readlink(local)}, which does not exist") from None
+    except OSError as e:  # ELOOP (symlink loop), EACCES (a parent directory we may not enter)
+        raise CheckpointError(f"{ref}: cannot open ({e.strerror or e}); check the path and its permissions") from None
+    try:
         if local.is_dir():
             return local, None
         if local.exists():
