@@ -312,6 +312,170 @@ def methods(name: Annotated[Optional[str], typer.Argument(help="show one method 
 
 
 @app.command()
+def moe(
+    config: Annotated[Path, typer.Argument(help="MoE config (mergekit-moe YAML)")],
+    out_dir: Annotated[Path, typer.Argument(help="output directory (a Hugging Face model)")],
+    i_understand: Annotated[bool, typer.Option("--i-understand-this-is-not-useful-without-training", help="allow every expert to be the same model")] = False,
+    layout: Annotated[Optional[str], typer.Option(help="expert tensor layout: fused (transformers 5) or per_expert; default: what the installed transformers expects")] = None,
+    max_shard_size: Annotated[str, typer.Option(help=_help("max_shard_size"))] = _DEFAULTS.max_shard_size,
+    force: Annotated[bool, typer.Option("--force", help=_help("force"))] = False,
+) -> None:
+    """Build a mixture of experts (Mixtral or Qwen2-MoE) from dense models."""
+    from modelalloy.moe import build_moe
+
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        try:
+            if layout not in (None, "fused", "per_expert"):
+                raise ModelAlloyError(f"--layout {layout!r}: use fused or per_expert")
+            result = build_moe(config, out_dir, allow_same_experts=i_understand, layout=layout, force=force, max_shard_size=max_shard_size)
+        except ModelAlloyError as e:
+            _show_warnings([w for w in caught if issubclass(w.category, UserWarning)], False)
+            _fail(e)
+    _show_warnings([w for w in caught if issubclass(w.category, UserWarning)], False)
+    err.print(f"wrote {result.architecture} ({result.layout} experts), {result.tensors} tensors in {result.seconds:.1f}s to {result.out_dir}", highlight=False)
+
+
+@app.command("stack")
+def stack_cmd(
+    config: Annotated[Path, typer.Argument(help="stack config (YAML: model + layer_ranges | depth_upscale | progressive | interleave)")],
+    out_dir: Annotated[Optional[Path], typer.Argument(help="output directory (omit with --show)")] = None,
+    show: Annotated[bool, typer.Option("--show", help="print the compiled passthrough merge config (mergekit YAML) and stop")] = False,
+    force: Annotated[bool, typer.Option("--force", help=_help("force"))] = False,
+    threads: Annotated[int, typer.Option("--threads", "-j", help=_help("threads"))] = _DEFAULTS.threads,
+) -> None:
+    """Depth up-scaling / progressive stacking of one model, as passthrough slices."""
+    import yaml
+
+    from modelalloy.stack import compiled_stack, stack
+
+    try:
+        if show:
+            out.print(yaml.safe_dump(compiled_stack(config).model_dump(exclude_defaults=True), sort_keys=False), highlight=False, end="")
+            return
+        if out_dir is None:
+            raise ModelAlloyError("give an output directory (or --show to print the compiled config)")
+        result = stack(config, out_dir, force=force, threads=threads)
+    except ModelAlloyError as e:
+        _fail(e)
+    err.print(f"wrote {result.tensors} tensors to {result.out_dir}", highlight=False)
+
+
+@app.command("graft")
+def graft_cmd(
+    recipient: Annotated[str, typer.Argument(help="the model that receives modules")],
+    donor: Annotated[str, typer.Argument(help="the model the modules come from")],
+    out_dir: Annotated[Path, typer.Argument(help="output directory")],
+    module: Annotated[list[str], typer.Option("--module", "-m", help="name fragment selecting tensors to graft (repeatable), e.g. mlp")],
+    layers: Annotated[Optional[str], typer.Option(help="only layers START-END (END excluded), e.g. 10-20")] = None,
+    force: Annotated[bool, typer.Option("--force", help=_help("force"))] = False,
+    threads: Annotated[int, typer.Option("--threads", "-j", help=_help("threads"))] = _DEFAULTS.threads,
+) -> None:
+    """Take the selected modules from DONOR into RECIPIENT (shapes must match)."""
+    from modelalloy.stack import graft
+
+    try:
+        span = None
+        if layers is not None:
+            try:
+                start, end = (int(x) for x in layers.split("-"))
+            except ValueError:
+                raise ModelAlloyError(f"--layers {layers!r}: write START-END, e.g. 10-20") from None
+            span = (start, end)
+        result = graft(recipient, donor, out_dir, modules=module, layers=span, force=force, threads=threads)
+    except ModelAlloyError as e:
+        _fail(e)
+    err.print(f"wrote {result.tensors} tensors to {result.out_dir}", highlight=False)
+
+
+lora_app = typer.Typer(help="LoRA adapters: fold into a model, combine, extract.", no_args_is_help=True)
+app.add_typer(lora_app, name="lora")
+
+
+def _adapter_report(result, as_json: bool) -> None:
+    rows = [{"module": r.module, "rank": r.rank, "energy_kept": r.energy_kept, "relative_error": r.relative_error} for r in result.modules]
+    if as_json:
+        out.print_json(json.dumps({"out_dir": str(result.out_dir), "modules": rows, "saved_modules": result.saved_modules, "notes": result.notes}))
+        return
+    table = Table(title=f"adapter written to {result.out_dir}")
+    for col in ("module", "rank", "energy kept", "rel. error"):
+        table.add_column(col)
+    for r in rows:
+        table.add_row(r["module"], str(r["rank"]), f"{r['energy_kept']:.4f}", f"{r['relative_error']:.2e}")
+    out.print(table)
+    if result.saved_modules:
+        err.print(f"saved whole (modules_to_save): {', '.join(result.saved_modules)}", highlight=False, soft_wrap=True)
+    for note in result.notes:
+        err.print(f"[yellow]note:[/] {note}", highlight=False, soft_wrap=True)
+
+
+@lora_app.command("apply")
+def lora_apply(
+    base: Annotated[str, typer.Argument(help="base model directory")],
+    adapter: Annotated[str, typer.Argument(help="PEFT LoRA adapter directory")],
+    out_dir: Annotated[Path, typer.Argument(help="output model directory")],
+    force: Annotated[bool, typer.Option("--force", help=_help("force"))] = False,
+    threads: Annotated[int, typer.Option("--threads", "-j", help=_help("threads"))] = _DEFAULTS.threads,
+) -> None:
+    """Fold ADAPTER into BASE's weights (W + scale·B·A), streaming, into OUT_DIR."""
+    from modelalloy.lora import apply_adapter
+
+    try:
+        result = apply_adapter(base, adapter, out_dir, force=force, threads=threads)
+    except ModelAlloyError as e:
+        _fail(e)
+    err.print(f"wrote {result.tensors} tensors to {result.out_dir}", highlight=False)
+
+
+@lora_app.command("combine")
+def lora_combine(
+    paths: Annotated[list[str], typer.Argument(help="adapters to combine, then the output directory last")],
+    method: Annotated[str, typer.Option(help="cat (exact), linear, svd, ties or dare_ties")] = "cat",
+    weights: Annotated[Optional[str], typer.Option(help="comma-separated weight per adapter (default 1 each)")] = None,
+    rank: Annotated[Optional[int], typer.Option(help="rank of the result for svd/ties/dare_ties (default: the largest input rank)")] = None,
+    density: Annotated[float, typer.Option(help="density for ties/dare_ties")] = 1.0,
+    seed: Annotated[int, typer.Option(help="random seed for dare_ties")] = 0,
+    force: Annotated[bool, typer.Option("--force", help=_help("force"))] = False,
+    as_json: Annotated[bool, typer.Option("--json", help="print the per-module report as JSON")] = False,
+) -> None:
+    """Combine LoRA adapters in adapter space: ADAPTER... OUT_DIR."""
+    from modelalloy.lora import combine_adapters
+
+    try:
+        if len(paths) < 2:
+            raise ModelAlloyError("give at least one adapter and then the output directory")
+        try:
+            w = [float(x) for x in weights.split(",")] if weights else None
+        except ValueError:
+            raise ModelAlloyError(f"--weights {weights!r}: write numbers separated by commas, e.g. 0.5,-0.25") from None
+        result = combine_adapters(paths[:-1], Path(paths[-1]), method=method, weights=w, rank=rank, density=density, seed=seed, force=force)
+    except ModelAlloyError as e:
+        _fail(e)
+    _adapter_report(result, as_json)
+
+
+@lora_app.command("extract")
+def lora_extract(
+    base: Annotated[str, typer.Argument(help="base model directory")],
+    finetune: Annotated[str, typer.Argument(help="fine-tuned model directory")],
+    out_dir: Annotated[Path, typer.Argument(help="output adapter directory")],
+    rank: Annotated[Optional[int], typer.Option(help="rank of every module")] = None,
+    energy: Annotated[Optional[float], typer.Option(help="keep this fraction of each delta's energy (sum of squared singular values)")] = None,
+    save_modules: Annotated[bool, typer.Option(help="save other changed tensors (norms, embeddings) whole as modules_to_save")] = True,
+    force: Annotated[bool, typer.Option("--force", help=_help("force"))] = False,
+    as_json: Annotated[bool, typer.Option("--json", help="print the per-module report as JSON")] = False,
+) -> None:
+    """Extract a LoRA adapter from FINETUNE − BASE by truncated SVD, reporting the energy kept."""
+    from modelalloy.lora import extract_adapter
+
+    try:
+        result = extract_adapter(base, finetune, out_dir, rank=rank, energy=energy, save_other_modules=save_modules, force=force)
+    except ModelAlloyError as e:
+        _fail(e)
+    _adapter_report(result, as_json)
+
+
+@app.command()
 def stats(
     model: Annotated[str, typer.Argument(metavar="MODEL", help="model directory (or an id in the local Hugging Face cache)")],
     out_file: Annotated[Path, typer.Argument(metavar="OUT", help="statistics file to write (.safetensors)")],
@@ -342,6 +506,7 @@ def stats(
                 force=force,
                 progress=lambda p: bar.update(task, completed=p.samples),
             )
+            bar.update(task, total=result.samples)  # the data may hold fewer samples than asked for
     except ModelAlloyError as e:
         _fail(e)
     if as_json:
@@ -588,6 +753,48 @@ def demo(
         if not s["better"]:
             err.print(f"[yellow]warning:[/] the {s['name']} specialist is not measurably better than the base on {s['set']}", highlight=False)
     _save_outputs(payload, save, report or cache / "report.html", as_json)
+
+
+@app.command()
+def search(
+    spec_file: Annotated[Path, typer.Argument(help="search space and objective (SEARCH.yaml)")],
+    out_dir: Annotated[Path, typer.Argument(help="output directory: study.db, best.yaml, trials, plots")],
+    resume: Annotated[bool, typer.Option("--resume", help="continue the search stored in OUT_DIR/study.db")] = False,
+    force: Annotated[bool, typer.Option("--force", help="delete OUT_DIR and start over")] = False,
+    trials: Annotated[Optional[int], typer.Option("--trials", help="complete trials wanted (overrides the file)")] = None,
+    use_ray: Annotated[bool, typer.Option("--ray", help="run trials in parallel as Ray actors (a local Ray instance)")] = False,
+    ray_address: Annotated[Optional[str], typer.Option("--ray-address", help="join an existing Ray cluster")] = None,
+    storage: Annotated[Optional[str], typer.Option("--storage", help="optuna storage URL (default: sqlite in OUT_DIR)")] = None,
+    device: Annotated[str, typer.Option(help=_help("device"))] = _DEFAULTS.device,
+    quiet: Annotated[bool, typer.Option("--quiet", "-q", help="no per-trial lines")] = False,
+    as_json: Annotated[bool, typer.Option("--json", help="print the summary as JSON")] = False,
+) -> None:
+    """Search merge parameters against an evaluation (optuna; resumable; optionally on Ray)."""
+    from modelalloy.search import load_spec, run_search
+
+    def line(r) -> None:
+        if quiet:
+            return
+        value = "failed: " + r.error if r.error else ", ".join(f"{v:.4g}" for v in r.values)
+        best = ", ".join(f"{v:.4g}" for v in r.best) if r.best else "-"
+        eta = f"{r.eta:.0f}s" if r.eta is not None else "?"
+        err.print(f"trial {r.number:>3} [{r.done}/{r.total}] {value}  best {best}  ETA {eta}", highlight=False, soft_wrap=True)
+
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        try:
+            spec = load_spec(spec_file)
+            if trials is not None:
+                spec = spec.model_copy(update={"trials": trials})
+            result = run_search(spec, out_dir, resume=resume, force=force, ray=use_ray, ray_address=ray_address, storage=storage, device=device, progress=line)
+        except ModelAlloyError as e:
+            _fail(e)
+    _show_warnings([w for w in caught if issubclass(w.category, UserWarning) and "modelalloy" in str(w.filename)], quiet)
+    summary = json.loads((result.out_dir / "summary.json").read_text())
+    if as_json:
+        out.print_json(json.dumps(summary))
+    else:
+        err.print(f"{result.trials} trials; best {', '.join(f'{v:.4g}' for v in result.best_values)} (trial {summary['best_trial']}); wrote {result.out_dir / 'best.yaml'}", highlight=False)
 
 
 def main() -> None:

@@ -269,6 +269,10 @@ def run_demo(
         timings[name] = now - clock
         clock = now
 
+    from modelalloy.methods import get_method
+
+    for m in methods:
+        get_method(m)  # an unknown method fails now, not after minutes of fine-tuning
     unknown = [d for d in settings.domains if d not in CORPORA or d == "news"]
     if unknown:
         raise DemoError(f"unknown demo domain {unknown[0]!r}; choose from shakespeare, german, code")

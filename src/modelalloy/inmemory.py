@@ -69,15 +69,23 @@ def load_merged_model(
     with _no_init_weights():  # the random init of weights we are about to replace is wasted time
         model = cls.from_config(hf_config)
     result = model.load_state_dict(state, strict=False)
-    model.tie_weights()  # a tied head shares the embedding and is not stored on its own
-    tied = {name for name, p in model.named_parameters() if any(p is q for n, q in model.named_parameters() if n != name and n in state)}
-    missing = [n for n in result.missing_keys if n not in tied]
+    model.tie_weights()  # a tied head shares the embedding's storage and is not stored on its own
+    loaded = {model.get_parameter(n).data_ptr() for n in state if _is_parameter(model, n)}
+    missing = [n for n in result.missing_keys if not (_is_parameter(model, n) and model.get_parameter(n).data_ptr() in loaded)]
     if missing:
         raise OutputError(f"the merged state has no tensor for {missing[0]} ({len(missing)} missing); the config does not produce a whole model")
     if result.unexpected_keys:
         raise OutputError(f"the merged tensor {result.unexpected_keys[0]} has no place in a {hf_config.model_type} model ({len(result.unexpected_keys)} such)")
     model.eval()
     return model, paths[plan.donor]
+
+
+def _is_parameter(model, name: str) -> bool:
+    try:
+        model.get_parameter(name)
+        return True
+    except AttributeError:
+        return False
 
 
 def _no_init_weights():

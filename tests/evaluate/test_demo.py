@@ -8,6 +8,7 @@ import transformers
 from safetensors.torch import load_file
 
 from modelalloy import demo
+from modelalloy.errors import ModelAlloyError
 
 from .conftest import char_tokenizer, tiny_llama
 
@@ -48,3 +49,7 @@ def test_missing_packages_say_how_to_install(monkeypatch, tmp_path):
         demo._german()
     with pytest.raises(demo.DemoError, match="unknown demo domain 'poetry'"):
         demo.run_demo(tmp_path, settings=demo.DemoSettings(domains=("poetry",)))
+    # A misspelt method is refused before minutes of fine-tuning, not after.
+    with pytest.raises(ModelAlloyError, match="unknown method 'tiess'"):
+        demo.run_demo(tmp_path, methods=("linear", "tiess"))
+    assert not list(tmp_path.glob("smollm2*"))

@@ -46,6 +46,24 @@ def test_in_memory_merge_equals_the_merge_written_to_disk(lm_family, tmp_path, m
         assert torch.equal(model(ids).logits, reference(ids).logits)
 
 
+def test_in_memory_merge_of_a_tied_model_ties_the_head(tmp_path):
+    # SmolLM2 and many small LMs store no lm_head: it is the embedding. The in-memory model must tie it.
+    torch.manual_seed(0)
+    config = transformers.LlamaConfig(hidden_size=16, intermediate_size=32, num_attention_heads=2, num_key_value_heads=1,
+                                      num_hidden_layers=1, vocab_size=40, max_position_embeddings=32, tie_word_embeddings=True)
+    for name in ("base", "a", "b"):
+        transformers.LlamaForCausalLM(config).save_pretrained(tmp_path / name)
+    assert "lm_head.weight" not in load_file(tmp_path / "a" / "model.safetensors")
+    cfg = parse_config(yaml.safe_dump({"merge_method": "linear", "models": [{"model": str(tmp_path / n), "parameters": {"weight": 1.0}} for n in ("a", "b")]}))
+    model, _ = load_merged_model(cfg)
+    modelalloy.merge(cfg, tmp_path / "out", threads=1)
+    reference = transformers.AutoModelForCausalLM.from_pretrained(tmp_path / "out").eval()
+    assert model.lm_head.weight.data_ptr() == model.model.embed_tokens.weight.data_ptr()
+    ids = torch.arange(1, 20)[None]
+    with torch.no_grad():
+        assert torch.equal(model(ids).logits, reference(ids).logits)
+
+
 def test_evaluate_config_and_dirs_with_cache(lm_family, tmp_path):
     cfg = _config(lm_family)
     sets = [EvalSet(name="sonnet", texts=(TEXT,), max_tokens=200, window=64, stride=48)]

@@ -110,8 +110,14 @@ def resolve_model_path(ref: str) -> tuple[Path, str | None]:
 def open_checkpoint(ref: str, *, allow_pickle: bool = False) -> Checkpoint:
     """Open `ref` lazily: config and every tensor header are read and validated; no tensor data.
 
+    ``base+adapter`` (mergekit's syntax) opens the base with a PEFT LoRA adapter folded in on read.
     A `.gguf` file, or a directory whose only weights are one, opens as a `GGUFCheckpoint`.
     """
+    base_ref, plus, adapter_ref = ref.partition("+")
+    if plus and base_ref and adapter_ref and not Path(ref).expanduser().exists():
+        from modelalloy.io.adapter import open_adapter, with_adapter
+
+        return with_adapter(open_checkpoint(base_ref, allow_pickle=allow_pickle), open_adapter(adapter_ref), ref)
     from modelalloy.io.gguf import find_gguf, open_gguf  # gguf.py builds on this module
 
     gguf_file = find_gguf(ref)
