@@ -80,6 +80,9 @@ def merge(
     write_model_card: Annotated[bool, typer.Option(help=_help("write_model_card"))] = True,
     copy_tokenizer: Annotated[bool, typer.Option(help=_help("copy_tokenizer"))] = True,
     hash_inputs: Annotated[bool, typer.Option(help=_help("hash_inputs"))] = True,
+    out_format: Annotated[str, typer.Option(help=_help("out_format"))] = _DEFAULTS.out_format,
+    out_type: Annotated[str, typer.Option(help=_help("out_type"))] = _DEFAULTS.out_type,
+    vocab_report: Annotated[bool, typer.Option(help="print the vocabulary report when tokenizers are aligned")] = True,
     resume: Annotated[bool, typer.Option(help=_help("resume"))] = True,
     quiet: Annotated[bool, typer.Option("--quiet", "-q", help="no progress bar")] = False,
     as_json: Annotated[bool, typer.Option("--json", help="print a JSON summary on stdout")] = False,
@@ -98,9 +101,14 @@ def merge(
             write_model_card=write_model_card,
             copy_tokenizer=copy_tokenizer,
             hash_inputs=hash_inputs,
+            out_format=out_format,
+            out_type=out_type,
             resume=resume,
         )
-    except ValueError as e:
+    except ValueError as e:  # pydantic's ValidationError: name the flag, not the docs URL
+        errors = getattr(e, "errors", lambda: [])()
+        if errors:
+            _fail(ModelAlloyError(f"--{str(errors[0]['loc'][0]).replace('_', '-')}: {errors[0]['msg']}"))
         _fail(ModelAlloyError(str(e).splitlines()[-1]))
     bar = Progress(
         TextColumn("[bold]merging"),
@@ -146,6 +154,11 @@ def merge(
         finally:
             signal.signal(signal.SIGTERM, previous_sigterm)
     _show_warnings(caught, quiet)
+    report_file = result.out_dir / "vocab_report.json"
+    if vocab_report and not quiet and not as_json and report_file.exists():
+        from modelalloy.vocab import format_report
+
+        err.print(format_report(json.loads(report_file.read_text())), highlight=False, markup=False)
     if as_json:
         out.print_json(json.dumps(result.summary()))
     elif not quiet:
@@ -198,6 +211,8 @@ def plan(
         "layers": the_plan.output_config.get("num_hidden_layers", the_plan.output_config.get("n_layer")),
         "notes": the_plan.notes,
     }
+    if the_plan.vocab is not None:
+        summary["vocabulary"] = the_plan.vocab.report
     if show_tensors:
         summary["recipes"] = [
             {"name": r.name, "method": r.method, "inputs": [f"{s.model}:{s.tensor}" for s in r.sources()], "shape": list(r.shape), "dtype": str(r.out_dtype).removeprefix("torch."), "params": r.params}
@@ -215,6 +230,10 @@ def plan(
     table.add_row("writes", f"{summary['output_bytes'] / 1e9:.3f} GB")
     table.add_row("est. peak RAM", f"{summary['peak_memory_bytes'] / 1e9:.2f} GB (threads={threads})")
     out.print(table)
+    if the_plan.vocab is not None:
+        from modelalloy.vocab import format_report
+
+        out.print(format_report(the_plan.vocab.report), highlight=False, markup=False)
     if show_tensors:
         for r in summary["recipes"]:
             out.print(f"{r['name']}  {r['method']}  {r['shape']}  {r['dtype']}  <- {', '.join(r['inputs'])}", highlight=False)

@@ -19,6 +19,7 @@ from collections.abc import Callable, Mapping
 from concurrent.futures import FIRST_EXCEPTION, ThreadPoolExecutor, wait
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Literal
 
 import torch
 from pydantic import BaseModel, ConfigDict, Field
@@ -26,7 +27,7 @@ from pydantic import BaseModel, ConfigDict, Field
 from modelalloy.errors import MergeError, OutputError
 from modelalloy.io.checkpoint import Checkpoint
 from modelalloy.io.manifest import open_partial, sha256_file
-from modelalloy.io.output import copy_support_files, write_model_card
+from modelalloy.io.output import write_model_card, write_tokenizer_files
 from modelalloy.io.writer import OutputTensor, ShardedWriter, layout_shards, parse_size, write_text_durably
 from modelalloy.methods import get_method
 from modelalloy.plan import Plan, TensorRecipe
@@ -46,6 +47,8 @@ class MergeOptions(BaseModel):
     write_model_card: bool = Field(True, description="write README.md with the config, method and input hashes")
     copy_tokenizer: bool = Field(True, description="copy tokenizer and generation files from the donor model")
     hash_inputs: bool = Field(True, description="SHA-256 of every input tensor read, recorded in the model card")
+    out_format: Literal["safetensors", "gguf"] = Field("safetensors", description="output weights: safetensors shards, or one GGUF file (llama.cpp)")
+    out_type: Literal["f32", "f16", "bf16", "q8_0"] = Field("f16", description="tensor type inside a GGUF output (norms stay f32)")
     resume: bool = Field(True, description="reuse the finished shards an interrupted run of the same merge left in OUT.partial")
 
 
@@ -127,6 +130,8 @@ class _InputHasher:
 def merge_tensor(recipe: TensorRecipe, read: Callable[[str, str], torch.Tensor], plan: Plan, device: torch.device) -> torch.Tensor:
     """Compute one output tensor (in the output dtype, on the CPU)."""
     method = get_method(recipe.method)
+    if recipe.aligned:  # embedding/head rows are put in the output vocabulary's order first
+        read = plan.vocab.aligned_reader(read)
 
     def load(model: str, tensor: str) -> torch.Tensor:
         x = read(model, tensor)
@@ -179,7 +184,8 @@ def execute(
     max_shard_size = parse_size(options.max_shard_size)
     partial = out_dir.with_name(out_dir.name + ".partial")
     fingerprint = plan_fingerprint(plan, checkpoints, layout_shards(specs, max_shard_size), metadata, device)
-    manifest = open_partial(partial, fingerprint, resume=options.resume)
+    # One GGUF file has no finished shards to resume from: it is always written afresh.
+    manifest = open_partial(partial, fingerprint, resume=options.resume and options.out_format == "safetensors")
     reused = set(manifest.shards)
     hasher = _InputHasher(manifest.input_digests()) if options.hash_inputs else None
     nonfinite = _NonFiniteInputs()
@@ -197,8 +203,12 @@ def execute(
         inputs = hasher.digests_of(s for r in recipes_in[file] for s in r.sources()) if hasher else {}
         manifest.add(file, sha256_file(partial / file), size, inputs)
 
-    writer = ShardedWriter(partial, specs, max_shard_size=max_shard_size, metadata=metadata, finished=reused, on_shard_done=shard_done)
-    shard_of = writer.shard_of()
+    if options.out_format == "gguf":
+        writer = _gguf_writer(plan, checkpoints, partial, specs, options)
+        shard_of = {r.name: writer.path.name for r in plan.recipes}
+    else:
+        writer = ShardedWriter(partial, specs, max_shard_size=max_shard_size, metadata=metadata, finished=reused, on_shard_done=shard_done)
+        shard_of = writer.shard_of()
     for r in plan.recipes:
         recipes_in.setdefault(shard_of[r.name], []).append(r)
     todo = [r for r in plan.recipes if shard_of[r.name] not in reused]
@@ -241,7 +251,10 @@ def execute(
     input_hashes = hasher.result() if hasher else {}
     write_text_durably(partial / "config.json", json.dumps(plan.output_config, indent=2, sort_keys=True) + "\n")
     if options.copy_tokenizer:
-        copy_support_files(checkpoints[plan.donor].path, partial)
+        tokenizer = plan.vocab.tokenizer if plan.vocab is not None else None
+        write_tokenizer_files(checkpoints[plan.donor], partial, tokenizer=tokenizer, chat_template=plan.chat_template)
+    if plan.vocab is not None:
+        write_text_durably(partial / "vocab_report.json", json.dumps(plan.vocab.report, indent=2, ensure_ascii=False) + "\n")
     if options.write_model_card:
         write_model_card(partial, plan, checkpoints, input_hashes)
     _fsync_dir(partial)
@@ -267,6 +280,8 @@ def plan_fingerprint(plan: Plan, checkpoints: Mapping[str, Checkpoint], layout: 
         put(r.name, r.method, [(s.model, s.tensor) for s in r.sources()], r.base is not None, sorted(r.params.items()), r.shape, str(r.out_dtype), r.seed)
     for shard in layout:
         put([t.name for t in shard])
+    if plan.vocab is not None:  # which row of which model fills each output row
+        put(plan.vocab.fingerprint())
     for ref in sorted({s.model for r in plan.recipes for s in r.sources()}):
         for file in checkpoints[ref].weight_files:
             st = os.stat(file)
@@ -293,6 +308,24 @@ class _NonFiniteInputs:
             names = sorted(self.found)
             more = f" and {len(names) - 5} more" if len(names) > 5 else ""
             warnings.warn(f"input tensors hold NaN or Inf: {', '.join(names[:5])}{more}; check those models", stacklevel=3)
+
+
+def _gguf_writer(plan: Plan, checkpoints: Mapping[str, Checkpoint], partial: Path, specs: list[OutputTensor], options: MergeOptions):
+    """One GGUF file, its metadata (config, tokenizer, chat template) written before any tensor."""
+    from modelalloy.io.gguf import GGUFWriter
+    from modelalloy.vocab import load_tokenizer
+
+    tokenizer = plan.vocab.tokenizer if plan.vocab is not None else load_tokenizer(checkpoints[plan.donor])
+    if plan.chat_template is not None:
+        import copy
+
+        tokenizer = copy.copy(tokenizer)
+        tokenizer.chat_template = plan.chat_template
+    try:
+        return GGUFWriter(partial / "model.gguf", specs, config=plan.output_config, tokenizer=tokenizer, out_type=options.out_type)
+    except BaseException:
+        shutil.rmtree(partial, ignore_errors=True)
+        raise
 
 
 def _run_bounded(recipes: list[TensorRecipe], run: Callable[[TensorRecipe], None], threads: int) -> None:
