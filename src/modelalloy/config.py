@@ -249,28 +249,26 @@ DTYPE_NAMES = ("bfloat16", "float16", "float32", "float64", "int64")
 
 
 def _yaml_position(text: str, loc: tuple) -> str:
-    """'line L, column C' of the YAML node at a pydantic error location, '' if not found."""
+    """'line L, column C' of the YAML key or item at a pydantic error location, '' if not found."""
     try:
         node = yaml.compose(text)
     except yaml.YAMLError:
         return ""
-    best = node
+    mark = None
     for key in loc:
         if isinstance(node, yaml.MappingNode):
-            nxt = next((v for k, v in node.value if k.value == key), None)
-            if nxt is None:
-                nxt_key = next((k for k, v in node.value if k.value == key), None)
-                best = nxt_key or best
+            pair = next(((k, v) for k, v in node.value if k.value == key), None)
+            if pair is None:
                 break
-            node = nxt
+            mark, node = pair[0].start_mark, pair[1]  # point at the key the user wrote
         elif isinstance(node, yaml.SequenceNode) and isinstance(key, int) and key < len(node.value):
             node = node.value[key]
+            mark = node.start_mark
         else:
             break
-        best = node
-    if best is None:
+    if mark is None:
         return ""
-    return f"line {best.start_mark.line + 1}, column {best.start_mark.column + 1}"
+    return f"line {mark.line + 1}, column {mark.column + 1}"
 
 
 _FIELDS = {

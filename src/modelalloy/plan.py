@@ -160,7 +160,7 @@ def _check_parameter_names(config: MergeConfig, method: MergeMethod, notes: list
                 )
             if per_model_scope and not p.per_model:
                 raise ConfigError(f"{where}: {key!r} is a global parameter of {method.name}; set it in the top-level or slice parameters")
-            check_setting(value, f"{where}.{key}")
+            _check_written_values(p, check_setting(value, f"{where}.{key}"), f"{where}.{key}")
 
     check(config.parameters, "parameters", per_model_scope=False)
     for i, m in enumerate(config.models or []):
@@ -169,6 +169,15 @@ def _check_parameter_names(config: MergeConfig, method: MergeMethod, notes: list
         check(s.parameters, f"slices[{i}].parameters", per_model_scope=False)
         for j, src in enumerate(s.sources):
             check(src.parameters, f"slices[{i}].sources[{j}] ({src.model}).parameters", per_model_scope=True)
+
+
+def _check_written_values(p: Param, setting: Any, where: str) -> None:
+    """Range-check every value the user wrote, even one a higher-precedence scope overrides."""
+    if isinstance(setting, list):
+        for entry in setting:
+            _check_written_values(p, entry.value if hasattr(entry, "value") else entry, where)
+    elif not (isinstance(setting, str) and p.kind in (int, float)):  # strings pick from lists per layer
+        p.coerce(setting, where)
 
 
 def _check_architectures(config: MergeConfig, checkpoints: Mapping[str, Checkpoint], allow_crimes: bool) -> None:
