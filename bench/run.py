@@ -328,15 +328,22 @@ def main(argv: list[str] | None = None) -> int:
     work = CACHE / "work"
     work.mkdir(exist_ok=True)
     log(f"{size.name}: {size.parameters / 1e9:.2f}B parameters, {len(models)} models; methods {methods}")
-    results = []
+    results: list[dict] = []
+    rss: list[dict] = []
     for i, method in enumerate(methods):
         order = ["alloy", "mergekit"] if i % 2 == 0 else ["mergekit", "alloy"]  # alternate who goes first
         results.append(run_method(method, models, work, mergekit_exe, args.threads, order, args.reps, not args.no_check))
-    rss = []
+        write_report(args, size, models, results, rss)  # after each method: a long run leaves partial results
     for extra in args.rss_size or []:
         extra_models = ensure_models(CACHE / "models", SIZES[extra], args.variants, log=log)
         rss.append(rss_check(extra, extra_models, work, args.threads, methods))
+    print(write_report(args, size, models, results, rss))
+    return 0
+
+
+def write_report(args, size, models: dict, results: list[dict], extra_rss: list[dict]) -> str:
     bound = 10**9 + 3 * size.largest_tensor_bytes
+    rss = list(extra_rss)
     rss.insert(0, {
         "size": size.name,
         "parameters": size.parameters,
@@ -359,8 +366,7 @@ def main(argv: list[str] | None = None) -> int:
     text = table(results, rss)
     (args.results / f"bench-{size.name}.md").write_text(text + "\n")
     chart(results, args.results / f"bench-{size.name}.png", f"{size.name} Llama ({size.parameters / 1e9:.2f}B bf16), {len(models)} models, {os.cpu_count()} cores")
-    print(text)
-    return 0
+    return text
 
 
 if __name__ == "__main__":
