@@ -200,14 +200,14 @@ def methods(name: Annotated[Optional[str], typer.Argument(help="show one method 
         _fail(e)
     if not name:
         table = Table(title="merge methods")
-        for col in ("method", "base", "models", "parameters", "what it does"):
-            table.add_column(col)
+        for col in ("method", "base", "models", "parameters (default)", "what it does", "reference"):
+            table.add_column(col, overflow="fold")
         for m in chosen:
             count = f"{m.min_models}" + ("+" if m.max_models is None else "" if m.max_models == m.min_models else f"-{m.max_models}")
-            params = ", ".join(p.name + ("*" if p.required else "") for p in m.params)
-            table.add_row(m.name, m.base, count, params, m.doc)
+            params = ", ".join(p.name + ("*" if p.required else f"={p.default!r}") for p in m.params)
+            table.add_row(m.name + (" †" if m.vs_mergekit else ""), m.base, count, params, m.doc, m.reference)
         out.print(table)
-        out.print("* required.  `alloy methods NAME` shows defaults, ranges and how a method differs from mergekit.")
+        out.print("* required.  † differs from mergekit.  `alloy methods NAME` shows one method in full, with how it differs.")
         return
     m = chosen[0]
     out.print(f"[bold]{m.name}[/]: {m.doc}")
@@ -221,7 +221,8 @@ def methods(name: Annotated[Optional[str], typer.Argument(help="show one method 
         table.add_column(col)
     for p in m.params:
         default = "required" if p.default is REQUIRED else repr(p.default)
-        table.add_row(p.name, "per-model" if p.per_model else "global", default, p.doc)
+        meaning = p.doc + (f" (one of {', '.join(map(repr, p.choices))})" if p.choices else "")
+        table.add_row(p.name, "per-model" if p.per_model else "global", default, meaning)
     out.print(table)
     if m.vs_mergekit:
         out.print(f"differs from mergekit: {m.vs_mergekit}")

@@ -142,7 +142,10 @@ def merge_tensor(recipe: TensorRecipe, read: Callable[[str, str], torch.Tensor],
     inputs = [load(s.model, s.tensor) for s in recipe.inputs]
     base = load(recipe.base.model, recipe.base.tensor) if recipe.base else None
     generator = torch.Generator(device="cpu").manual_seed(recipe.seed) if method.randomized else None
-    out = method(inputs, base=base, generator=generator, **{k: list(v) if isinstance(v, tuple) else v for k, v in recipe.params.items()})
+    try:
+        out = method(inputs, base=base, generator=generator, **{k: list(v) if isinstance(v, tuple) else v for k, v in recipe.params.items()})
+    except MergeError as e:  # a method refusing degenerate inputs does not know the tensor's name
+        raise MergeError(f"{recipe.name}: {e}") from None
     del inputs, base  # the inputs are the bulk of this recipe's memory
     if out.is_floating_point() and not _all_finite(out):
         raise MergeError(f"{recipe.name}: {recipe.method} produced NaN or Inf; check the inputs and parameters for this tensor")

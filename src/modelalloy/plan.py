@@ -305,7 +305,7 @@ class _Planner:
                 params[p.name] = tuple(self._resolve(p, sl, out_name, t, s.model) for s in others)
             else:
                 params[p.name] = self._resolve(p, sl, out_name, t, None)
-        self._check_values(out_name, params)
+        self._check_values(out_name, params, sl)
         out_dtype = self.out_dtype or tloc.dtype
         seed = seed_for(self.config.random_seed, out_name, method.name) if method.randomized else 0
         return TensorRecipe(out_name, method.name, inputs, base, params, tloc.shape, out_dtype, seed)
@@ -330,11 +330,14 @@ class _Planner:
             raise ConfigError(f"missing required parameter {p.name!r} for {model + ' ' if model else ''}tensor {tensor} ({self.method.name})")
         return p.default
 
-    def _check_values(self, tensor: str, params: dict[str, Any]) -> None:
+    def _check_values(self, tensor: str, params: dict[str, Any], sl: _Slice) -> None:
         name = self.method.name
-        if "t" in params and not 0.0 <= params["t"] <= 1.0 and "t" not in self._warned:
+        # nearswap's t is a distance threshold, not an interpolation factor: any t > 0 is fine.
+        if "t" in params and name != "nearswap" and not 0.0 <= params["t"] <= 1.0 and "t" not in self._warned:
             self._warned.add("t")
             self.notes.append(f"t={params['t']} is outside [0, 1] (first at {tensor}): the result extrapolates beyond the models")
+        if self.method.check is not None and (problem := self.method.check(params, [s.model for s in self._split(sl)[1]])):
+            raise ConfigError(f"{tensor}: {name}: {problem}")
         if name == "linear" and params.get("normalize") and abs(sum(params["weight"])) < 1e-12:
             raise ConfigError(f"{tensor}: linear weights {list(params['weight'])} sum to 0 and normalize is on; change the weights or set normalize: false")
 

@@ -83,6 +83,9 @@ class MergeMethod:
     doc: str = ""
     vs_mergekit: str = ""  # where and why we differ from mergekit, shown by `alloy methods`
     exact_count: bool = field(default=False)  # with a base, exactly min_models others
+    # Rules between parameters (e.g. DELLA's density ± epsilon inside (0, 1)), checked by plan.py
+    # per tensor: check(resolved params, names of the non-base models) -> one-line problem or None.
+    check: Callable[[dict[str, Any], Sequence[str]], str | None] | None = None
 
     def param(self, name: str) -> Param | None:
         return next((p for p in self.params if p.name == name), None)
@@ -110,6 +113,7 @@ def merge_method(
     randomized: bool = False,
     reference: str = "",
     vs_mergekit: str = "",
+    check: Callable[[dict[str, Any], Sequence[str]], str | None] | None = None,
 ) -> Callable[[Callable[..., Any]], MergeMethod]:
     """Decorator: declares a method; the docstring's first paragraph is its one-line doc."""
     if base not in ("required", "optional", "unused"):
@@ -123,7 +127,7 @@ def merge_method(
 
     def wrap(fn: Callable[..., Any]) -> MergeMethod:
         doc = (fn.__doc__ or "").strip().split("\n\n")[0].replace("\n", " ")
-        return MergeMethod(name, fn, tuple(params), base, min_models, max_models, randomized, reference, doc, vs_mergekit)
+        return MergeMethod(name, fn, tuple(params), base, min_models, max_models, randomized, reference, doc, vs_mergekit, check=check)
 
     return wrap
 
