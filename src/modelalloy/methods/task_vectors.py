@@ -102,15 +102,16 @@ def random_mask(delta: Tensor, density: float, generator: torch.Generator) -> Te
 def descending_rank_window(magnitude: Tensor, start: int, stop: int) -> Tensor:
     """Mask of the entries of a flat tensor whose rank by decreasing value is in [start, stop).
 
-    Equal values are ranked in index order, so the count is exact. Two `kthvalue` selections
-    (O(n), a bool mask of extra memory) instead of a full argsort (8 bytes per entry).
+    Equal values are ranked in index order, so the count is exact. Two radix selections
+    (`kth_largest_magnitude`: O(n), a bool mask of extra memory) instead of a full argsort
+    (8 bytes per entry). The entries must be ≥ 0 (they are magnitudes).
     """
     n = magnitude.numel()
     mask = torch.zeros(n, dtype=torch.bool, device=magnitude.device)
     if start >= stop:
         return mask
-    highest = torch.kthvalue(magnitude, n - start).values  # the value at rank `start`
-    lowest = torch.kthvalue(magnitude, n - stop + 1).values  # the value at rank `stop - 1`
+    highest = kth_largest_magnitude(magnitude, start + 1)  # the value at rank `start`
+    lowest = kth_largest_magnitude(magnitude, stop)  # the value at rank `stop - 1`
     mask |= (magnitude < highest) & (magnitude > lowest)
     for value in (highest,) if bool(highest == lowest) else (highest, lowest):  # .item(): CUDA sync
         tied = (magnitude == value).nonzero().squeeze(1)
