@@ -338,7 +338,7 @@ def main(argv: list[str] | None = None) -> int:
     mergekit_exe = ensure_mergekit(CACHE / "mergekit-venv")
     size = SIZES[args.size]
     models = ensure_models(CACHE / "models", size, args.variants, log=log)
-    work = CACHE / "work"
+    work = CACHE / f"work-{size.name}"  # configs, logs and outputs; one folder per size
     work.mkdir(exist_ok=True)
     log(f"{size.name}: {size.parameters / 1e9:.2f}B parameters, {len(models)} models; methods {methods}")
     results: list[dict] = []
