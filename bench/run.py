@@ -271,7 +271,7 @@ def table(results: list[dict], rss: list[dict]) -> str:
         bound = f"{r['alloy_vs_raw_read']:.0%}" + ((" ✓" if r["alloy_vs_raw_read"] >= LINEAR_READ_TARGET else " ✗ (< 70 %)") if r["method"] == "linear" else "")
         lines.append(
             f"| {r['method']} | {a['wall_s']:.1f} | {m['wall_s']:.1f} | {r['wall_ratio']:.2f} | {speed} | {bound} | {a['cpu_s']:.1f} | {m['cpu_s']:.1f} | "
-            f"{a['peak_rss_bytes'] / 2**30:.2f} GiB | {m['peak_rss_bytes'] / 2**30:.2f} GiB | {a['output_throughput_gbs']:.2f} | {agree_text} |"
+            f"{a['peak_rss_bytes'] / 2**30:.2f} GiB | {m['peak_rss_bytes'] / 2**30:.2f} GiB | {a['output_throughput_gbs']:.3f} | {agree_text} |"
         )
     for check in rss:
         lines.append("")
