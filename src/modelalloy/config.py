@@ -102,8 +102,17 @@ def model_ref(value: Any) -> str:
             path, rev = inner.get("path"), inner.get("revision")
             if not isinstance(path, str):
                 raise ValueError("model.path must be a string")
+            if rev is not None and not isinstance(rev, str):
+                raise ValueError("model.revision must be a string")
             return f"{path}@{rev}" if rev else path
-        ref = ModelRef(**value)
+        unknown = [k for k in value if k not in ModelRef.model_fields]
+        if unknown:
+            raise ValueError(f"unknown key {unknown[0]!r} in a model entry{did_you_mean(str(unknown[0]), ModelRef.model_fields)}")
+        try:
+            ref = ModelRef.model_validate(value)
+        except ValidationError as e:  # one line, not pydantic's multi-line report
+            first = e.errors()[0]
+            raise ValueError(f"model entry {'.'.join(map(str, first['loc']))}: {first['msg']}") from None
         if ref.lora:
             return f"{ref.model}+{ref.lora}"
         return ref.model
@@ -116,6 +125,7 @@ Parameters = dict[str, Any]
 class InputModel(_Strict):
     model: str
     parameters: Parameters = Field(default_factory=dict)
+    stats: str | None = None  # statistics file from `alloy stats`, for data-aware methods (fisher, regmean)
 
     @field_validator("model", mode="before")
     @classmethod
@@ -315,6 +325,10 @@ def parse_config(text: str, *, source: str = "<config>") -> MergeConfig:
         where = f" (line {mark.line + 1}, column {mark.column + 1})" if mark else ""
         problem = getattr(e, "problem", None) or str(e).splitlines()[0]
         raise ConfigError(f"{source}: not valid YAML{where}: {problem}") from None
+    except RecursionError:
+        raise ConfigError(f"{source}: not valid YAML: nested too deeply") from None
+    except Exception as e:  # noqa: BLE001 PyYAML's constructors raise plain built-in errors on bad scalars (2001-02-30, !!int 0x, !!int)
+        raise ConfigError(f"{source}: not valid YAML: a value cannot be read ({type(e).__name__}: {e})") from None
     if len(docs) != 1:
         raise ConfigError(
             f"{source}: expected one YAML document, found {len(docs)}"
@@ -329,4 +343,6 @@ def parse_config(text: str, *, source: str = "<config>") -> MergeConfig:
         raise ConfigError(_explain(e.errors()[0], text, source)) from None
     except ValueError as e:
         raise ConfigError(f"{source}: {e}") from None
+    except RecursionError:
+        raise ConfigError(f"{source}: the config is nested too deeply") from None
     return config

@@ -15,6 +15,7 @@ import os
 import shutil
 import threading
 import time
+import warnings
 from collections import Counter
 from collections.abc import Callable, Mapping
 from concurrent.futures import FIRST_EXCEPTION, ThreadPoolExecutor, wait
@@ -26,8 +27,9 @@ from pydantic import BaseModel, ConfigDict, Field
 
 from modelalloy.errors import MergeError, OutputError
 from modelalloy.io.checkpoint import Checkpoint
+from modelalloy.io.manifest import open_partial, sha256_file
 from modelalloy.io.output import copy_support_files, write_model_card
-from modelalloy.io.writer import OutputTensor, ShardedWriter, parse_size, write_text_durably
+from modelalloy.io.writer import OutputTensor, ShardedWriter, layout_shards, parse_size, write_text_durably
 from modelalloy.methods import get_method
 from modelalloy.plan import Plan, TensorRecipe, TensorSource
 from modelalloy.readahead import ReadAhead
@@ -47,6 +49,7 @@ class MergeOptions(BaseModel):
     write_model_card: bool = Field(True, description="write README.md with the config, method and input hashes")
     copy_tokenizer: bool = Field(True, description="copy tokenizer and generation files from the donor model")
     hash_inputs: bool = Field(True, description="SHA-256 of every input tensor read, recorded in the model card")
+    resume: bool = Field(True, description="reuse the finished shards an interrupted run of the same merge left in OUT.partial")
 
 
 @dataclass
@@ -69,6 +72,7 @@ class MergeResult:
     files: list[str]
     seconds: float
     input_hashes: dict[str, str] = field(default_factory=dict)
+    shards_reused: int = 0  # finished shards taken over from an interrupted run
 
     def summary(self) -> dict:
         return {
@@ -78,6 +82,7 @@ class MergeResult:
             "files": self.files,
             "seconds": round(self.seconds, 3),
             "input_hashes": self.input_hashes,
+            "shards_reused": self.shards_reused,
         }
 
 
@@ -94,9 +99,17 @@ def resolve_device(name: str) -> torch.device:
 class _InputHasher:
     """Order-independent content hash per model: SHA-256 over sorted (tensor, SHA-256 of bytes)."""
 
-    def __init__(self) -> None:
-        self._digests: dict[str, dict[str, str]] = {}
+    def __init__(self, known: dict[str, dict[str, str]] | None = None) -> None:
+        self._digests: dict[str, dict[str, str]] = {m: dict(d) for m, d in (known or {}).items()}
         self._lock = threading.Lock()
+
+    def digests_of(self, sources) -> dict[str, dict[str, str]]:
+        out: dict[str, dict[str, str]] = {}
+        with self._lock:
+            for s in sources:
+                if (digest := self._digests.get(s.model, {}).get(s.tensor)) is not None:
+                    out.setdefault(s.model, {})[s.tensor] = digest
+        return out
 
     def add(self, model: str, tensor: str, value: torch.Tensor) -> None:
         data = memoryview(value.contiguous().view(torch.uint8).reshape(-1).numpy())
@@ -141,15 +154,22 @@ def merge_tensor(recipe: TensorRecipe, read: Callable[[str, str], torch.Tensor],
         return read(src.model, src.tensor).to(recipe.out_dtype)
     inputs = [load(s.model, s.tensor) for s in recipe.inputs]
     base = load(recipe.base.model, recipe.base.tensor) if recipe.base else None
+    # Statistics are not rounded to the config's `dtype`: they are weights, not model tensors.
+    stats = [read(s.model, s.tensor).to(device=device, dtype=plan.compute_dtype) for s in recipe.stats] or None
     generator = torch.Generator(device="cpu").manual_seed(recipe.seed) if method.randomized else None
+    params = {k: list(v) if isinstance(v, tuple) else v for k, v in recipe.params.items()}
     try:
-        out = method(inputs, base=base, generator=generator, **{k: list(v) if isinstance(v, tuple) else v for k, v in recipe.params.items()})
+        out = method(inputs, base=base, generator=generator, stats=stats, **params)
     except MergeError as e:  # a method refusing degenerate inputs does not know the tensor's name
         raise MergeError(f"{recipe.name}: {e}") from None
-    del inputs, base  # the inputs are the bulk of this recipe's memory
+    del inputs, base, stats  # the inputs are the bulk of this recipe's memory
     if out.is_floating_point() and not _all_finite(out):
         raise MergeError(f"{recipe.name}: {recipe.method} produced NaN or Inf; check the inputs and parameters for this tensor")
-    return out.to(device="cpu", dtype=recipe.out_dtype)
+    result = out.to(device="cpu", dtype=recipe.out_dtype)
+    if result.is_floating_point() and not _all_finite(result):
+        dtype = str(recipe.out_dtype).removeprefix("torch.")
+        raise MergeError(f"{recipe.name}: the {recipe.method} result overflows {dtype} (Inf after the cast); use a wider out_dtype or smaller weights")
+    return result
 
 
 def execute(
@@ -160,22 +180,47 @@ def execute(
     options: MergeOptions = MergeOptions(),
     progress: Callable[[Progress], None] | None = None,
 ) -> MergeResult:
-    """Write the merged model to `out_dir` (via `out_dir.partial`, renamed when complete)."""
+    """Write the merged model to `out_dir` (via `out_dir.partial`, renamed when complete).
+
+    Shards finished by an interrupted run of the same plan are verified and kept (see
+    `io/manifest.py`); the result is bit-identical to an uninterrupted run.
+    """
     out_dir = Path(out_dir)
     device = resolve_device(options.device)
-    partial = prepare_output(out_dir, checkpoints, plan.output_bytes, force=options.force)
-    hasher = _InputHasher() if options.hash_inputs else None
+    check_output(out_dir, checkpoints, plan.output_bytes, force=options.force)
+    specs = [OutputTensor(r.name, r.out_dtype, r.shape) for r in plan.recipes]
+    metadata = {"modelalloy_method": plan.method.name}
+    max_shard_size = parse_size(options.max_shard_size)
+    partial = out_dir.with_name(out_dir.name + ".partial")
+    fingerprint = plan_fingerprint(plan, checkpoints, layout_shards(specs, max_shard_size), metadata, device)
+    manifest = open_partial(partial, fingerprint, resume=options.resume)
+    reused = set(manifest.shards)
+    hasher = _InputHasher(manifest.input_digests()) if options.hash_inputs else None
+    nonfinite = _NonFiniteInputs()
 
     def read(source: TensorSource, pin_memory: bool) -> torch.Tensor:
         x = checkpoints[source.model].read(source.tensor, pin_memory=pin_memory)
+        nonfinite.check(source.model, source.tensor, x)
         if hasher is not None:
             hasher.add(source.model, source.tensor, x)  # on the reading thread, beside the I/O
         return x
 
+    recipes_in: dict[str, list[TensorRecipe]] = {}
+
+    def shard_done(file: str, size: int) -> None:
+        inputs = hasher.digests_of(s for r in recipes_in[file] for s in r.sources()) if hasher else {}
+        manifest.add(file, sha256_file(partial / file), size, inputs)
+
+    writer = ShardedWriter(partial, specs, max_shard_size=max_shard_size, metadata=metadata, finished=reused, on_shard_done=shard_done)
+    shard_of = writer.shard_of()
+    for r in plan.recipes:
+        recipes_in.setdefault(shard_of[r.name], []).append(r)
+    todo = [r for r in plan.recipes if shard_of[r.name] not in reused]
+
     def nbytes(source: TensorSource) -> int:
         return checkpoints[source.model].tensors[source.tensor].nbytes
 
-    jobs = [r.sources() for r in plan.recipes]
+    jobs = [r.sources() for r in todo]
     # One recipe's inputs ahead of the workers (at least 256 MiB, so small tensors stream freely).
     budget = max(256 * 2**20, max((sum(nbytes(s) for s in job) for job in jobs), default=0))
     reader = ReadAhead(
@@ -186,14 +231,14 @@ def execute(
         prefetch=lambda s: checkpoints[s.model].prefetch(s.tensor),
         pin_memory=device.type == "cuda",
     )
-    index = {id(r): i for i, r in enumerate(plan.recipes)}
-    specs = [OutputTensor(r.name, r.out_dtype, r.shape) for r in plan.recipes]
-    metadata = {"modelalloy_method": plan.method.name}
-    writer = ShardedWriter(partial, specs, max_shard_size=parse_size(options.max_shard_size), metadata=metadata)
+    index = {id(r): i for i, r in enumerate(todo)}
     start = time.perf_counter()
-    done = written = 0
+    done = len(plan.recipes) - len(todo)
+    written = sum(r.out_nbytes for r in plan.recipes if shard_of[r.name] in reused)
     total_bytes = plan.output_bytes
     lock = threading.Lock()
+    # Test hook: slows every tensor down so that interruption tests can kill a run mid-way.
+    debug_delay = float(os.environ.get("MODELALLOY_DEBUG_SECONDS_PER_TENSOR") or 0)
 
     def run(recipe: TensorRecipe) -> None:
         nonlocal done, written
@@ -207,6 +252,8 @@ def execute(
             return inputs[key] if uses[key] > 0 else inputs.pop(key)
 
         writer.write(recipe.name, merge_tensor(recipe, take_input, plan, device))
+        if debug_delay:
+            time.sleep(debug_delay)
         with lock:
             done += 1
             written += recipe.out_nbytes
@@ -215,16 +262,22 @@ def execute(
 
     try:
         if options.threads == 1:
-            for recipe in plan.recipes:
+            for recipe in todo:
                 run(recipe)
         else:
-            _run_bounded(plan.recipes, run, options.threads)
+            _run_bounded(todo, run, options.threads)
         files = writer.finalize()
-    except BaseException:
+    except MergeError:
+        # The same plan would fail the same way again, so its shards are not worth resuming from.
         writer.abort()
+        shutil.rmtree(partial, ignore_errors=True)
+        raise
+    except BaseException:
+        writer.abort()  # finished shards stay recorded in the manifest: a rerun resumes from them
         raise
     finally:
         reader.close()
+        nonfinite.warn()
     input_hashes = hasher.result() if hasher else {}
     write_text_durably(partial / "config.json", json.dumps(plan.output_config, indent=2, sort_keys=True) + "\n")
     if options.copy_tokenizer:
@@ -232,11 +285,54 @@ def execute(
     if options.write_model_card:
         write_model_card(partial, plan, checkpoints, input_hashes)
     _fsync_dir(partial)
-    if out_dir.exists():  # only reachable with --force (checked in prepare_output)
+    if out_dir.exists():  # only reachable with --force (checked in check_output)
         shutil.rmtree(out_dir)
     os.replace(partial, out_dir)
     _fsync_dir(out_dir.parent)
-    return MergeResult(out_dir, len(plan.recipes), written, files, time.perf_counter() - start, input_hashes)
+    return MergeResult(out_dir, len(plan.recipes), written, files, time.perf_counter() - start, input_hashes, len(reused))
+
+
+def plan_fingerprint(plan: Plan, checkpoints: Mapping[str, Checkpoint], layout: list[list[OutputTensor]], metadata: dict, device: torch.device) -> str:
+    """SHA-256 of everything that decides the output bytes: recipes, shard layout, the input files
+    (path, size, mtime), code version and device. Finished shards are reused only on a match."""
+    from modelalloy import __version__
+
+    h = hashlib.sha256()
+
+    def put(*items: object) -> None:
+        h.update(repr(items).encode() + b"\n")
+
+    put(__version__, device.type, str(plan.input_dtype), str(plan.compute_dtype), sorted(metadata.items()))
+    for r in plan.recipes:
+        put(r.name, r.method, [(s.model, s.tensor) for s in r.sources()], r.base is not None, sorted(r.params.items()), r.shape, str(r.out_dtype), r.seed)
+    for shard in layout:
+        put([t.name for t in shard])
+    for ref in sorted({s.model for r in plan.recipes for s in r.sources()}):
+        for file in checkpoints[ref].weight_files:
+            st = os.stat(file)
+            put(ref, file, st.st_size, st.st_mtime_ns)
+    return h.hexdigest()
+
+
+class _NonFiniteInputs:
+    """Names of input tensors holding NaN or Inf, checked on each tensor as it is read (one pass
+    over memory already in cache), reported once as a warning: the user should know, but a
+    method that drops those entries (TIES trimming, another model's slice) may still be fine."""
+
+    def __init__(self) -> None:
+        self.found: set[str] = set()
+        self._lock = threading.Lock()
+
+    def check(self, model: str, tensor: str, x: torch.Tensor) -> None:
+        if x.is_floating_point() and not bool(torch.isfinite(x).all()):
+            with self._lock:
+                self.found.add(f"{tensor} in {model}")
+
+    def warn(self) -> None:
+        if self.found:
+            names = sorted(self.found)
+            more = f" and {len(names) - 5} more" if len(names) > 5 else ""
+            warnings.warn(f"input tensors hold NaN or Inf: {', '.join(names[:5])}{more}; check those models", stacklevel=3)
 
 
 def _run_bounded(recipes: list[TensorRecipe], run: Callable[[TensorRecipe], None], threads: int) -> None:
@@ -254,7 +350,8 @@ def _run_bounded(recipes: list[TensorRecipe], run: Callable[[TensorRecipe], None
 
 
 def prepare_output(out_dir: Path, checkpoints: Mapping[str, Checkpoint], out_bytes: int, *, force: bool) -> Path:
-    """Check the output location and create `OUT.partial/`; nothing is written before this passes."""
+    """Check the output location and create an empty `OUT.partial/`, for writers that do not resume
+    (`alloy moe`); nothing is written before the checks pass."""
     check_output(out_dir, checkpoints, out_bytes, force=force)
     partial = out_dir.with_name(out_dir.name + ".partial")
     if partial.exists():
@@ -264,6 +361,9 @@ def prepare_output(out_dir: Path, checkpoints: Mapping[str, Checkpoint], out_byt
 
 
 def check_output(out_dir: Path, checkpoints: Mapping[str, Checkpoint], out_bytes: int, *, force: bool) -> None:
+    """Refuse an output that exists (without `force`), overlaps an input, or does not fit on disk.
+
+    `alloy plan CONFIG OUT` runs this too, so these surface before any input is read."""
     resolved = out_dir.resolve()
     for ckpt in checkpoints.values():
         model_dir = ckpt.path.resolve()
@@ -275,8 +375,15 @@ def check_output(out_dir: Path, checkpoints: Mapping[str, Checkpoint], out_bytes
     while not parent.exists():
         parent = parent.parent
     free = shutil.disk_usage(parent).free
-    if out_bytes > free:
-        raise OutputError(f"{out_dir}: the merge writes {out_bytes / 1e9:.2f} GB but only {free / 1e9:.2f} GB is free there")
+    partial = out_dir.with_name(out_dir.name + ".partial")
+    # An interrupted run's shards are kept or overwritten in place: their allocated blocks (not their
+    # size: unwritten regions of a laid-out shard are holes) count as available.
+    reusable = sum(f.stat().st_blocks * 512 for f in partial.iterdir() if f.is_file()) if partial.is_dir() else 0
+    if out_bytes > free + reusable:
+        raise OutputError(
+            f"{out_dir}: the merge writes {out_bytes / 1e9:.2f} GB but only {free / 1e9:.2f} GB is free there; "
+            "free some space or choose another disk"
+        )
 
 
 def _fsync_dir(path: Path) -> None:

@@ -24,6 +24,7 @@ from modelalloy.config import MergeConfig, check_setting, evaluate_setting
 from modelalloy.errors import ConfigError, PlanError, did_you_mean
 from modelalloy.io.checkpoint import Checkpoint
 from modelalloy.io.safetensors_format import TensorLocation, itemsize
+from modelalloy.io.stats_file import stat_key
 from modelalloy.methods import MergeMethod, Param, get_method
 
 DTYPES = {"bfloat16": torch.bfloat16, "float16": torch.float16, "float32": torch.float32, "float64": torch.float64, "int64": torch.int64}
@@ -37,7 +38,13 @@ class TensorSource:
 
 @dataclass(frozen=True, eq=False)
 class TensorRecipe:
-    """How to make one output tensor. Per-model parameters are tuples aligned with `inputs`."""
+    """How to make one output tensor. Per-model parameters are tuples aligned with `inputs`.
+
+    `stats` carries a data-aware method's extra per-model tensors (a Fisher diagonal, a Gram
+    matrix), aligned with `inputs` and read like them: each is a `TensorSource` whose `model`
+    is the statistics file (opened as a checkpoint under its path) and whose `tensor` is the key
+    (`stat_key`). Empty when the method reads none for this tensor.
+    """
 
     name: str
     method: str
@@ -47,6 +54,7 @@ class TensorRecipe:
     shape: tuple[int, ...]
     out_dtype: torch.dtype
     seed: int
+    stats: tuple[TensorSource, ...] = ()
 
     @property
     def numel(self) -> int:
@@ -57,7 +65,7 @@ class TensorRecipe:
         return self.numel * itemsize(self.out_dtype)
 
     def sources(self) -> tuple[TensorSource, ...]:
-        return ((self.base,) if self.base else ()) + self.inputs
+        return ((self.base,) if self.base else ()) + self.inputs + self.stats
 
 
 @dataclass
@@ -86,10 +94,21 @@ class Plan:
         def working_set(r: TensorRecipe) -> int:
             n = len(r.sources())
             live = 2 * n + 3 if consensus else n + 3  # inputs, deltas (kept for consensus), sum, masks
-            return r.numel * compute * live
+            return r.numel * compute * live + _matrix_extra(r, compute)
 
         largest = sorted((working_set(r) for r in self.recipes), reverse=True)[:concurrency]
         return sum(largest) + 400 * 2**20
+
+
+def _matrix_extra(r: TensorRecipe, compute: int) -> int:
+    """Bytes beyond the inputs for per-matrix methods: each task's SVD factors (tsv, iso_*), or
+    the [in, in] Gram matrices and the float64 square solve (regmean, wudi)."""
+    layout = r.params.get("layout")
+    if layout not in ("out_in", "in_out") or len(r.shape) != 2:
+        return 0
+    n_in = r.shape[1] if layout == "out_in" else r.shape[0]
+    square = n_in * n_in
+    return max(2 * len(r.inputs) * r.numel * compute, len(r.stats) * square * compute + 3 * square * 8 + 2 * r.numel * 8)
 
 
 @dataclass
@@ -98,6 +117,7 @@ class _Source:
     start: int
     end: int
     parameters: dict
+    stats: str | None = None  # statistics file (models: form only)
 
 
 @dataclass
@@ -202,7 +222,7 @@ def _normalise_slices(config: MergeConfig, method: MergeMethod, checkpoints: Map
             listing = ", ".join(f"{ref} has {n}" for ref, n in counts.items())
             raise PlanError(f"the models have different layer counts ({listing}); use slices to pick matching layer ranges")
         n = next(iter(counts.values()))
-        sources = [_Source(m.model, 0, n, dict(m.parameters)) for m in config.models]
+        sources = [_Source(m.model, 0, n, dict(m.parameters), m.stats) for m in config.models]
         if config.base_model and method.base != "unused" and config.base_model not in [s.model for s in sources]:
             sources.insert(0, _Source(config.base_model, 0, n, {}))
         slices = [_Slice(sources, config.base_model, {})]
@@ -234,6 +254,15 @@ def _normalise_slices(config: MergeConfig, method: MergeMethod, checkpoints: Map
         others = len([r for r in refs if not (method.base != "unused" and r == sl.base)])
         if len(set(refs)) != len(refs) and method.name != "passthrough":
             raise ConfigError(f"{where}: a model appears twice among the sources of one merge")
+        if method.stats:
+            for src in sl.sources:
+                if src.stats is None and not (method.base != "unused" and src.model == sl.base):
+                    how = f"add `stats: FILE` to it, made by `alloy stats {src.model} --data TEXT FILE`"
+                    if config.models is None:
+                        how = "give the models with `models:` (slices cannot carry stats) and " + how
+                    raise ConfigError(f"{where}: {method.name} needs {method.stats} statistics for {src.model}; {how}")
+        elif any(src.stats for src in sl.sources):
+            warnings.warn(f"{where}: {method.name} reads no statistics; the models' stats files are not used", stacklevel=3)
         low, high = method.min_models, method.max_models
         if others < low or (high is not None and others > high):
             want = f"exactly {low}" if low == high else f"at least {low}" if high is None else f"{low} to {high}"
@@ -247,6 +276,7 @@ class _Planner:
         self.config, self.method, self.checkpoints = config, method, checkpoints
         self.out_dtype, self.notes = out_dtype, notes
         self._warned: set[str] = set()
+        self._regions: dict[str, dict[str | int, list[str]]] = {}  # model -> layer or position -> names
 
     def _template(self, sl: _Slice) -> _Source:
         """The source whose tensor names define the output: the base if it is there, else the first."""
@@ -263,7 +293,25 @@ class _Planner:
     def outside_layers(self, sl: _Slice, position: str) -> list[TensorRecipe]:
         template = self.checkpoints[self._template(sl).model]
         names = [n for n in _ordered(template) if arch.role(n).position == position]
+        for s in sl.sources:
+            self._refuse_extra(sl, s, position, set(names))
         return [self._recipe(sl, name, {s.model: name for s in sl.sources}, 0.0) for name in names]
+
+    def _refuse_extra(self, sl: _Slice, src: _Source, region: str | int, used: set[str]) -> None:
+        """A tensor that an input has and the template lacks would be dropped silently (as mergekit
+        does); refuse it. Tensors the template has and an input lacks fail in `_location`."""
+        regions = self._regions.get(src.model)
+        if regions is None:
+            regions = self._regions[src.model] = {}
+            for n in _ordered(self.checkpoints[src.model]):
+                r = arch.role(n)
+                regions.setdefault(r.layer if r.layer is not None else r.position, []).append(n)
+        extra = [n for n in regions.get(region, []) if n not in used]
+        if extra:
+            raise PlanError(
+                f"tensor {extra[0]!r} is in {src.model} but missing from {self._template(sl).model}; "
+                "the models do not have the same layout (a tied or untied lm_head?)"
+            )
 
     def layer(self, sl: _Slice, offset: int, out_layer: int, t: float) -> list[TensorRecipe]:
         tsrc = self._template(sl)
@@ -274,6 +322,8 @@ class _Planner:
         for name in names:
             per_model = {s.model: arch.with_layer(name, s.start + offset) for s in sl.sources}
             recipes.append(self._recipe(sl, arch.with_layer(name, out_layer), per_model, t))
+        for s in sl.sources:
+            self._refuse_extra(sl, s, s.start + offset, {arch.with_layer(n, s.start + offset) for n in names})
         return recipes
 
     def _recipe(self, sl: _Slice, out_name: str, names: dict[str, str], t: float) -> TensorRecipe:
@@ -305,10 +355,48 @@ class _Planner:
                 params[p.name] = tuple(self._resolve(p, sl, out_name, t, s.model) for s in others)
             else:
                 params[p.name] = self._resolve(p, sl, out_name, t, None)
+        if params.get("layout") == "auto":
+            # Methods that treat weight matrices as linear maps need to know which they are.
+            params["layout"] = arch.linear_layout(self.checkpoints[tsrc.model].config, out_name, tloc.shape)
         self._check_values(out_name, params, sl)
+        stats = self._stats(others, names, tloc.shape, params.get("layout"))
         out_dtype = self.out_dtype or tloc.dtype
         seed = seed_for(self.config.random_seed, out_name, method.name) if method.randomized else 0
-        return TensorRecipe(out_name, method.name, inputs, base, params, tloc.shape, out_dtype, seed)
+        return TensorRecipe(out_name, method.name, inputs, base, params, tloc.shape, out_dtype, seed, stats)
+
+    def _stats(self, others: list[_Source], names: dict[str, str], shape: tuple[int, ...], layout: str | None) -> tuple[TensorSource, ...]:
+        """The statistic of each input this tensor needs, checked to exist with the right shape.
+
+        fisher needs one per tensor (its shape); regmean one per linear-layer weight ([in, in]),
+        none for what it averages (``layout: vector``).
+        """
+        kind = self.method.stats
+        if kind is None or (kind == "gram" and layout in (None, "vector")):
+            return ()
+        if kind == "gram":
+            n_in = shape[1] if layout == "out_in" else shape[0]
+            want: tuple[int, ...] = (n_in, n_in)
+        else:
+            want = shape
+        found = []
+        for src in others:
+            tensor = names[src.model]
+            key = stat_key(kind, tensor)
+            loc = self.checkpoints[src.stats].tensors.get(key)
+            if loc is None:
+                hint = (
+                    "; if it is not a linear layer's weight, set `layout: vector` for it (e.g. with a filter)"
+                    if kind == "gram"
+                    else f"; recompute the statistics: alloy stats {src.model} --data TEXT FILE"
+                )
+                raise PlanError(f"{src.stats}: no {kind} statistic for tensor {tensor!r} of {src.model}{hint}")
+            if loc.shape != want:
+                raise PlanError(
+                    f"{src.stats}: {kind} statistic of {tensor!r} has shape {list(loc.shape)}, but {src.model}'s tensor needs "
+                    f"{list(want)}; were the statistics computed for another model?"
+                )
+            found.append(TensorSource(src.stats, key))
+        return tuple(found)
 
     def _location(self, model: str, tensor: str) -> TensorLocation:
         loc = self.checkpoints[model].tensors.get(tensor)

@@ -95,12 +95,13 @@ class Case:
     models: list[torch.Tensor]
     base: torch.Tensor | None
     params: dict[str, Any]
+    stats: list[torch.Tensor] | None = None  # per-model statistics, for the data-aware methods
 
     def run(self, *, models=None, base=None, seed: int = 0, **overrides) -> torch.Tensor:
         params = {**self.params, **resolve(self.method, len(self.models), overrides)}
         generator = torch.Generator().manual_seed(seed)
         chosen = self.models if models is None else models
-        return self.method(chosen, base=self.base if base is None else base, generator=generator, **params)
+        return self.method(chosen, base=self.base if base is None else base, generator=generator, stats=self.stats, **params)
 
 
 def resolve(method: MergeMethod, n: int, values: dict[str, Any]) -> dict[str, Any]:
@@ -156,7 +157,16 @@ def cases(draw, method: MergeMethod) -> Case:
         models.append(base + delta)
     weights = draw(st.lists(st.floats(0.125, 2.0, width=32), min_size=n, max_size=n))
     params = base_params(method, n, weights)
-    return Case(method, models, base if method.base != "unused" else None, params)
+    stats = None
+    if method.stats == "fisher":  # diagonal Fisher information: nonnegative, one per entry
+        stats = [torch.from_numpy(draw(arrays(np.float32, shape, elements=st.floats(0.0, 3.0, width=32)))) for _ in range(n)]
+    elif method.stats == "gram" and len(shape) == 2:  # a linear layer [out, in]: Gram matrices XᵀX of its inputs
+        xs = [torch.from_numpy(draw(arrays(np.float32, (6, shape[1]), elements=st.floats(-2.0, 2.0, width=32)))) for _ in range(n)]
+        stats = [x.T @ x + 1e-3 * torch.eye(shape[1]) for x in xs]
+        params["layout"] = "out_in"
+    elif method.stats == "gram":
+        params["layout"] = "vector"
+    return Case(method, models, base if method.base != "unused" else None, params, stats)
 
 
 def run_or_refuse(case: Case, **kwargs) -> torch.Tensor | None:
@@ -248,7 +258,7 @@ def test_permuting_models_changes_nothing(name):
         order = list(range(n))[::-1] if n > 1 else [0]
         params = {k: [v[i] for i in order] if REGISTRY.get(name).param(k).per_model else v for k, v in case.params.items()}
         out = run_or_refuse(case)
-        permuted = Case(case.method, [case.models[i] for i in order], case.base, params)
+        permuted = Case(case.method, [case.models[i] for i in order], case.base, params, [case.stats[i] for i in order] if case.stats else None)
         again = run_or_refuse(permuted)
         if out is None or again is None:
             assert out is None and again is None

@@ -65,6 +65,19 @@ class TensorLocation:
         return math.prod(self.shape)
 
 
+class _DuplicateKey(ValueError):
+    pass
+
+
+def _no_duplicate_keys(pairs: list[tuple[str, object]]) -> dict:
+    # json.loads keeps the last of two equal keys; two entries for one tensor would be ambiguous.
+    out = dict(pairs)
+    if len(out) != len(pairs):
+        seen: set[str] = set()
+        raise _DuplicateKey(next(k for k, _ in pairs if k in seen or seen.add(k)))
+    return out
+
+
 def read_header(path: str) -> tuple[dict[str, TensorLocation], dict[str, str]]:
     """Parse and validate a safetensors header; returns (tensors by name, metadata).
 
@@ -86,9 +99,13 @@ def read_header(path: str) -> tuple[dict[str, TensorLocation], dict[str, str]]:
     except OSError as e:
         raise CheckpointError(f"{path}: cannot read ({e.strerror or e})") from None
     try:
-        header = json.loads(raw.decode("utf-8"))
+        header = json.loads(raw.decode("utf-8"), object_pairs_hook=_no_duplicate_keys)
     except (UnicodeDecodeError, json.JSONDecodeError) as e:
         raise CheckpointError(f"{path}: safetensors header is not valid JSON ({e}); the file is corrupt") from None
+    except RecursionError:  # nesting deep enough to exhaust the parser: never a real header
+        raise CheckpointError(f"{path}: safetensors header is nested too deeply; the file is corrupt") from None
+    except _DuplicateKey as e:
+        raise CheckpointError(f"{path}: safetensors header names {e.args[0]!r} twice; the file is corrupt") from None
     if not isinstance(header, dict):
         raise CheckpointError(f"{path}: safetensors header is not a JSON object; the file is corrupt")
     metadata = header.pop("__metadata__", None) or {}

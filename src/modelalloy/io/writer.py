@@ -12,6 +12,8 @@ from __future__ import annotations
 import json
 import os
 import re
+import threading
+from collections.abc import Callable, Collection
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -70,26 +72,52 @@ def shard_names(count: int) -> list[str]:
 
 
 class ShardedWriter:
-    """Writes planned tensors into pre-laid-out shards; `write` is safe from several threads."""
+    """Writes planned tensors into pre-laid-out shards; `write` is safe from several threads.
 
-    def __init__(self, out_dir: Path, tensors: list[OutputTensor], *, max_shard_size: int, metadata: dict[str, str]):
+    Shards named in `finished` (by an earlier, interrupted run) are left untouched. When the last
+    tensor of a shard is written, the shard is fsynced and closed, and `on_shard_done(file, size)`
+    is called from the writing thread (to hash it and record it as finished).
+    """
+
+    def __init__(
+        self,
+        out_dir: Path,
+        tensors: list[OutputTensor],
+        *,
+        max_shard_size: int,
+        metadata: dict[str, str],
+        finished: Collection[str] = (),
+        on_shard_done: Callable[[str, int], None] | None = None,
+    ):
         self.out_dir = out_dir
         self.metadata = {"format": "pt", **metadata}
         self.shards = layout_shards(tensors, max_shard_size)
         self.files = shard_names(len(self.shards))
-        self._where: dict[str, tuple[int, int, OutputTensor]] = {}  # name -> (fd, absolute offset, spec)
-        self._fds: list[int] = []
+        self.on_shard_done = on_shard_done
+        self._where: dict[str, tuple[int, int, OutputTensor, str]] = {}  # name -> (fd, absolute offset, spec, file)
+        self._fds: dict[str, int] = {}
+        self._remaining: dict[str, int] = {}  # tensors still to write, per open shard
+        self._sizes: dict[str, int] = {}
+        self._lock = threading.Lock()
         for file, shard in zip(self.files, self.shards):
             header, offsets = encode_header([(t.name, t.dtype, t.shape) for t in shard], self.metadata)
+            self._sizes[file] = len(header) + (offsets[-1][1] if offsets else 0)
+            if file in finished:
+                continue
             fd = os.open(out_dir / file, os.O_RDWR | os.O_CREAT | os.O_TRUNC, 0o644)
-            self._fds.append(fd)
+            self._fds[file] = fd
+            self._remaining[file] = len(shard)
             os.pwrite(fd, header, 0)
-            os.ftruncate(fd, len(header) + (offsets[-1][1] if offsets else 0))
+            os.ftruncate(fd, self._sizes[file])
             for t, (begin, _) in zip(shard, offsets):
-                self._where[t.name] = (fd, len(header) + begin, t)
+                self._where[t.name] = (fd, len(header) + begin, t, file)
+
+    def shard_of(self) -> dict[str, str]:
+        """Output tensor name -> the shard file it is written to."""
+        return {t.name: file for file, shard in zip(self.files, self.shards) for t in shard}
 
     def write(self, name: str, tensor: torch.Tensor) -> None:
-        fd, offset, spec = self._where[name]
+        fd, offset, spec, file = self._where[name]
         if tensor.dtype != spec.dtype or tuple(tensor.shape) != spec.shape:
             # A bug of ours, never a user's: the plan promised this dtype and shape.
             raise AssertionError(f"{name}: planned {spec.dtype} {spec.shape}, got {tensor.dtype} {tuple(tensor.shape)}")
@@ -97,10 +125,20 @@ class ShardedWriter:
         done = 0
         while done < len(data):
             done += os.pwrite(fd, data[done:], offset + done)
+        with self._lock:
+            self._remaining[file] -= 1
+            complete = self._remaining[file] == 0
+            if complete:
+                del self._fds[file]
+        if complete:  # every tensor of this shard is on its way to disk: make it durable, then record it
+            os.fsync(fd)
+            os.close(fd)
+            if self.on_shard_done is not None:
+                self.on_shard_done(file, self._sizes[file])
 
     def finalize(self) -> list[str]:
         """fsync and close every shard, write the index when sharded; returns the file names."""
-        for fd in self._fds:
+        for fd in self._fds.values():
             os.fsync(fd)
             os.close(fd)
         self._fds.clear()
@@ -113,7 +151,7 @@ class ShardedWriter:
         return list(self.files)
 
     def abort(self) -> None:
-        for fd in self._fds:
+        for fd in self._fds.values():
             os.close(fd)
         self._fds.clear()
 

@@ -15,6 +15,7 @@ from importlib.metadata import EntryPoint, entry_points
 
 from modelalloy.errors import ConfigError
 from modelalloy.methods.arcee_fusion import arcee_fusion
+from modelalloy.methods.data_aware import DATA_AWARE_METHODS
 from modelalloy.methods.interpolation import linear, nuslerp, passthrough, slerp
 from modelalloy.methods.model_stock import model_stock
 from modelalloy.methods.nearswap import nearswap
@@ -22,6 +23,7 @@ from modelalloy.methods.ram import ram, ramplus_tl
 from modelalloy.methods.registry import REQUIRED, MergeMethod, Param, Registry, in_range, merge_method
 from modelalloy.methods.sce import sce
 from modelalloy.methods.spherical import karcher, multislerp
+from modelalloy.methods.subspace import SUBSPACE_METHODS
 from modelalloy.methods.task_vectors import FAMILY_METHODS
 
 __all__ = ["BUILTIN_METHODS", "REGISTRY", "MergeMethod", "Param", "REQUIRED", "build_registry", "get_method", "in_range", "merge_method"]
@@ -40,6 +42,8 @@ BUILTIN_METHODS: tuple[MergeMethod, ...] = (
     arcee_fusion,
     ram,
     ramplus_tl,
+    *SUBSPACE_METHODS,
+    *DATA_AWARE_METHODS,
 )
 
 PLUGIN_GROUP = "modelalloy.methods"

@@ -1,0 +1,109 @@
+"""The record of finished output shards that makes a merge resumable and an output verifiable.
+
+While a merge writes into ``OUT.partial/``, every shard that is complete (all its tensors written,
+fsynced) is added to ``modelalloy_manifest.json`` with its size and SHA-256, together with the
+content digests of the input tensors it was made from (so that a resumed run can write the same
+model card without re-reading them). The manifest is replaced atomically after each shard, so a
+``kill -9`` at any moment leaves either the old or the new record, never a torn one. A rerun of
+the same merge (same plan fingerprint) re-hashes the recorded shards, keeps those that still
+match and recomputes the rest. The manifest stays in the finished output for `alloy verify`.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import shutil
+import threading
+from pathlib import Path
+
+MANIFEST = "modelalloy_manifest.json"
+_FORMAT = 1
+_CHUNK = 16 * 2**20  # large reads: hashlib releases the GIL on big buffers
+
+
+def sha256_file(path: Path) -> str:
+    h = hashlib.sha256()
+    with open(path, "rb", buffering=0) as f:
+        buf = bytearray(_CHUNK)
+        view = memoryview(buf)
+        while n := f.readinto(buf):
+            h.update(view[:n])
+    return h.hexdigest()
+
+
+class Manifest:
+    """Finished shards of one output: ``shards[file] = {"sha256", "bytes", "inputs"}``."""
+
+    def __init__(self, directory: Path, fingerprint: str, shards: dict[str, dict] | None = None):
+        self.directory = directory
+        self.fingerprint = fingerprint
+        self.shards: dict[str, dict] = shards or {}
+        self._lock = threading.Lock()
+
+    @classmethod
+    def load(cls, directory: Path) -> Manifest | None:
+        """The manifest in `directory`, or None if there is none or it is not one of ours."""
+        try:
+            data = json.loads((directory / MANIFEST).read_text(encoding="utf-8"))
+            if data.get("format") != _FORMAT or not isinstance(data.get("shards"), dict):
+                return None
+            return cls(directory, str(data["plan"]), dict(data["shards"]))
+        except (OSError, ValueError, KeyError, TypeError, AttributeError):
+            return None
+
+    def input_digests(self) -> dict[str, dict[str, str]]:
+        """model -> tensor -> SHA-256 of the input tensors behind the finished shards."""
+        out: dict[str, dict[str, str]] = {}
+        for record in self.shards.values():
+            for model, digests in record.get("inputs", {}).items():
+                out.setdefault(model, {}).update(digests)
+        return out
+
+    def add(self, file: str, sha256: str, nbytes: int, inputs: dict[str, dict[str, str]]) -> None:
+        with self._lock:
+            self.shards[file] = {"sha256": sha256, "bytes": nbytes, "inputs": inputs}
+            self.save()
+
+    def save(self) -> None:
+        """Write-then-rename, fsynced: a crash leaves the previous manifest or this one, whole."""
+        data = {"format": _FORMAT, "plan": self.fingerprint, "shards": dict(sorted(self.shards.items()))}
+        tmp = self.directory / (MANIFEST + ".tmp")
+        with open(tmp, "w", encoding="utf-8") as f:
+            f.write(json.dumps(data, indent=1, sort_keys=True) + "\n")
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, self.directory / MANIFEST)
+        fsync_dir(self.directory)
+
+
+def open_partial(partial: Path, fingerprint: str, *, resume: bool = True) -> Manifest:
+    """`partial` ready to write into, with the finished shards of an earlier run of the same plan.
+
+    A manifest from a different plan (other config, inputs, layout or code version) means the
+    directory is stale: it is removed and the merge starts over. A recorded shard whose bytes no
+    longer hash to the recorded SHA-256 is dropped from the manifest and recomputed.
+    """
+    if partial.exists():
+        old = Manifest.load(partial) if resume else None
+        if old is not None and old.fingerprint == fingerprint:
+            for file, record in list(old.shards.items()):
+                path = partial / file
+                if not path.is_file() or path.stat().st_size != record.get("bytes") or sha256_file(path) != record.get("sha256"):
+                    del old.shards[file]
+            old.save()
+            return old
+        shutil.rmtree(partial)
+    partial.mkdir(parents=True)
+    manifest = Manifest(partial, fingerprint)
+    manifest.save()
+    return manifest
+
+
+def fsync_dir(path: Path) -> None:
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
