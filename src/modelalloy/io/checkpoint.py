@@ -37,14 +37,22 @@ class Checkpoint:
     _pickled: dict[str, dict[str, torch.Tensor]] = field(default_factory=dict, repr=False)
     _lock: threading.Lock = field(default_factory=threading.Lock, repr=False)
 
-    def read(self, name: str) -> torch.Tensor:
-        """The tensor `name` as stored (dtype and shape from the file), in a buffer of its own."""
+    def read(self, name: str, *, pin_memory: bool = False) -> torch.Tensor:
+        """The tensor `name` as stored (dtype and shape from the file), in a buffer of its own
+        (page-locked with `pin_memory`, for asynchronous copies to a GPU)."""
         loc = self.tensors.get(name)
         if loc is None:
             raise CheckpointError(f"{self.ref}: no tensor named {name!r}")
         if loc.file.endswith(".bin"):
             return self._pickled[loc.file][name]
-        return read_tensor(self._fd(loc.file), loc)
+        return read_tensor(self._fd(loc.file), loc, pin_memory=pin_memory)
+
+    def prefetch(self, name: str) -> None:
+        """Ask the kernel to start reading `name`'s bytes into the page cache; returns at once."""
+        loc = self.tensors.get(name)
+        if loc is None or loc.file.endswith(".bin") or not hasattr(os, "posix_fadvise"):
+            return
+        os.posix_fadvise(self._fd(loc.file), loc.start, loc.nbytes, os.POSIX_FADV_WILLNEED)
 
     def _fd(self, file: str) -> int:
         fd = self._fds.get(file)

@@ -149,9 +149,12 @@ def read_header(path: str) -> tuple[dict[str, TensorLocation], dict[str, str]]:
     return tensors, {str(k): str(v) for k, v in metadata.items()}
 
 
-def read_tensor(fd: int, loc: TensorLocation) -> torch.Tensor:
-    """Read one tensor with positioned reads into a fresh buffer (no mapping, no shared pages)."""
-    buf = torch.empty(loc.nbytes, dtype=torch.uint8)
+def read_tensor(fd: int, loc: TensorLocation, *, pin_memory: bool = False) -> torch.Tensor:
+    """Read one tensor with positioned reads into a fresh buffer (no mapping, no shared pages).
+
+    `pin_memory` (CUDA only) page-locks the buffer so that its copy to the GPU can be asynchronous.
+    """
+    buf = torch.empty(loc.nbytes, dtype=torch.uint8, pin_memory=pin_memory)
     if loc.nbytes:
         view = memoryview(buf.numpy())
         done = 0

@@ -1,0 +1,105 @@
+"""Timing a command: wall, CPU and peak RSS of its whole process tree; the raw-read bound.
+
+Peak RSS is the largest *sum* over the tree, polled (a merge tool may fork workers, and mergekit's
+mapped shards count as resident once touched). CPU time comes from wait4's rusage, which covers
+the child and every descendant it waited for.
+"""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import threading
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+import psutil
+
+POLL_SECONDS = 0.02
+
+
+@dataclass
+class RunStats:
+    wall_s: float
+    cpu_s: float
+    peak_rss_bytes: int
+    returncode: int
+    stderr_tail: str
+
+
+def _tree_rss(proc: psutil.Process) -> int:
+    total = 0
+    for p in [proc, *proc.children(recursive=True)]:
+        try:
+            total += p.memory_info().rss
+        except (psutil.NoSuchProcess, psutil.AccessDenied):
+            pass
+    return total
+
+
+def run_measured(cmd: list[str], *, env: dict[str, str] | None = None, log_file: Path | None = None) -> RunStats:
+    """Run `cmd` to completion; poll the tree's RSS every POLL_SECONDS."""
+    out = open(log_file, "wb") if log_file else subprocess.DEVNULL
+    start = time.perf_counter()
+    popen = subprocess.Popen(cmd, stdout=out, stderr=subprocess.STDOUT if log_file else subprocess.DEVNULL, env=env)
+    proc = psutil.Process(popen.pid)
+    peak = 0
+    done = threading.Event()
+
+    def poll() -> None:
+        nonlocal peak
+        while not done.is_set():
+            try:
+                peak = max(peak, _tree_rss(proc))
+            except psutil.NoSuchProcess:
+                return
+            done.wait(POLL_SECONDS)
+
+    poller = threading.Thread(target=poll, daemon=True)
+    poller.start()
+    _, status, usage = os.wait4(popen.pid, 0)
+    wall = time.perf_counter() - start
+    done.set()
+    poller.join()
+    popen.returncode = os.waitstatus_to_exitcode(status)
+    if log_file:
+        out.close()
+    peak = max(peak, usage.ru_maxrss * 1024)  # the largest single process, as a floor
+    tail = log_file.read_text(errors="replace")[-2000:] if log_file else ""
+    return RunStats(wall, usage.ru_utime + usage.ru_stime, peak, popen.returncode, tail)
+
+
+def evict(paths: list[Path]) -> None:
+    """Ask the kernel to drop these files' clean pages from the page cache (no root needed)."""
+    for path in paths:
+        fd = os.open(path, os.O_RDONLY)
+        try:
+            os.posix_fadvise(fd, 0, 0, os.POSIX_FADV_DONTNEED)
+        finally:
+            os.close(fd)
+
+
+def raw_read(paths: list[Path], chunk: int = 64 << 20) -> tuple[float, int]:
+    """Seconds and bytes to read every byte of `paths` once, sequentially, into one reused buffer."""
+    buf = bytearray(chunk)
+    view = memoryview(buf)
+    total = 0
+    start = time.perf_counter()
+    for path in paths:
+        fd = os.open(path, os.O_RDONLY)
+        try:
+            offset = 0
+            while True:
+                got = os.preadv(fd, [view], offset)
+                if got <= 0:
+                    break
+                offset += got
+            total += offset
+        finally:
+            os.close(fd)
+    return time.perf_counter() - start, total
+
+
+def weight_files(model_dir: Path) -> list[Path]:
+    return sorted(model_dir.glob("*.safetensors"))
