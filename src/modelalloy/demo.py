@@ -291,7 +291,7 @@ def run_demo(
     labels = {str(base): "base"} | {str(p): f"ft-{n}" for n, p in specialists.items()}
     sets = [
         EvalSet(name=name, texts=tuple(c.held_out), max_tokens=settings.eval_tokens, window=settings.eval_window,
-                batch_size=4, expert=str(specialists[name]) if name in specialists else None)
+                batch_size=4, expert=f"ft-{name}" if name in specialists else None)
         for name, c in corpora.items()
     ]
     config = parse_config(yaml.safe_dump({
