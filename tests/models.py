@@ -22,8 +22,11 @@ CONFIGS = {
     "gemma": lambda: transformers.GemmaConfig(**TINY, num_key_value_heads=2, head_dim=8, max_position_embeddings=64),
     "gpt2": lambda: transformers.GPT2Config(n_embd=32, n_layer=4, n_head=4, vocab_size=128, n_positions=64),
     "bert": lambda: transformers.BertConfig(**TINY, max_position_embeddings=64),
+    "qwen3": lambda: transformers.Qwen3Config(**TINY, num_key_value_heads=2, head_dim=8, max_position_embeddings=64),
+    "phi": lambda: transformers.PhiConfig(**TINY, max_position_embeddings=64),
+    "gpt_neox": lambda: transformers.GPTNeoXConfig(**TINY, max_position_embeddings=64),
 }
-CAUSAL = {"llama", "mistral", "qwen2", "gemma", "gpt2"}
+CAUSAL = {"llama", "mistral", "qwen2", "gemma", "gpt2", "qwen3", "phi", "gpt_neox"}
 
 
 def build_family(root: Path, family: str, *, seed: int = 0) -> dict[str, Path]:

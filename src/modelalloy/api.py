@@ -8,7 +8,9 @@ from pathlib import Path
 
 from modelalloy.config import MergeConfig, load_config
 from modelalloy.execute import MergeOptions, MergeResult, Progress, execute
+from modelalloy.errors import ConfigError
 from modelalloy.io.checkpoint import Checkpoint, open_checkpoint
+from modelalloy.io.stats_file import open_stats
 from modelalloy.plan import Plan, make_plan
 
 
@@ -17,13 +19,27 @@ def _as_config(config: str | Path | MergeConfig) -> MergeConfig:
 
 
 def open_models(config: MergeConfig, *, allow_pickle: bool = False, stack: ExitStack | None = None) -> dict[str, Checkpoint]:
-    """Open every model the config names (headers only), each once."""
+    """Open every model the config names (headers only), each once, and their statistics files.
+
+    A statistics file (a model's ``stats:``) is opened like a model and keyed by its path as
+    written, so that plan and execute read it through the same mapping.
+    """
     models = {}
     for ref in config.all_model_refs():
         ckpt = open_checkpoint(ref, allow_pickle=allow_pickle)
         if stack is not None:
             stack.enter_context(ckpt)
         models[ref] = ckpt
+    refs = set(models)
+    for m in config.models or []:
+        if m.stats in refs:
+            raise ConfigError(f"models ({m.model}): stats {m.stats!r} is a model; give the file `alloy stats` wrote")
+        if m.stats is None or m.stats in models:
+            continue
+        stats = open_stats(m.stats)
+        if stack is not None:
+            stack.enter_context(stats)
+        models[m.stats] = stats
     return models
 
 

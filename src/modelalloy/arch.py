@@ -16,6 +16,8 @@ from dataclasses import dataclass
 _LAYER = re.compile(r"(?:^|\.)(?:layers|layer|h|blocks|block|decoder_layers|encoder_layers)\.(\d+)\.")
 _PRE = re.compile(r"(embed|wte|wpe|word_embeddings|position_embeddings|token_type_embeddings|(^|\.)embeddings\.)")
 _LAYER_COUNT_KEYS = ("num_hidden_layers", "n_layer", "num_layers", "n_layers")
+# Model types whose layers use transformers' Conv1D, which stores its weight as [in, out].
+_CONV1D_MODEL_TYPES = frozenset({"gpt2", "openai-gpt", "imagegpt", "decision_transformer"})
 
 # Block kinds, checked in order; the first matching pattern names the block.
 _KINDS: tuple[tuple[str, re.Pattern], ...] = (
@@ -47,6 +49,16 @@ def role(name: str) -> TensorRole:
         position = "pre" if _PRE.search(name) else "post"
     kind = next((k for k, pattern in _KINDS if pattern.search(name)), "other")
     return TensorRole(layer, position, kind)
+
+
+def linear_layout(config: dict, name: str, shape: tuple[int, ...]) -> str:
+    """How a tensor is laid out as a linear map: "out_in" (torch Linear), "in_out" (Conv1D), or
+    "vector" for anything that is not a layer's weight matrix (1-D tensors, embeddings, LM head)."""
+    if len(shape) != 2 or role(name).kind in ("embedding", "head"):
+        return "vector"
+    if config.get("model_type") in _CONV1D_MODEL_TYPES and layer_index(name) is not None:
+        return "in_out"
+    return "out_in"
 
 
 def with_layer(name: str, new_index: int) -> str:

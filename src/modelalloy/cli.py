@@ -262,14 +262,14 @@ def methods(name: Annotated[Optional[str], typer.Argument(help="show one method 
         _fail(e)
     if not name:
         table = Table(title="merge methods")
-        for col in ("method", "base", "models", "parameters", "what it does"):
-            table.add_column(col)
+        for col in ("method", "base", "models", "parameters (default)", "what it does", "reference"):
+            table.add_column(col, overflow="fold")
         for m in chosen:
             count = f"{m.min_models}" + ("+" if m.max_models is None else "" if m.max_models == m.min_models else f"-{m.max_models}")
-            params = ", ".join(p.name + ("*" if p.required else "") for p in m.params)
-            table.add_row(m.name, m.base, count, params, m.doc)
+            params = ", ".join(p.name + ("*" if p.required else f"={p.default!r}") for p in m.params)
+            table.add_row(m.name + (" †" if m.vs_mergekit else ""), m.base, count, params, m.doc, m.reference)
         out.print(table)
-        out.print("* required.  `alloy methods NAME` shows defaults, ranges and how a method differs from mergekit.")
+        out.print("* required.  † differs from mergekit.  `alloy methods NAME` shows one method in full, with how it differs.")
         return
     m = chosen[0]
     out.print(f"[bold]{m.name}[/]: {m.doc}")
@@ -278,15 +278,61 @@ def methods(name: Annotated[Optional[str], typer.Argument(help="show one method 
         out.print("random: seeded per output tensor from random_seed, so reruns are bit-identical")
     if m.reference:
         out.print(f"reference: {m.reference}")
+    if m.stats:
+        out.print(f"reads per-model {m.stats} statistics: give each model `stats: FILE`, made by `alloy stats MODEL --data TEXT FILE`")
     table = Table()
     for col in ("parameter", "scope", "default", "meaning"):
         table.add_column(col)
     for p in m.params:
         default = "required" if p.default is REQUIRED else repr(p.default)
-        table.add_row(p.name, "per-model" if p.per_model else "global", default, p.doc)
+        meaning = p.doc + (f" (one of {', '.join(map(repr, p.choices))})" if p.choices else "")
+        table.add_row(p.name, "per-model" if p.per_model else "global", default, meaning)
     out.print(table)
     if m.vs_mergekit:
         out.print(f"differs from mergekit: {m.vs_mergekit}")
+
+
+@app.command()
+def stats(
+    model: Annotated[str, typer.Argument(metavar="MODEL", help="model directory (or an id in the local Hugging Face cache)")],
+    out_file: Annotated[Path, typer.Argument(metavar="OUT", help="statistics file to write (.safetensors)")],
+    data: Annotated[Path, typer.Option("--data", help="text file (one sample per line) or JSON lines with text or input_ids")],
+    kinds: Annotated[str, typer.Option(help="statistics to compute: fisher, gram or both (comma-separated)")] = "fisher,gram",
+    samples: Annotated[int, typer.Option(help="samples to use at most")] = 256,
+    max_length: Annotated[int, typer.Option(help="tokens per sample at most (longer ones are truncated)")] = 512,
+    device: Annotated[str, typer.Option(help="where the model runs: cpu, cuda or auto")] = "cpu",
+    force: Annotated[bool, typer.Option("--force", help="replace an existing OUT")] = False,
+    quiet: Annotated[bool, typer.Option("--quiet", "-q", help="no progress bar")] = False,
+    as_json: Annotated[bool, typer.Option("--json", help="print a JSON summary on stdout")] = False,
+) -> None:
+    """Compute a model's data statistics (Fisher diagonals, linear-layer Gram matrices) for fisher and regmean merges."""
+    from modelalloy.stats import compute_stats
+
+    bar = Progress(TextColumn("[bold]statistics"), BarColumn(), TextColumn("{task.completed}/{task.total} samples"), TimeElapsedColumn(), console=err, disable=quiet)
+    task = bar.add_task("stats", total=samples)
+    try:
+        with bar:
+            result = compute_stats(
+                model,
+                data,
+                out_file,
+                kinds=tuple(k.strip() for k in kinds.split(",") if k.strip()),
+                max_samples=samples,
+                max_length=max_length,
+                device=device,
+                force=force,
+                progress=lambda p: bar.update(task, completed=p.samples),
+            )
+    except ModelAlloyError as e:
+        _fail(e)
+    if as_json:
+        out.print_json(json.dumps(result.summary()))
+    elif not quiet:
+        err.print(
+            f"wrote {result.fisher} Fisher diagonals and {result.gram} Gram matrices from {result.samples} samples "
+            f"({result.tokens} tokens) to {result.path}",
+            highlight=False,
+        )
 
 
 def main() -> None:

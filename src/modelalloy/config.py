@@ -125,6 +125,7 @@ Parameters = dict[str, Any]
 class InputModel(_Strict):
     model: str
     parameters: Parameters = Field(default_factory=dict)
+    stats: str | None = None  # statistics file from `alloy stats`, for data-aware methods (fisher, regmean)
 
     @field_validator("model", mode="before")
     @classmethod
@@ -257,34 +258,27 @@ class MergeConfig(_Strict):
 DTYPE_NAMES = ("bfloat16", "float16", "float32", "float64", "int64")
 
 
-def _yaml_position(text: str, loc: tuple, *, at_key: bool = False) -> str:
-    """'line L, column C' of the YAML node at a pydantic error location, '' if not found.
-
-    `at_key`: point at the last key itself (an unknown key) rather than at its value."""
+def _yaml_position(text: str, loc: tuple) -> str:
+    """'line L, column C' of the YAML key or item at a pydantic error location, '' if not found."""
     try:
         node = yaml.compose(text)
     except yaml.YAMLError:
         return ""
-    best = node
-    for depth, key in enumerate(loc, start=1):
+    mark = None
+    for key in loc:
         if isinstance(node, yaml.MappingNode):
-            if at_key and depth == len(loc) and (found := next((k for k, v in node.value if k.value == key), None)) is not None:
-                best = found
+            pair = next(((k, v) for k, v in node.value if k.value == key), None)
+            if pair is None:
                 break
-            nxt = next((v for k, v in node.value if k.value == key), None)
-            if nxt is None:
-                nxt_key = next((k for k, v in node.value if k.value == key), None)
-                best = nxt_key or best
-                break
-            node = nxt
+            mark, node = pair[0].start_mark, pair[1]  # point at the key the user wrote
         elif isinstance(node, yaml.SequenceNode) and isinstance(key, int) and key < len(node.value):
             node = node.value[key]
+            mark = node.start_mark
         else:
             break
-        best = node
-    if best is None:
+    if mark is None:
         return ""
-    return f"line {best.start_mark.line + 1}, column {best.start_mark.column + 1}"
+    return f"line {mark.line + 1}, column {mark.column + 1}"
 
 
 _FIELDS = {
@@ -298,7 +292,7 @@ _FIELDS = {
 def _explain(err: dict, text: str, source: str) -> str:
     loc = tuple(x for x in err["loc"] if not (isinstance(x, str) and x.startswith(("function-", "tagged-union"))))
     path = ".".join(str(x) for x in loc) or "(top level)"
-    pos = _yaml_position(text, loc, at_key=err["type"] == "extra_forbidden")
+    pos = _yaml_position(text, loc)
     at = f"{source}: {path}" + (f" ({pos})" if pos else "")
     if err["type"] == "extra_forbidden":
         key = str(loc[-1])

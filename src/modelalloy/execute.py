@@ -140,9 +140,15 @@ def merge_tensor(recipe: TensorRecipe, read: Callable[[str, str], torch.Tensor],
         return read(src.model, src.tensor).to(recipe.out_dtype)
     inputs = [load(s.model, s.tensor) for s in recipe.inputs]
     base = load(recipe.base.model, recipe.base.tensor) if recipe.base else None
+    # Statistics are not rounded to the config's `dtype`: they are weights, not model tensors.
+    stats = [read(s.model, s.tensor).to(device=device, dtype=plan.compute_dtype) for s in recipe.stats] or None
     generator = torch.Generator(device="cpu").manual_seed(recipe.seed) if method.randomized else None
-    out = method(inputs, base=base, generator=generator, **{k: list(v) if isinstance(v, tuple) else v for k, v in recipe.params.items()})
-    del inputs, base  # the inputs are the bulk of this recipe's memory
+    params = {k: list(v) if isinstance(v, tuple) else v for k, v in recipe.params.items()}
+    try:
+        out = method(inputs, base=base, generator=generator, stats=stats, **params)
+    except MergeError as e:  # a method refusing degenerate inputs does not know the tensor's name
+        raise MergeError(f"{recipe.name}: {e}") from None
+    del inputs, base, stats  # the inputs are the bulk of this recipe's memory
     if out.is_floating_point() and not bool(torch.isfinite(out).all()):  # .item(): a sync point on CUDA
         raise MergeError(f"{recipe.name}: {recipe.method} produced NaN or Inf; check the inputs and parameters for this tensor")
     result = out.to(device="cpu", dtype=recipe.out_dtype)

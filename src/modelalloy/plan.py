@@ -24,6 +24,7 @@ from modelalloy.config import MergeConfig, check_setting, evaluate_setting
 from modelalloy.errors import ConfigError, PlanError, did_you_mean
 from modelalloy.io.checkpoint import Checkpoint
 from modelalloy.io.safetensors_format import TensorLocation, itemsize
+from modelalloy.io.stats_file import stat_key
 from modelalloy.methods import MergeMethod, Param, get_method
 
 DTYPES = {"bfloat16": torch.bfloat16, "float16": torch.float16, "float32": torch.float32, "float64": torch.float64, "int64": torch.int64}
@@ -37,7 +38,13 @@ class TensorSource:
 
 @dataclass(frozen=True, eq=False)
 class TensorRecipe:
-    """How to make one output tensor. Per-model parameters are tuples aligned with `inputs`."""
+    """How to make one output tensor. Per-model parameters are tuples aligned with `inputs`.
+
+    `stats` carries a data-aware method's extra per-model tensors (a Fisher diagonal, a Gram
+    matrix), aligned with `inputs` and read like them: each is a `TensorSource` whose `model`
+    is the statistics file (opened as a checkpoint under its path) and whose `tensor` is the key
+    (`stat_key`). Empty when the method reads none for this tensor.
+    """
 
     name: str
     method: str
@@ -47,6 +54,7 @@ class TensorRecipe:
     shape: tuple[int, ...]
     out_dtype: torch.dtype
     seed: int
+    stats: tuple[TensorSource, ...] = ()
 
     @property
     def numel(self) -> int:
@@ -57,7 +65,7 @@ class TensorRecipe:
         return self.numel * itemsize(self.out_dtype)
 
     def sources(self) -> tuple[TensorSource, ...]:
-        return ((self.base,) if self.base else ()) + self.inputs
+        return ((self.base,) if self.base else ()) + self.inputs + self.stats
 
 
 @dataclass
@@ -98,6 +106,7 @@ class _Source:
     start: int
     end: int
     parameters: dict
+    stats: str | None = None  # statistics file (models: form only)
 
 
 @dataclass
@@ -160,7 +169,7 @@ def _check_parameter_names(config: MergeConfig, method: MergeMethod, notes: list
                 )
             if per_model_scope and not p.per_model:
                 raise ConfigError(f"{where}: {key!r} is a global parameter of {method.name}; set it in the top-level or slice parameters")
-            check_setting(value, f"{where}.{key}")
+            _check_written_values(p, check_setting(value, f"{where}.{key}"), f"{where}.{key}")
 
     check(config.parameters, "parameters", per_model_scope=False)
     for i, m in enumerate(config.models or []):
@@ -169,6 +178,15 @@ def _check_parameter_names(config: MergeConfig, method: MergeMethod, notes: list
         check(s.parameters, f"slices[{i}].parameters", per_model_scope=False)
         for j, src in enumerate(s.sources):
             check(src.parameters, f"slices[{i}].sources[{j}] ({src.model}).parameters", per_model_scope=True)
+
+
+def _check_written_values(p: Param, setting: Any, where: str) -> None:
+    """Range-check every value the user wrote, even one a higher-precedence scope overrides."""
+    if isinstance(setting, list):
+        for entry in setting:
+            _check_written_values(p, entry.value if hasattr(entry, "value") else entry, where)
+    elif not (isinstance(setting, str) and p.kind in (int, float)):  # strings pick from lists per layer
+        p.coerce(setting, where)
 
 
 def _check_architectures(config: MergeConfig, checkpoints: Mapping[str, Checkpoint], allow_crimes: bool) -> None:
@@ -193,7 +211,7 @@ def _normalise_slices(config: MergeConfig, method: MergeMethod, checkpoints: Map
             listing = ", ".join(f"{ref} has {n}" for ref, n in counts.items())
             raise PlanError(f"the models have different layer counts ({listing}); use slices to pick matching layer ranges")
         n = next(iter(counts.values()))
-        sources = [_Source(m.model, 0, n, dict(m.parameters)) for m in config.models]
+        sources = [_Source(m.model, 0, n, dict(m.parameters), m.stats) for m in config.models]
         if config.base_model and method.base != "unused" and config.base_model not in [s.model for s in sources]:
             sources.insert(0, _Source(config.base_model, 0, n, {}))
         slices = [_Slice(sources, config.base_model, {})]
@@ -225,6 +243,15 @@ def _normalise_slices(config: MergeConfig, method: MergeMethod, checkpoints: Map
         others = len([r for r in refs if not (method.base != "unused" and r == sl.base)])
         if len(set(refs)) != len(refs) and method.name != "passthrough":
             raise ConfigError(f"{where}: a model appears twice among the sources of one merge")
+        if method.stats:
+            for src in sl.sources:
+                if src.stats is None and not (method.base != "unused" and src.model == sl.base):
+                    how = f"add `stats: FILE` to it, made by `alloy stats {src.model} --data TEXT FILE`"
+                    if config.models is None:
+                        how = "give the models with `models:` (slices cannot carry stats) and " + how
+                    raise ConfigError(f"{where}: {method.name} needs {method.stats} statistics for {src.model}; {how}")
+        elif any(src.stats for src in sl.sources):
+            warnings.warn(f"{where}: {method.name} reads no statistics; the models' stats files are not used", stacklevel=3)
         low, high = method.min_models, method.max_models
         if others < low or (high is not None and others > high):
             want = f"exactly {low}" if low == high else f"at least {low}" if high is None else f"{low} to {high}"
@@ -317,10 +344,48 @@ class _Planner:
                 params[p.name] = tuple(self._resolve(p, sl, out_name, t, s.model) for s in others)
             else:
                 params[p.name] = self._resolve(p, sl, out_name, t, None)
-        self._check_values(out_name, params)
+        if params.get("layout") == "auto":
+            # Methods that treat weight matrices as linear maps need to know which they are.
+            params["layout"] = arch.linear_layout(self.checkpoints[tsrc.model].config, out_name, tloc.shape)
+        self._check_values(out_name, params, sl)
+        stats = self._stats(others, names, tloc.shape, params.get("layout"))
         out_dtype = self.out_dtype or tloc.dtype
         seed = seed_for(self.config.random_seed, out_name, method.name) if method.randomized else 0
-        return TensorRecipe(out_name, method.name, inputs, base, params, tloc.shape, out_dtype, seed)
+        return TensorRecipe(out_name, method.name, inputs, base, params, tloc.shape, out_dtype, seed, stats)
+
+    def _stats(self, others: list[_Source], names: dict[str, str], shape: tuple[int, ...], layout: str | None) -> tuple[TensorSource, ...]:
+        """The statistic of each input this tensor needs, checked to exist with the right shape.
+
+        fisher needs one per tensor (its shape); regmean one per linear-layer weight ([in, in]),
+        none for what it averages (``layout: vector``).
+        """
+        kind = self.method.stats
+        if kind is None or (kind == "gram" and layout in (None, "vector")):
+            return ()
+        if kind == "gram":
+            n_in = shape[1] if layout == "out_in" else shape[0]
+            want: tuple[int, ...] = (n_in, n_in)
+        else:
+            want = shape
+        found = []
+        for src in others:
+            tensor = names[src.model]
+            key = stat_key(kind, tensor)
+            loc = self.checkpoints[src.stats].tensors.get(key)
+            if loc is None:
+                hint = (
+                    "; if it is not a linear layer's weight, set `layout: vector` for it (e.g. with a filter)"
+                    if kind == "gram"
+                    else f"; recompute the statistics: alloy stats {src.model} --data TEXT FILE"
+                )
+                raise PlanError(f"{src.stats}: no {kind} statistic for tensor {tensor!r} of {src.model}{hint}")
+            if loc.shape != want:
+                raise PlanError(
+                    f"{src.stats}: {kind} statistic of {tensor!r} has shape {list(loc.shape)}, but {src.model}'s tensor needs "
+                    f"{list(want)}; were the statistics computed for another model?"
+                )
+            found.append(TensorSource(src.stats, key))
+        return tuple(found)
 
     def _location(self, model: str, tensor: str) -> TensorLocation:
         loc = self.checkpoints[model].tensors.get(tensor)
@@ -342,19 +407,14 @@ class _Planner:
             raise ConfigError(f"missing required parameter {p.name!r} for {model + ' ' if model else ''}tensor {tensor} ({self.method.name})")
         return p.default
 
-    def _check_values(self, tensor: str, params: dict[str, Any]) -> None:
+    def _check_values(self, tensor: str, params: dict[str, Any], sl: _Slice) -> None:
         name = self.method.name
-        if "t" in params and not 0.0 <= params["t"] <= 1.0 and "t" not in self._warned:
+        # nearswap's t is a distance threshold, not an interpolation factor: any t > 0 is fine.
+        if "t" in params and name != "nearswap" and not 0.0 <= params["t"] <= 1.0 and "t" not in self._warned:
             self._warned.add("t")
             self.notes.append(f"t={params['t']} is outside [0, 1] (first at {tensor}): the result extrapolates beyond the models")
-        if "epsilon" in params and "density" in params:  # DELLA: keep-probabilities density ± epsilon
-            eps = params["epsilon"]
-            for d in params["density"]:
-                if not (0.0 < d - eps and d + eps < 1.0):
-                    raise ConfigError(
-                        f"{tensor}: {name} density={d} with epsilon={eps} gives keep-probabilities "
-                        f"[{d - eps:g}, {d + eps:g}], which must lie inside (0, 1); lower epsilon or move density"
-                    )
+        if self.method.check is not None and (problem := self.method.check(params, [s.model for s in self._split(sl)[1]])):
+            raise ConfigError(f"{tensor}: {name}: {problem}")
         if name == "linear" and params.get("normalize") and abs(sum(params["weight"])) < 1e-12:
             raise ConfigError(f"{tensor}: linear weights {list(params['weight'])} sum to 0 and normalize is on; change the weights or set normalize: false")
 

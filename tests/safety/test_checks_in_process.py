@@ -1,5 +1,5 @@
-"""Checks that need a library hook rather than a subprocess: a DELLA-style method's density ±
-epsilon range, overflow in the cast to the output dtype, a dangling symlink, duplicate header keys."""
+"""Checks run in-process (cheaper than a subprocess): overflow in the cast to the output dtype, a
+dangling symlink, duplicate header keys, an Inf input."""
 
 from __future__ import annotations
 
@@ -9,51 +9,9 @@ import pytest
 from alloy_helpers import copy_model, rewrite_weights, write_config
 
 import modelalloy
-from modelalloy.api import plan_merge
-from modelalloy.errors import CheckpointError, ConfigError, MergeError
+from modelalloy.errors import CheckpointError, MergeError
 from modelalloy.io.checkpoint import open_checkpoint
 from modelalloy.io.safetensors_format import read_header
-from modelalloy.methods import REGISTRY, Param, in_range, merge_method
-
-
-@merge_method(
-    "della_check",
-    params=[
-        Param("weight", default=1.0, per_model=True),
-        Param("density", default=0.5, per_model=True, check=in_range(0.0, 1.0, low_open=True)),
-        Param("epsilon", default=0.15),
-    ],
-    base="required",
-)
-def _della_like(tensors, *, base, weight, density, epsilon):
-    """Stands in for DELLA here: only its parameters matter to the planner."""
-    return base
-
-
-@pytest.fixture()
-def della(monkeypatch):
-    monkeypatch.setitem(REGISTRY._methods, "della_check", _della_like)
-
-
-def della_config(llama, density: float, epsilon: float) -> dict:
-    return {
-        "merge_method": "della_check",
-        "base_model": str(llama["base"]),
-        "models": [{"model": str(llama["ft_dense"]), "parameters": {"density": 0.5}}, {"model": str(llama["ft_sparse"]), "parameters": {"density": density}}],
-        "parameters": {"epsilon": epsilon},
-    }
-
-
-@pytest.mark.parametrize(("density", "epsilon", "low", "high"), [(0.9, 0.15, "0.75", "1.05"), (0.1, 0.2, "-0.1", "0.3")])
-def test_della_density_plus_minus_epsilon_outside_unit_interval(tmp_path, llama, della, density, epsilon, low, high):
-    cfg = write_config(tmp_path / "m.yaml", della_config(llama, density, epsilon))
-    with pytest.raises(ConfigError, match=rf"della_check density={density} with epsilon={epsilon} gives keep-probabilities \[{low}, {high}\], which must lie inside \(0, 1\)"):
-        plan_merge(cfg)
-
-
-def test_della_density_plus_minus_epsilon_inside_is_fine(tmp_path, llama, della):
-    plan, _ = plan_merge(write_config(tmp_path / "m.yaml", della_config(llama, 0.8, 0.15)))
-    assert plan.recipes[0].params["epsilon"] == 0.15
 
 
 def test_overflow_in_the_cast_to_the_output_dtype(tmp_path, llama):

@@ -75,6 +75,9 @@ def write_model_card(out_dir: Path, plan: Plan, checkpoints: Mapping[str, Checkp
         ckpt = checkpoints[ref]
         role = "base" if ref == base else "merged"
         lines.append(f"| `{ref}` | {role} | {ckpt.revision or '-'} | `{input_hashes.get(ref, '-')}` |")
+    for m in config.models or []:  # data-aware merges also read each model's statistics file
+        if m.stats:
+            lines.append(f"| `{m.stats}` | statistics of `{m.model}` | - | `{input_hashes.get(m.stats, '-')}` |")
     lines += [
         "",
         "The content hash is SHA-256 over the sorted lines `name\\0sha256(tensor bytes)` of every tensor",

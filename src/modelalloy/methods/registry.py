@@ -5,7 +5,10 @@ A method is one pure function over the tensors of one output tensor:
     fn(tensors: list[Tensor], *, base: Tensor (if it takes one), generator (if random), **params)
 
 ``tensors`` are the non-base inputs in config order; per-model parameters arrive as lists aligned
-with them, global ones as scalars. A parameter named ``lambda`` arrives as ``lambda_`` (Python
+with them, global ones as scalars. A data-aware method declares the statistic it reads
+(``stats="fisher"`` or ``"gram"``, see `modelalloy.io.stats_file`); it then also receives a keyword
+of that name: each input's statistic tensor, aligned with ``tensors``, or None where the plan
+found this tensor needs none (e.g. a norm under regmean). A parameter named ``lambda`` arrives as ``lambda_`` (Python
 keyword). The declaration says everything `plan.py` checks before any tensor is read: whether a
 base is needed, how many models, which parameters exist, their defaults and valid ranges.
 """
@@ -83,6 +86,10 @@ class MergeMethod:
     doc: str = ""
     vs_mergekit: str = ""  # where and why we differ from mergekit, shown by `alloy methods`
     exact_count: bool = field(default=False)  # with a base, exactly min_models others
+    # Rules between parameters (e.g. DELLA's density ± epsilon inside (0, 1)), checked by plan.py
+    # per tensor: check(resolved params, names of the non-base models) -> one-line problem or None.
+    check: Callable[[dict[str, Any], Sequence[str]], str | None] | None = None
+    stats: str | None = None  # the per-model statistic the method reads ("fisher", "gram"), if any
 
     def param(self, name: str) -> Param | None:
         return next((p for p in self.params if p.name == name), None)
@@ -91,12 +98,14 @@ class MergeMethod:
     def param_names(self) -> list[str]:
         return [p.name for p in self.params]
 
-    def __call__(self, tensors: Sequence[Any], *, base: Any = None, generator: Any = None, **params: Any) -> Any:
+    def __call__(self, tensors: Sequence[Any], *, base: Any = None, generator: Any = None, stats: Sequence[Any] | None = None, **params: Any) -> Any:
         kwargs = {self.param(k).kwarg if self.param(k) else k: v for k, v in params.items()}
         if self.base != "unused":
             kwargs["base"] = base
         if self.randomized:
             kwargs["generator"] = generator
+        if self.stats is not None:
+            kwargs[self.stats] = list(stats) if stats is not None else None
         return self.fn(list(tensors), **kwargs)
 
 
@@ -110,6 +119,8 @@ def merge_method(
     randomized: bool = False,
     reference: str = "",
     vs_mergekit: str = "",
+    check: Callable[[dict[str, Any], Sequence[str]], str | None] | None = None,
+    stats: str | None = None,
 ) -> Callable[[Callable[..., Any]], MergeMethod]:
     """Decorator: declares a method; the docstring's first paragraph is its one-line doc."""
     if base not in ("required", "optional", "unused"):
@@ -122,8 +133,8 @@ def merge_method(
             p.coerce(p.default, f"method {name!r} default")  # a bad default is our bug, caught at import
 
     def wrap(fn: Callable[..., Any]) -> MergeMethod:
-        doc = (fn.__doc__ or "").strip().split("\n\n")[0].replace("\n", " ")
-        return MergeMethod(name, fn, tuple(params), base, min_models, max_models, randomized, reference, doc, vs_mergekit)
+        doc = " ".join((fn.__doc__ or "").strip().split("\n\n")[0].split())  # one line, indentation gone
+        return MergeMethod(name, fn, tuple(params), base, min_models, max_models, randomized, reference, doc, vs_mergekit, check=check, stats=stats)
 
     return wrap
 

@@ -9,6 +9,11 @@ Combine without sign consensus: Σ D_i, divisor Σ w_i. With it (TIES, Yadav et 
 s = sign(Σ D_i) (or sign(Σ sign D_i) for `consensus_method: count`), zeros counting as +;
 m_i = [sign D_i = s], so zeros never match; Σ m_i D_i, divisor Σ m_i w_i elementwise.
 
+Sparsifiers: magnitude (TIES: the k largest |δ|), random (DARE: keep with probability density),
+magnitude_outliers (Breadcrumbs: drop the top gamma fraction, then the smallest), della_magprune
+(DELLA: keep-probability density ± epsilon by per-row magnitude rank). Rescale after dropping:
+l1 restores ‖δ‖₁ (mergekit), inverse_p divides by each entry's keep-probability (the papers).
+
 Memory: without consensus each D_i is added to the sum and dropped, so one task vector is alive
 at a time. With consensus the N sparsified D_i are kept (they are needed twice) but never stacked
 into one N× tensor.
@@ -17,6 +22,7 @@ into one N× tensor.
 from __future__ import annotations
 
 import warnings
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from typing import Any
 
@@ -60,8 +66,82 @@ def random_mask(delta: Tensor, density: float, generator: torch.Generator) -> Te
     return (draws < density).to(delta.device)
 
 
-def apply_mask(delta: Tensor, mask: Tensor | None, rescale: str | None, density: float) -> Tensor:
-    """δ ⊙ mask, rescaled: `l1` restores ‖δ‖₁ (mergekit), `inverse_p` divides by the keep-probability."""
+def descending_rank_window(magnitude: Tensor, start: int, stop: int) -> Tensor:
+    """Mask of the entries of a flat tensor whose rank by decreasing value is in [start, stop).
+
+    Equal values are ranked in index order, so the count is exact. Two `kthvalue` selections
+    (O(n), a bool mask of extra memory) instead of a full argsort (8 bytes per entry).
+    """
+    n = magnitude.numel()
+    mask = torch.zeros(n, dtype=torch.bool, device=magnitude.device)
+    if start >= stop:
+        return mask
+    highest = torch.kthvalue(magnitude, n - start).values  # the value at rank `start`
+    lowest = torch.kthvalue(magnitude, n - stop + 1).values  # the value at rank `stop - 1`
+    mask |= (magnitude < highest) & (magnitude > lowest)
+    for value in (highest,) if bool(highest == lowest) else (highest, lowest):  # .item(): CUDA sync
+        tied = (magnitude == value).nonzero().squeeze(1)
+        first_rank = int((magnitude > value).sum())
+        ranks = torch.arange(first_rank, first_rank + tied.numel(), device=magnitude.device)
+        mask[tied[(ranks >= start) & (ranks < stop)]] = True
+    return mask
+
+
+def outlier_mask(delta: Tensor, density: float, gamma: float) -> Tensor | None:
+    """Model Breadcrumbs (Davari & Belilovsky 2024): drop the largest `gamma` fraction of |δ|
+    (outliers) and then the smallest, so that int(density·numel) entries remain (None = keep all).
+
+    When density + gamma > 1 fewer outliers are dropped, so the density is still met. mergekit
+    selects with ``sorted[n_bottom:-n_top]``, which is empty when int(gamma·numel) = 0 (any
+    tensor under 1/gamma entries, e.g. every norm vector at gamma 0.01): it zeroes that whole
+    task vector. Here n_top = 0 keeps the intended largest entries.
+    """
+    if density >= 1.0:
+        return None
+    n = delta.numel()
+    keep = int(density * n)
+    top = min(int(gamma * n), n - keep)
+    return descending_rank_window(delta.abs().reshape(-1), top, top + keep).reshape(delta.shape)
+
+
+# Rows per DELLA chunk: ranking needs two int64 argsorts per entry, so rank a few million
+# entries at a time instead of the whole (possibly 500M-entry embedding) tensor.
+_DELLA_CHUNK_ENTRIES = 1 << 22
+
+
+def della_keep_probability(delta: Tensor, density: float, epsilon: float) -> Tensor:
+    """DELLA's MagPrune (Deep et al. 2024): per row (last dim), the entry of ascending |δ| rank
+    r ∈ {0..n−1} is kept with p = (density − ε) + 2ε · r/(n − 1); ties ranked in index order.
+
+    Bigger entries are kept more often; the mean keep-probability is `density`. A row of one
+    entry has no ranking: p = density (mergekit divides 0 by 0 there and fails).
+    """
+    rows = delta.reshape(-1, delta.shape[-1]) if delta.dim() > 0 else delta.reshape(1, 1)
+    n = rows.shape[1]
+    probability = torch.empty(rows.shape, dtype=torch.float32, device=delta.device)
+    step = max(1, _DELLA_CHUNK_ENTRIES // max(n, 1))
+    for start in range(0, rows.shape[0], step):
+        chunk = rows[start : start + step].abs()
+        order = torch.argsort(chunk, dim=1, stable=True)  # (rows, n): column of rank r
+        rank = torch.empty_like(order)
+        rank.scatter_(1, order, torch.arange(n, device=delta.device).expand_as(order))
+        scaled = rank.to(torch.float32) / (n - 1) if n > 1 else torch.full(chunk.shape, 0.5, device=delta.device)
+        probability[start : start + step] = (density - epsilon) + 2 * epsilon * scaled
+    return probability.reshape(delta.shape)
+
+
+def della_mask(delta: Tensor, density: float, epsilon: float, generator: torch.Generator) -> tuple[Tensor | None, Tensor | float]:
+    """(mask, keep-probability) for DELLA; draws on the CPU generator like `random_mask`."""
+    if density >= 1.0:
+        return None, 1.0
+    probability = della_keep_probability(delta, density, epsilon)
+    draws = torch.rand(delta.shape, generator=generator, dtype=torch.float32, device="cpu")
+    return draws.to(delta.device) < probability, probability.to(delta.dtype)
+
+
+def apply_mask(delta: Tensor, mask: Tensor | None, rescale: str | None, density: float | Tensor) -> Tensor:
+    """δ ⊙ mask, rescaled: `l1` restores ‖δ‖₁ (mergekit), `inverse_p` divides each kept entry by
+    its keep-probability (`density`: a number, or DELLA's per-entry tensor)."""
     if mask is None:
         return delta
     kept = delta * mask
@@ -83,21 +163,37 @@ class Sparsifier:
 
 MAGNITUDE = Sparsifier("magnitude", random=False)
 RANDOM = Sparsifier("random", random=True)
+MAGNITUDE_OUTLIERS = Sparsifier("magnitude_outliers", random=False)
+DELLA_MAGPRUNE = Sparsifier("della_magprune", random=True)
 
 
-def sparsify(delta: Tensor, sparsifier: Sparsifier | None, density: float, rescale: str | None, generator) -> Tensor:
+def sparsify(
+    delta: Tensor,
+    sparsifier: Sparsifier | None,
+    density: float,
+    rescale: str | None,
+    generator,
+    *,
+    gamma: float = 0.0,
+    epsilon: float = 0.0,
+) -> Tensor:
     if sparsifier is None:
         return delta
+    keep_probability: float | Tensor = density
     if sparsifier is MAGNITUDE:
         mask = magnitude_mask(delta, density)
     elif sparsifier is RANDOM:
         mask = random_mask(delta, density, generator)
+    elif sparsifier is MAGNITUDE_OUTLIERS:
+        mask = outlier_mask(delta, density, gamma)
+    elif sparsifier is DELLA_MAGPRUNE:
+        mask, keep_probability = della_mask(delta, density, epsilon, generator)
     else:  # pragma: no cover - the table below lists every sparsifier
         raise AssertionError(sparsifier)
-    return apply_mask(delta, mask, rescale, density)
+    return apply_mask(delta, mask, rescale, keep_probability)
 
 
-def _signs(x: Tensor) -> Tensor:
+def consensus_sign(x: Tensor) -> Tensor:
     """sign with 0 counted as +1 (the consensus direction is never 0)."""
     return torch.where(x >= 0, 1.0, -1.0).to(x.dtype)
 
@@ -114,16 +210,21 @@ def task_vector_merge(
     normalize: bool,
     rescale: str | None,
     generator: torch.Generator | None = None,
+    gamma: list[float] | None = None,
+    epsilon: list[float] | None = None,
 ) -> Tensor:
     """The whole family; see the module docstring. Inputs are never modified."""
     if density is None:
         density = [1.0] * len(tensors)
-    if sparsifier is MAGNITUDE and any(int(d * base.numel()) == 0 and d < 1 for d in density):
+    gamma = gamma or [0.0] * len(tensors)
+    epsilon = epsilon or [0.0] * len(tensors)
+    if sparsifier in (MAGNITUDE, MAGNITUDE_OUTLIERS) and any(int(d * base.numel()) == 0 and d < 1 for d in density):
         warnings.warn(f"density keeps 0 entries of a {base.numel()}-entry tensor; that model contributes nothing there")
     # D_i = w_i · sparsify(θ_i − θ_0), computed one model at a time.
     def weighted_delta(i: int) -> Tensor:
         # tensors[i] - base is a fresh tensor, so every later step may work in place.
-        return sparsify(tensors[i] - base, sparsifier, density[i], rescale, generator).mul_(weight[i])
+        delta = sparsify(tensors[i] - base, sparsifier, density[i], rescale, generator, gamma=gamma[i], epsilon=epsilon[i])
+        return delta.mul_(weight[i])
 
     if consensus is None:
         mixed = torch.zeros_like(base)
@@ -142,7 +243,7 @@ def task_vector_merge(
             direction = torch.zeros_like(base)
             for d in deltas:
                 direction.add_(torch.sign(d))
-        direction = _signs(direction)
+        direction = consensus_sign(direction)
         mixed = torch.zeros_like(base)
         divisor = torch.zeros_like(base) if normalize else None
         for w, d in zip(weight, deltas):
@@ -167,8 +268,26 @@ INT8_MASK = Param("int8_mask", default=False, kind=bool, doc="store masks as int
 CONSENSUS = Param("consensus_method", default="sum", kind=str, choices=("sum", "count"), doc="sign election by mass (sum) or by vote (count)")
 
 
+GAMMA = Param("gamma", default=0.01, per_model=True, doc="fraction of the largest |δ| dropped as outliers", check=in_range(0.0, 1.0, high_open=True))
+EPSILON = Param("epsilon", default=0.15, per_model=True, doc="keep-probabilities span density ± epsilon by magnitude rank", check=in_range(0.0, 1.0, high_open=True))
+
+
 def _rescale_param(default: bool) -> Param:
-    return Param("rescale", default=default, kind=object, choices=(True, False, "l1", "inverse_p"), doc="rescale kept entries: l1 (= true) keeps ‖δ‖₁, inverse_p divides by density")
+    return Param("rescale", default=default, kind=object, choices=(True, False, "l1", "inverse_p"), doc="rescale kept entries: l1 (= true) keeps ‖δ‖₁, inverse_p divides by the keep-probability")
+
+
+def check_della_range(params: dict[str, Any], models: Sequence[str]) -> str | None:
+    """DELLA's keep-probabilities (density − ε .. density + ε) must be probabilities: 0 < density ± ε < 1.
+
+    Density 1 means no pruning, so epsilon does not matter there (as in mergekit).
+    """
+    for model, density, epsilon in zip(models, params["density"], params["epsilon"]):
+        if density < 1.0 and not (density - epsilon > 0.0 and density + epsilon < 1.0):
+            return (
+                f"density {density:g} ± epsilon {epsilon:g} for {model} leaves (0, 1); "
+                f"keep-probabilities must stay inside it: use epsilon < {min(density, 1 - density):g}"
+            )
+    return None
 
 
 @dataclass(frozen=True)
@@ -180,7 +299,19 @@ class FamilyRow:
     rescale: bool | None  # None: the method has no rescale parameter
     reference: str
     doc: str
+    extra: tuple[Param, ...] = ()  # the sparsifier's own parameters
+    check: Callable[[dict[str, Any], Sequence[str]], str | None] | None = None
+    vs_mergekit: str = ""
 
+
+_BREADCRUMBS_VS_MERGEKIT = (
+    "When int(gamma·numel) = 0 (tensors under 1/gamma entries, e.g. norms at gamma 0.01) mergekit "
+    "zeroes the whole task vector (an empty slice); we drop no outliers there and keep the density's largest entries."
+)
+_DELLA_VS_MERGEKIT = (
+    "rescale: inverse_p divides each kept entry by its own keep-probability (the paper's rescaling); "
+    "a row of one entry gets p = density where mergekit divides by zero; rows are the last dim of any-rank tensors."
+)
 
 # METHODS.md's table, row for row.
 FAMILY: tuple[FamilyRow, ...] = (
@@ -188,19 +319,53 @@ FAMILY: tuple[FamilyRow, ...] = (
     FamilyRow("ties", True, MAGNITUDE, True, None, "https://arxiv.org/abs/2306.01708", "TIES (Yadav et al. 2023): trim to the largest |δ|, elect signs, average the agreeing entries."),
     FamilyRow("dare_linear", False, RANDOM, False, True, "https://arxiv.org/abs/2311.03099", "DARE (Yu et al. 2024): drop entries at random, rescale, add."),
     FamilyRow("dare_ties", True, RANDOM, False, True, "https://arxiv.org/abs/2311.03099", "DARE drop-and-rescale followed by TIES sign consensus."),
+    FamilyRow(
+        "breadcrumbs", False, MAGNITUDE_OUTLIERS, False, False, "https://arxiv.org/abs/2312.06795",
+        "Model Breadcrumbs (Davari & Belilovsky 2024): drop the largest (gamma) and smallest |δ|, keep density, add.",
+        extra=(GAMMA,), vs_mergekit=_BREADCRUMBS_VS_MERGEKIT,
+    ),
+    FamilyRow(
+        "breadcrumbs_ties", True, MAGNITUDE_OUTLIERS, False, False, "https://arxiv.org/abs/2312.06795",
+        "Model Breadcrumbs' outlier-and-small-entry pruning followed by TIES sign consensus.",
+        extra=(GAMMA,), vs_mergekit=_BREADCRUMBS_VS_MERGEKIT,
+    ),
+    FamilyRow(
+        "della", True, DELLA_MAGPRUNE, True, True, "https://arxiv.org/abs/2406.11617",
+        "DELLA (Deep et al. 2024): drop entries at random, bigger |δ| kept more often (MagPrune), rescale, elect signs, average.",
+        extra=(EPSILON,), check=check_della_range, vs_mergekit=_DELLA_VS_MERGEKIT,
+    ),
+    FamilyRow(
+        "della_linear", False, DELLA_MAGPRUNE, False, True, "https://arxiv.org/abs/2406.11617",
+        "DELLA's MagPrune drop-and-rescale, then a weighted sum of the task vectors (no sign election).",
+        extra=(EPSILON,), check=check_della_range, vs_mergekit=_DELLA_VS_MERGEKIT,
+    ),
 )
 
 
 def _family_method(row: FamilyRow) -> MergeMethod:
     params = [WEIGHT, LAMBDA, Param("normalize", default=row.normalize, kind=bool, doc="divide by the (agreeing) weight sum")]
     if row.sparsifier is not None:
-        params.insert(1, DENSITY)
+        params[1:1] = [DENSITY, *row.extra]
     if row.consensus:
         params += [CONSENSUS, INT8_MASK]
     if row.rescale is not None:
         params.append(_rescale_param(row.rescale))
 
-    def fn(tensors: list[Tensor], *, base: Tensor, generator=None, weight, lambda_, normalize, density=None, consensus_method="sum", int8_mask=False, rescale=None) -> Tensor:
+    def fn(
+        tensors: list[Tensor],
+        *,
+        base: Tensor,
+        generator=None,
+        weight,
+        lambda_,
+        normalize,
+        density=None,
+        gamma=None,
+        epsilon=None,
+        consensus_method="sum",
+        int8_mask=False,  # masks are bool here already: 1 byte, what int8 buys mergekit
+        rescale=None,
+    ) -> Tensor:
         rescale_mode = {True: "l1", False: None, None: None}.get(rescale, rescale)
         return task_vector_merge(
             tensors,
@@ -213,6 +378,8 @@ def _family_method(row: FamilyRow) -> MergeMethod:
             normalize=normalize,
             rescale=rescale_mode,
             generator=generator,
+            gamma=gamma,
+            epsilon=epsilon,
         )
 
     fn.__doc__ = row.doc
@@ -222,6 +389,8 @@ def _family_method(row: FamilyRow) -> MergeMethod:
         base="required",
         randomized=bool(row.sparsifier and row.sparsifier.random),
         reference=row.reference,
+        vs_mergekit=row.vs_mergekit,
+        check=row.check,
     )(fn)
 
 
