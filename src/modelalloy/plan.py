@@ -94,10 +94,21 @@ class Plan:
         def working_set(r: TensorRecipe) -> int:
             n = len(r.sources())
             live = 2 * n + 3 if consensus else n + 3  # inputs, deltas (kept for consensus), sum, masks
-            return r.numel * compute * live
+            return r.numel * compute * live + _matrix_extra(r, compute)
 
         largest = sorted((working_set(r) for r in self.recipes), reverse=True)[:concurrency]
         return sum(largest) + 400 * 2**20
+
+
+def _matrix_extra(r: TensorRecipe, compute: int) -> int:
+    """Bytes beyond the inputs for per-matrix methods: each task's SVD factors (tsv, iso_*), or
+    the [in, in] Gram matrices and the float64 square solve (regmean, wudi)."""
+    layout = r.params.get("layout")
+    if layout not in ("out_in", "in_out") or len(r.shape) != 2:
+        return 0
+    n_in = r.shape[1] if layout == "out_in" else r.shape[0]
+    square = n_in * n_in
+    return max(2 * len(r.inputs) * r.numel * compute, len(r.stats) * square * compute + 3 * square * 8 + 2 * r.numel * 8)
 
 
 @dataclass

@@ -17,6 +17,8 @@ from modelalloy.methods import get_method
 from modelalloy.plan import seed_for
 
 CHECKED = "model.layers.1.mlp.down_proj.weight"
+# Per family, a 2-D weight to compare and a 1-D one (GPT-2: Conv1D weights stored transposed, biases).
+CHECKED_BY_FAMILY = {"llama": (CHECKED, "model.layers.2.input_layernorm.weight"), "gpt2": ("transformer.h.1.mlp.c_proj.weight", "transformer.h.2.ln_1.bias")}
 
 # method -> (non-base models, base used?, top-level parameters, per-model parameters)
 CASES = {
@@ -48,33 +50,36 @@ def _config(paths, method: str, models: list[str], with_base: bool, top: dict, p
     return MergeConfig.model_validate(doc)
 
 
-def _expected(paths, method_name: str, models: list[str], with_base: bool, config: MergeConfig) -> torch.Tensor:
+def _expected(paths, method_name: str, models: list[str], with_base: bool, config: MergeConfig, tensor: str = CHECKED) -> torch.Tensor:
     """The method on tensors read with safetensors itself, parameters as the config says."""
     method = get_method(method_name)
-    read = {name: load_file(str(paths[name] / "model.safetensors"))[CHECKED] for name in ["base", *models]}
+    read = {name: load_file(str(paths[name] / "model.safetensors"))[tensor] for name in ["base", *models]}
     params = {}
     for p in method.params:
         if p.per_model:
             params[p.name] = [m.parameters.get(p.name, config.parameters.get(p.name, p.default)) for m in config.models]
         else:
             params[p.name] = config.parameters.get(p.name, p.default)
-    generator = torch.Generator().manual_seed(seed_for(3, CHECKED, method_name))
+    generator = torch.Generator().manual_seed(seed_for(3, tensor, method_name))
     return method([read[m] for m in models], base=read["base"] if with_base else None, generator=generator, **params)
 
 
+@pytest.mark.parametrize("family", ["llama", "gpt2"])
 @pytest.mark.parametrize("method", sorted(CASES))
-def test_method_merges_real_models_that_load_and_run(method, families, tmp_path):
-    paths = families("llama")
+def test_method_merges_real_models_that_load_and_run(method, family, families, tmp_path):
+    paths = families(family)
     models, with_base, top, per_model = CASES[method]
     config = _config(paths, method, models, with_base, top, per_model)
     out = tmp_path / "merged"
     modelalloy.merge(config, out, threads=1, hash_inputs=False)
 
     merged = load_file(str(out / "model.safetensors"))
-    expected = _expected(paths, method, models, with_base, config)
-    torch.testing.assert_close(merged[CHECKED], expected, rtol=0, atol=0)
-    inputs = [load_file(str(paths[m] / "model.safetensors"))[CHECKED] for m in ["base", *models]]
-    assert not any(torch.equal(merged[CHECKED], x) for x in inputs) or method == "nearswap"  # it really merged
+    matrix, vector = CHECKED_BY_FAMILY[family]
+    for tensor in (matrix, vector):
+        expected = _expected(paths, method, models, with_base, config, tensor)
+        torch.testing.assert_close(merged[tensor], expected, rtol=0, atol=0)
+    inputs = [load_file(str(paths[m] / "model.safetensors"))[matrix] for m in ["base", *models]]
+    assert not any(torch.equal(merged[matrix], x) for x in inputs)  # it really merged
 
     model = transformers.AutoModelForCausalLM.from_pretrained(out)
     with torch.no_grad():

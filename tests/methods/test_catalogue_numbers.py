@@ -386,7 +386,7 @@ def sce_np(base, models, topk):
         mask[np.argsort(-var, kind="stable")[:k]] = True
         tau = tau * mask.reshape(base.shape)
     energy = (tau**2).reshape(len(models), -1).mean(axis=1)
-    w = energy / energy.sum() if energy.sum() > 0 else np.full(len(models), 1 / len(models))
+    w = energy / energy.sum() if energy.sum() >= 1e-6 else np.full(len(models), 1 / len(models))
     sign = np.where(tau.sum(0) >= 0, 1.0, -1.0)
     m = np.sign(tau) == sign
     ww = w[:, None, None] * m
@@ -513,14 +513,17 @@ def test_ram_limits():
     close(run("ram", MODELS, BASE, epsilon=1.0), BASE)
 
 
-def test_sce_weights_small_task_vectors_by_energy_too():
-    # LLM-sized task vectors (|τ| ~ 1e-4, mean τ² ~ 1e-8): still weighted by energy, as in mergekit,
-    # not made uniform by a 1e-6 floor on the energy sum.
+def test_sce_weights_are_uniform_below_the_energy_floor():
+    # METHODS.md (and mergekit 0.1.5): Σ mean(τ_i²) < 1e-6 gives equal weights. Task vectors of
+    # |τ| ~ 1e-4 are below it; ten times larger ones are not.
+    def uniform(models):
+        tau = np.stack([m - BASE for m in models])
+        agree = np.sign(tau) == np.where(tau.sum(0) >= 0, 1.0, -1.0)
+        return BASE + (agree * tau).sum(0) / np.maximum(agree.sum(0), 1e-6)
+
     small = [BASE + d * 1e-3 for d in DELTAS]
-    got = run("sce", small, BASE, select_topk=1.0, int8_mask=False, dtype=torch.float64)
-    close(got, sce_np(BASE, small, 1.0), 1e-12)
-    tau = np.stack([m - BASE for m in small])
-    sign = np.where(tau.sum(0) >= 0, 1.0, -1.0)
-    agree = np.sign(tau) == sign
-    uniform = BASE + (agree * tau).sum(0) / np.maximum(agree.sum(0), 1e-6)
-    assert np.abs(got - uniform).max() > 1e-6
+    close(run("sce", small, BASE, select_topk=1.0, int8_mask=False, dtype=torch.float64), uniform(small), 1e-12)
+    larger = [BASE + d * 1e-2 for d in DELTAS]
+    got = run("sce", larger, BASE, select_topk=1.0, int8_mask=False, dtype=torch.float64)
+    close(got, sce_np(BASE, larger, 1.0), 1e-12)
+    assert np.abs(got - uniform(larger)).max() > 1e-5

@@ -1,5 +1,5 @@
-"""Checks run in-process (cheaper than a subprocess): overflow in the cast to the output dtype, a
-dangling symlink, duplicate header keys, an Inf input."""
+"""Checks that need a library hook rather than a subprocess: DELLA's density ±
+epsilon range, overflow in the cast to the output dtype, a dangling symlink, duplicate header keys."""
 
 from __future__ import annotations
 
@@ -9,9 +9,38 @@ import pytest
 from alloy_helpers import copy_model, rewrite_weights, write_config
 
 import modelalloy
-from modelalloy.errors import CheckpointError, MergeError
+from modelalloy.api import plan_merge
+from modelalloy.errors import CheckpointError, ConfigError, MergeError
 from modelalloy.io.checkpoint import open_checkpoint
 from modelalloy.io.safetensors_format import read_header
+from modelalloy.methods import REGISTRY
+
+
+@pytest.fixture()
+def della():
+    """The real DELLA method: only its parameters matter to the planner here."""
+    return REGISTRY.get("della")
+
+
+def della_config(llama, density: float, epsilon: float) -> dict:
+    return {
+        "merge_method": "della",
+        "base_model": str(llama["base"]),
+        "models": [{"model": str(llama["ft_dense"]), "parameters": {"density": 0.5}}, {"model": str(llama["ft_sparse"]), "parameters": {"density": density}}],
+        "parameters": {"epsilon": epsilon},
+    }
+
+
+@pytest.mark.parametrize(("density", "epsilon", "limit"), [(0.9, 0.15, "0.1"), (0.1, 0.2, "0.1")])
+def test_della_density_plus_minus_epsilon_outside_unit_interval(tmp_path, llama, della, density, epsilon, limit):
+    cfg = write_config(tmp_path / "m.yaml", della_config(llama, density, epsilon))
+    with pytest.raises(ConfigError, match=rf"density {density:g} ± epsilon {epsilon:g} for .* leaves \(0, 1\).*use epsilon < {limit}"):
+        plan_merge(cfg)
+
+
+def test_della_density_plus_minus_epsilon_inside_is_fine(tmp_path, llama, della):
+    plan, _ = plan_merge(write_config(tmp_path / "m.yaml", della_config(llama, 0.8, 0.15)))
+    assert plan.recipes[0].params["epsilon"] == (0.15, 0.15)  # per model
 
 
 def test_overflow_in_the_cast_to_the_output_dtype(tmp_path, llama):

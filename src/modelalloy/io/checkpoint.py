@@ -110,7 +110,15 @@ def resolve_model_path(ref: str) -> tuple[Path, str | None]:
 
 
 def open_checkpoint(ref: str, *, allow_pickle: bool = False) -> Checkpoint:
-    """Open `ref` lazily: config and every tensor header are read and validated; no tensor data."""
+    """Open `ref` lazily: config and every tensor header are read and validated; no tensor data.
+
+    ``base+adapter`` (mergekit's syntax) opens the base with a PEFT LoRA adapter folded in on read.
+    """
+    base_ref, plus, adapter_ref = ref.partition("+")
+    if plus and base_ref and adapter_ref and not Path(ref).expanduser().exists():
+        from modelalloy.io.adapter import open_adapter, with_adapter
+
+        return with_adapter(open_checkpoint(base_ref, allow_pickle=allow_pickle), open_adapter(adapter_ref), ref)
     path, revision = resolve_model_path(ref)
     if not os.access(path, os.R_OK | os.X_OK):
         raise CheckpointError(f"{ref}: permission denied reading the directory")

@@ -21,10 +21,6 @@ _DENOMINATOR_MIN = 1e-6
     base="required",
     min_models=2,
     reference="https://arxiv.org/abs/2403.19522",
-    vs_mergekit=(
-        "Where 1 + (N−1)·cosθ is ~0 (exactly opposite task vectors) mergekit divides by zero and writes "
-        "inf/NaN; we keep the base there. Fewer than 2 models besides the base is a planning error."
-    ),
 )
 def model_stock(tensors: list[Tensor], *, base: Tensor, filter_wise: bool) -> Tensor:
     """Model Stock (Jang et al. 2024): toward the fine-tunes' mean by an angle-derived ratio.
@@ -34,6 +30,9 @@ def model_stock(tensors: list[Tensor], *, base: Tensor, filter_wise: bool) -> Te
     (norm product floored at 1e-6, clamped to [−1, 1]):
 
         t = N cosθ / (1 + (N − 1) cosθ),   result = t · mean(θ_i) + (1 − t) · θ_0.
+
+    Where 1 + (N−1)·cosθ is ~0 (exactly opposite task vectors) t would be infinite: the base is
+    kept there (as mergekit 0.1.5 does; earlier versions wrote inf/NaN).
     """
     shape = base.shape
     rows = (-1, shape[-1]) if filter_wise and base.dim() > 0 else (1, -1)  # (R, D): one angle per row

@@ -17,7 +17,7 @@ _MIN_DISTANCE = 1e-6
     min_models=1,
     max_models=1,
     reference="https://huggingface.co/alchemonaut/QuartetAnemoi-70B-t0.0001",
-    vs_mergekit="t ≤ 0 and a wrong model count are rejected while planning; mergekit raises mid-merge, at the first tensor.",
+    vs_mergekit="t must be > 0, checked while planning; mergekit does not check it (t ≤ 0 quietly gives the base).",
 )
 def nearswap(tensors: list[Tensor], *, base: Tensor, t: float) -> Tensor:
     """Take the other model's entries where they are within t of the base, interpolate the rest.

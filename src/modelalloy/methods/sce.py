@@ -10,6 +10,7 @@ from modelalloy.methods.registry import Param, in_range, merge_method
 from modelalloy.methods.task_vectors import consensus_sign, descending_rank_window
 
 _DIVISOR_MIN = 1e-6
+_UNIFORM_BELOW = 1e-6
 
 
 @merge_method(
@@ -25,8 +26,8 @@ _DIVISOR_MIN = 1e-6
     min_models=1,
     reference="https://arxiv.org/abs/2408.07990",
     vs_mergekit=(
-        "Entries with equal variance at the select_topk cut are taken in index order (mergekit's topk "
-        "order is unspecified); the merged sum is divided by max(Σ w_i m_i, 1e-6) where mergekit turns an exact 0 into 1."
+        "Entries with equal variance at the select_topk cut are taken in index order (mergekit's topk order "
+        "is unspecified). `normalize: true`, found in many published configs, is accepted (SCE always normalizes)."
     ),
 )
 def sce(tensors: list[Tensor], *, base: Tensor, select_topk: float, int8_mask: bool = False, normalize: bool = True) -> Tensor:
@@ -36,7 +37,7 @@ def sce(tensors: list[Tensor], *, base: Tensor, select_topk: float, int8_mask: b
 
     Select: if select_topk < 1, zero every τ_i outside the k = int(count_nonzero(var)·select_topk)
     entries of largest variance across models (population variance).
-    Calculate: w_i = mean(τ_i²) / Σ_k mean(τ_k²) (uniform when the sum is exactly 0).
+    Calculate: w_i = mean(τ_i²) / Σ_k mean(τ_k²) (uniform when the sum is below 1e-6).
     Erase: s = sign(Σ τ_i) (0 counts as +), m_i = [sign τ_i = s];
     result θ_0 + Σ w_i m_i τ_i / max(Σ w_i m_i, 1e-6).
     """
@@ -56,9 +57,9 @@ def sce(tensors: list[Tensor], *, base: Tensor, select_topk: float, int8_mask: b
         deltas = [d.mul_(selected) for d in deltas]
     energy = [float(d.square().sum(dtype=torch.float64)) / max(d.numel(), 1) for d in deltas]
     total = sum(energy)
-    # Uniform only when there is no energy at all, as in mergekit. (METHODS.md's "sum < 1e-6"
-    # would make the weights uniform for typical LLM task vectors, whose mean(τ²) is ~1e-7.)
-    weights = [1.0 / n] * n if total == 0 else [e / total for e in energy]
+    # METHODS.md and mergekit 0.1.5: uniform when the energies sum below 1e-6. Note that LLM task
+    # vectors (|τ| ~ 1e-3, mean τ² ~ 1e-6 or less) often fall below it, and then get equal weights.
+    weights = [1.0 / n] * n if abs(total) < _UNIFORM_BELOW else [e / total for e in energy]
     direction = torch.zeros_like(base)
     for d in deltas:
         direction.add_(d)

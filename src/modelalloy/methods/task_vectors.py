@@ -91,10 +91,10 @@ def outlier_mask(delta: Tensor, density: float, gamma: float) -> Tensor | None:
     """Model Breadcrumbs (Davari & Belilovsky 2024): drop the largest `gamma` fraction of |δ|
     (outliers) and then the smallest, so that int(density·numel) entries remain (None = keep all).
 
-    When density + gamma > 1 fewer outliers are dropped, so the density is still met. mergekit
-    selects with ``sorted[n_bottom:-n_top]``, which is empty when int(gamma·numel) = 0 (any
-    tensor under 1/gamma entries, e.g. every norm vector at gamma 0.01): it zeroes that whole
-    task vector. Here n_top = 0 keeps the intended largest entries.
+    When density + gamma > 1 fewer outliers are dropped, so the density is still met. Earlier
+    mergekit versions selected ``sorted[n_bottom:-n_top]``, which is empty when int(gamma·numel)
+    = 0 (any tensor under 1/gamma entries, e.g. every norm vector at gamma 0.01) and zeroed that
+    whole task vector. Here n_top = 0 keeps the intended largest entries (as mergekit 0.1.5 does).
     """
     if density >= 1.0:
         return None
@@ -305,8 +305,9 @@ class FamilyRow:
 
 
 _BREADCRUMBS_VS_MERGEKIT = (
-    "When int(gamma·numel) = 0 (tensors under 1/gamma entries, e.g. norms at gamma 0.01) mergekit "
-    "zeroes the whole task vector (an empty slice); we drop no outliers there and keep the density's largest entries."
+    "Equal |δ| at a cut are ranked by index (mergekit's unstable sort picks any). Earlier mergekit versions "
+    "zeroed the whole task vector when int(gamma·numel) = 0 (tensors under 1/gamma entries, e.g. norms at "
+    "gamma 0.01); we keep the density's largest entries there, as mergekit 0.1.5 does. rescale also takes inverse_p."
 )
 _DELLA_VS_MERGEKIT = (
     "rescale: inverse_p divides each kept entry by its own keep-probability (the paper's rescaling); "
