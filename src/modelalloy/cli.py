@@ -454,6 +454,9 @@ def lora_extract(
     except ModelAlloyError as e:
         _fail(e)
     _adapter_report(result, as_json)
+
+
+@app.command()
 def stats(
     model: Annotated[str, typer.Argument(metavar="MODEL", help="model directory (or an id in the local Hugging Face cache)")],
     out_file: Annotated[Path, typer.Argument(metavar="OUT", help="statistics file to write (.safetensors)")],
