@@ -384,6 +384,16 @@ def _run_bounded(recipes: list[TensorRecipe], run: Callable[[TensorRecipe], None
             f.result()
 
 
+def prepare_output(out_dir: Path, checkpoints: Mapping[str, Checkpoint], out_bytes: int, *, force: bool) -> Path:
+    """Check the output location and create a fresh `OUT.partial/` (for writers that do not resume)."""
+    check_output(out_dir, checkpoints, out_bytes, force=force)
+    partial = out_dir.with_name(out_dir.name + ".partial")
+    if partial.exists():
+        shutil.rmtree(partial)
+    partial.mkdir(parents=True)
+    return partial
+
+
 def check_output(out_dir: Path, checkpoints: Mapping[str, Checkpoint], out_bytes: int, *, force: bool) -> None:
     """Refuse an output that exists (without `force`), overlaps an input, or does not fit on disk.
 
