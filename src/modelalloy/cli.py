@@ -51,6 +51,16 @@ def _fail(e: Exception) -> None:
     raise typer.Exit(2)
 
 
+def _option_error(e: ValueError) -> ModelAlloyError:
+    """One line from pydantic's validation error: the flag, the value given and what is wrong."""
+    problems = e.errors() if callable(getattr(e, "errors", None)) else []
+    if not problems or not problems[0].get("loc"):
+        return ModelAlloyError(str(e).splitlines()[0])
+    first = problems[0]
+    flag = "--" + str(first["loc"][0]).replace("_", "-")
+    return ModelAlloyError(f"{flag} {first.get('input')!r}: {first['msg']}")
+
+
 def _show_warnings(caught: list[warnings.WarningMessage], quiet: bool) -> None:
     if quiet:
         return
@@ -81,6 +91,8 @@ def merge(
     copy_tokenizer: Annotated[bool, typer.Option(help=_help("copy_tokenizer"))] = True,
     hash_inputs: Annotated[bool, typer.Option(help=_help("hash_inputs"))] = True,
     resume: Annotated[bool, typer.Option(help=_help("resume"))] = True,
+    backend: Annotated[str, typer.Option(help=_help("backend"))] = _DEFAULTS.backend,
+    ray_address: Annotated[Optional[str], typer.Option(help=_help("ray_address"))] = None,
     quiet: Annotated[bool, typer.Option("--quiet", "-q", help="no progress bar")] = False,
     as_json: Annotated[bool, typer.Option("--json", help="print a JSON summary on stdout")] = False,
 ) -> None:
@@ -99,9 +111,11 @@ def merge(
             copy_tokenizer=copy_tokenizer,
             hash_inputs=hash_inputs,
             resume=resume,
+            backend=backend,
+            ray_address=ray_address,
         )
     except ValueError as e:
-        _fail(ModelAlloyError(str(e).splitlines()[-1]))
+        _fail(_option_error(e))
     bar = Progress(
         TextColumn("[bold]merging"),
         BarColumn(),
@@ -179,7 +193,7 @@ def plan(
             try:
                 options = MergeOptions(threads=threads, allow_pickle=allow_pickle, allow_crimes=allow_crimes, force=force)
             except ValueError as e:
-                raise ModelAlloyError(str(e).splitlines()[-1]) from None
+                raise _option_error(e) from None
             the_plan, models = plan_merge(config, options=options)
             if out_dir is not None:
                 check_output(out_dir, models, the_plan.output_bytes, force=force)
