@@ -273,6 +273,15 @@ def test_fisher_merge_end_to_end(llama_stats, tmp_path):
         np.testing.assert_allclose(merged[name], (f[0] * ws[0][name] + f[1] * ws[1][name]) / (f[0] + f[1]), rtol=1e-5, atol=1e-6)
 
 
+def test_plan_estimates_the_gram_memory(llama_stats):
+    fam, stats = llama_stats
+    plan, _ = plan_merge(_config("regmean", fam, stats))
+    down = next(r for r in plan.recipes if r.name == "model.layers.0.mlp.down_proj.weight")  # [32, 64]
+    assert [s.tensor for s in down.stats] == ["gram:model.layers.0.mlp.down_proj.weight"] * 2
+    # two float32 Grams of 64×64 are read, and a float64 solve of 64×64 is made, besides the inputs
+    assert plan.peak_memory_estimate(1) - 400 * 2**20 >= 2 * 64 * 64 * 4 + 3 * 64 * 64 * 8
+
+
 def test_plan_checks_the_statistics(llama_stats, families, tmp_path):
     fam, stats = llama_stats
     base_cfg = f"merge_method: regmean\nmodels:\n  - model: {fam['ft_dense']}\n    stats: {stats['ft_dense']}\n  - model: {fam['ft_flip']}\n"

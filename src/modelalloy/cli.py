@@ -51,16 +51,6 @@ def _fail(e: Exception) -> None:
     raise typer.Exit(2)
 
 
-def _option_error(e: ValueError) -> ModelAlloyError:
-    """One line from pydantic's validation error: the flag, the value given and what is wrong."""
-    problems = e.errors() if callable(getattr(e, "errors", None)) else []
-    if not problems or not problems[0].get("loc"):
-        return ModelAlloyError(str(e).splitlines()[0])
-    first = problems[0]
-    flag = "--" + str(first["loc"][0]).replace("_", "-")
-    return ModelAlloyError(f"{flag} {first.get('input')!r}: {first['msg']}")
-
-
 def _show_warnings(caught: list[warnings.WarningMessage], quiet: bool) -> None:
     if quiet:
         return
@@ -90,6 +80,9 @@ def merge(
     write_model_card: Annotated[bool, typer.Option(help=_help("write_model_card"))] = True,
     copy_tokenizer: Annotated[bool, typer.Option(help=_help("copy_tokenizer"))] = True,
     hash_inputs: Annotated[bool, typer.Option(help=_help("hash_inputs"))] = True,
+    out_format: Annotated[str, typer.Option(help=_help("out_format"))] = _DEFAULTS.out_format,
+    out_type: Annotated[str, typer.Option(help=_help("out_type"))] = _DEFAULTS.out_type,
+    vocab_report: Annotated[bool, typer.Option(help="print the vocabulary report when tokenizers are aligned")] = True,
     resume: Annotated[bool, typer.Option(help=_help("resume"))] = True,
     backend: Annotated[str, typer.Option(help=_help("backend"))] = _DEFAULTS.backend,
     ray_address: Annotated[Optional[str], typer.Option(help=_help("ray_address"))] = None,
@@ -110,12 +103,17 @@ def merge(
             write_model_card=write_model_card,
             copy_tokenizer=copy_tokenizer,
             hash_inputs=hash_inputs,
+            out_format=out_format,
+            out_type=out_type,
             resume=resume,
             backend=backend,
             ray_address=ray_address,
         )
-    except ValueError as e:
-        _fail(_option_error(e))
+    except ValueError as e:  # pydantic's ValidationError: name the flag, not the docs URL
+        errors = getattr(e, "errors", lambda: [])()
+        if errors:
+            _fail(ModelAlloyError(f"--{str(errors[0]['loc'][0]).replace('_', '-')}: {errors[0]['msg']}"))
+        _fail(ModelAlloyError(str(e).splitlines()[-1]))
     bar = Progress(
         TextColumn("[bold]merging"),
         BarColumn(),
@@ -160,6 +158,11 @@ def merge(
         finally:
             signal.signal(signal.SIGTERM, previous_sigterm)
     _show_warnings(caught, quiet)
+    report_file = result.out_dir / "vocab_report.json"
+    if vocab_report and not quiet and not as_json and report_file.exists():
+        from modelalloy.vocab import format_report
+
+        err.print(format_report(json.loads(report_file.read_text())), highlight=False, markup=False)
     if as_json:
         out.print_json(json.dumps(result.summary()))
     elif not quiet:
@@ -193,7 +196,7 @@ def plan(
             try:
                 options = MergeOptions(threads=threads, allow_pickle=allow_pickle, allow_crimes=allow_crimes, force=force)
             except ValueError as e:
-                raise _option_error(e) from None
+                raise ModelAlloyError(str(e).splitlines()[-1]) from None
             the_plan, models = plan_merge(config, options=options)
             if out_dir is not None:
                 check_output(out_dir, models, the_plan.output_bytes, force=force)
@@ -212,6 +215,8 @@ def plan(
         "layers": the_plan.output_config.get("num_hidden_layers", the_plan.output_config.get("n_layer")),
         "notes": the_plan.notes,
     }
+    if the_plan.vocab is not None:
+        summary["vocabulary"] = the_plan.vocab.report
     if show_tensors:
         summary["recipes"] = [
             {"name": r.name, "method": r.method, "inputs": [f"{s.model}:{s.tensor}" for s in r.sources()], "shape": list(r.shape), "dtype": str(r.out_dtype).removeprefix("torch."), "params": r.params}
@@ -229,6 +234,10 @@ def plan(
     table.add_row("writes", f"{summary['output_bytes'] / 1e9:.3f} GB")
     table.add_row("est. peak RAM", f"{summary['peak_memory_bytes'] / 1e9:.2f} GB (threads={threads})")
     out.print(table)
+    if the_plan.vocab is not None:
+        from modelalloy.vocab import format_report
+
+        out.print(format_report(the_plan.vocab.report), highlight=False, markup=False)
     if show_tensors:
         for r in summary["recipes"]:
             out.print(f"{r['name']}  {r['method']}  {r['shape']}  {r['dtype']}  <- {', '.join(r['inputs'])}", highlight=False)
@@ -307,6 +316,170 @@ def methods(name: Annotated[Optional[str], typer.Argument(help="show one method 
 
 
 @app.command()
+def moe(
+    config: Annotated[Path, typer.Argument(help="MoE config (mergekit-moe YAML)")],
+    out_dir: Annotated[Path, typer.Argument(help="output directory (a Hugging Face model)")],
+    i_understand: Annotated[bool, typer.Option("--i-understand-this-is-not-useful-without-training", help="allow every expert to be the same model")] = False,
+    layout: Annotated[Optional[str], typer.Option(help="expert tensor layout: fused (transformers 5) or per_expert; default: what the installed transformers expects")] = None,
+    max_shard_size: Annotated[str, typer.Option(help=_help("max_shard_size"))] = _DEFAULTS.max_shard_size,
+    force: Annotated[bool, typer.Option("--force", help=_help("force"))] = False,
+) -> None:
+    """Build a mixture of experts (Mixtral or Qwen2-MoE) from dense models."""
+    from modelalloy.moe import build_moe
+
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        try:
+            if layout not in (None, "fused", "per_expert"):
+                raise ModelAlloyError(f"--layout {layout!r}: use fused or per_expert")
+            result = build_moe(config, out_dir, allow_same_experts=i_understand, layout=layout, force=force, max_shard_size=max_shard_size)
+        except ModelAlloyError as e:
+            _show_warnings([w for w in caught if issubclass(w.category, UserWarning)], False)
+            _fail(e)
+    _show_warnings([w for w in caught if issubclass(w.category, UserWarning)], False)
+    err.print(f"wrote {result.architecture} ({result.layout} experts), {result.tensors} tensors in {result.seconds:.1f}s to {result.out_dir}", highlight=False)
+
+
+@app.command("stack")
+def stack_cmd(
+    config: Annotated[Path, typer.Argument(help="stack config (YAML: model + layer_ranges | depth_upscale | progressive | interleave)")],
+    out_dir: Annotated[Optional[Path], typer.Argument(help="output directory (omit with --show)")] = None,
+    show: Annotated[bool, typer.Option("--show", help="print the compiled passthrough merge config (mergekit YAML) and stop")] = False,
+    force: Annotated[bool, typer.Option("--force", help=_help("force"))] = False,
+    threads: Annotated[int, typer.Option("--threads", "-j", help=_help("threads"))] = _DEFAULTS.threads,
+) -> None:
+    """Depth up-scaling / progressive stacking of one model, as passthrough slices."""
+    import yaml
+
+    from modelalloy.stack import compiled_stack, stack
+
+    try:
+        if show:
+            out.print(yaml.safe_dump(compiled_stack(config).model_dump(exclude_defaults=True), sort_keys=False), highlight=False, end="")
+            return
+        if out_dir is None:
+            raise ModelAlloyError("give an output directory (or --show to print the compiled config)")
+        result = stack(config, out_dir, force=force, threads=threads)
+    except ModelAlloyError as e:
+        _fail(e)
+    err.print(f"wrote {result.tensors} tensors to {result.out_dir}", highlight=False)
+
+
+@app.command("graft")
+def graft_cmd(
+    recipient: Annotated[str, typer.Argument(help="the model that receives modules")],
+    donor: Annotated[str, typer.Argument(help="the model the modules come from")],
+    out_dir: Annotated[Path, typer.Argument(help="output directory")],
+    module: Annotated[list[str], typer.Option("--module", "-m", help="name fragment selecting tensors to graft (repeatable), e.g. mlp")],
+    layers: Annotated[Optional[str], typer.Option(help="only layers START-END (END excluded), e.g. 10-20")] = None,
+    force: Annotated[bool, typer.Option("--force", help=_help("force"))] = False,
+    threads: Annotated[int, typer.Option("--threads", "-j", help=_help("threads"))] = _DEFAULTS.threads,
+) -> None:
+    """Take the selected modules from DONOR into RECIPIENT (shapes must match)."""
+    from modelalloy.stack import graft
+
+    try:
+        span = None
+        if layers is not None:
+            try:
+                start, end = (int(x) for x in layers.split("-"))
+            except ValueError:
+                raise ModelAlloyError(f"--layers {layers!r}: write START-END, e.g. 10-20") from None
+            span = (start, end)
+        result = graft(recipient, donor, out_dir, modules=module, layers=span, force=force, threads=threads)
+    except ModelAlloyError as e:
+        _fail(e)
+    err.print(f"wrote {result.tensors} tensors to {result.out_dir}", highlight=False)
+
+
+lora_app = typer.Typer(help="LoRA adapters: fold into a model, combine, extract.", no_args_is_help=True)
+app.add_typer(lora_app, name="lora")
+
+
+def _adapter_report(result, as_json: bool) -> None:
+    rows = [{"module": r.module, "rank": r.rank, "energy_kept": r.energy_kept, "relative_error": r.relative_error} for r in result.modules]
+    if as_json:
+        out.print_json(json.dumps({"out_dir": str(result.out_dir), "modules": rows, "saved_modules": result.saved_modules, "notes": result.notes}))
+        return
+    table = Table(title=f"adapter written to {result.out_dir}")
+    for col in ("module", "rank", "energy kept", "rel. error"):
+        table.add_column(col)
+    for r in rows:
+        table.add_row(r["module"], str(r["rank"]), f"{r['energy_kept']:.4f}", f"{r['relative_error']:.2e}")
+    out.print(table)
+    if result.saved_modules:
+        err.print(f"saved whole (modules_to_save): {', '.join(result.saved_modules)}", highlight=False, soft_wrap=True)
+    for note in result.notes:
+        err.print(f"[yellow]note:[/] {note}", highlight=False, soft_wrap=True)
+
+
+@lora_app.command("apply")
+def lora_apply(
+    base: Annotated[str, typer.Argument(help="base model directory")],
+    adapter: Annotated[str, typer.Argument(help="PEFT LoRA adapter directory")],
+    out_dir: Annotated[Path, typer.Argument(help="output model directory")],
+    force: Annotated[bool, typer.Option("--force", help=_help("force"))] = False,
+    threads: Annotated[int, typer.Option("--threads", "-j", help=_help("threads"))] = _DEFAULTS.threads,
+) -> None:
+    """Fold ADAPTER into BASE's weights (W + scale·B·A), streaming, into OUT_DIR."""
+    from modelalloy.lora import apply_adapter
+
+    try:
+        result = apply_adapter(base, adapter, out_dir, force=force, threads=threads)
+    except ModelAlloyError as e:
+        _fail(e)
+    err.print(f"wrote {result.tensors} tensors to {result.out_dir}", highlight=False)
+
+
+@lora_app.command("combine")
+def lora_combine(
+    paths: Annotated[list[str], typer.Argument(help="adapters to combine, then the output directory last")],
+    method: Annotated[str, typer.Option(help="cat (exact), linear, svd, ties or dare_ties")] = "cat",
+    weights: Annotated[Optional[str], typer.Option(help="comma-separated weight per adapter (default 1 each)")] = None,
+    rank: Annotated[Optional[int], typer.Option(help="rank of the result for svd/ties/dare_ties (default: the largest input rank)")] = None,
+    density: Annotated[float, typer.Option(help="density for ties/dare_ties")] = 1.0,
+    seed: Annotated[int, typer.Option(help="random seed for dare_ties")] = 0,
+    force: Annotated[bool, typer.Option("--force", help=_help("force"))] = False,
+    as_json: Annotated[bool, typer.Option("--json", help="print the per-module report as JSON")] = False,
+) -> None:
+    """Combine LoRA adapters in adapter space: ADAPTER... OUT_DIR."""
+    from modelalloy.lora import combine_adapters
+
+    try:
+        if len(paths) < 2:
+            raise ModelAlloyError("give at least one adapter and then the output directory")
+        try:
+            w = [float(x) for x in weights.split(",")] if weights else None
+        except ValueError:
+            raise ModelAlloyError(f"--weights {weights!r}: write numbers separated by commas, e.g. 0.5,-0.25") from None
+        result = combine_adapters(paths[:-1], Path(paths[-1]), method=method, weights=w, rank=rank, density=density, seed=seed, force=force)
+    except ModelAlloyError as e:
+        _fail(e)
+    _adapter_report(result, as_json)
+
+
+@lora_app.command("extract")
+def lora_extract(
+    base: Annotated[str, typer.Argument(help="base model directory")],
+    finetune: Annotated[str, typer.Argument(help="fine-tuned model directory")],
+    out_dir: Annotated[Path, typer.Argument(help="output adapter directory")],
+    rank: Annotated[Optional[int], typer.Option(help="rank of every module")] = None,
+    energy: Annotated[Optional[float], typer.Option(help="keep this fraction of each delta's energy (sum of squared singular values)")] = None,
+    save_modules: Annotated[bool, typer.Option(help="save other changed tensors (norms, embeddings) whole as modules_to_save")] = True,
+    force: Annotated[bool, typer.Option("--force", help=_help("force"))] = False,
+    as_json: Annotated[bool, typer.Option("--json", help="print the per-module report as JSON")] = False,
+) -> None:
+    """Extract a LoRA adapter from FINETUNE − BASE by truncated SVD, reporting the energy kept."""
+    from modelalloy.lora import extract_adapter
+
+    try:
+        result = extract_adapter(base, finetune, out_dir, rank=rank, energy=energy, save_other_modules=save_modules, force=force)
+    except ModelAlloyError as e:
+        _fail(e)
+    _adapter_report(result, as_json)
+
+
+@app.command()
 def stats(
     model: Annotated[str, typer.Argument(metavar="MODEL", help="model directory (or an id in the local Hugging Face cache)")],
     out_file: Annotated[Path, typer.Argument(metavar="OUT", help="statistics file to write (.safetensors)")],
@@ -337,6 +510,7 @@ def stats(
                 force=force,
                 progress=lambda p: bar.update(task, completed=p.samples),
             )
+            bar.update(task, total=result.samples)  # the data may hold fewer samples than asked for
     except ModelAlloyError as e:
         _fail(e)
     if as_json:
@@ -347,6 +521,284 @@ def stats(
             f"({result.tokens} tokens) to {result.path}",
             highlight=False,
         )
+
+
+# --- measuring: eval, rate, analyze, report, demo (modelalloy.evaluate / analyze / report) ---------
+
+
+def _eval_progress(label: str = "scoring"):
+    """A rich progress bar and the callback the evaluate library reports to."""
+    bar = Progress(TextColumn("{task.description}"), BarColumn(), TextColumn("{task.completed}/{task.total}"), TimeElapsedColumn(), console=err, transient=False)
+    tasks: dict[str, int] = {}
+
+    def on_progress(name: str, done: int, total: int) -> None:
+        if name not in tasks:
+            tasks[name] = bar.add_task(name, total=total)
+        bar.update(tasks[name], completed=done, total=total)
+
+    return bar, on_progress
+
+
+def _fmt(x, digits: int = 3) -> str:
+    return "—" if x is None else f"{x:.{digits}f}"
+
+
+def print_scores(table: dict[str, dict[str, float]], sets, title: str = "scores") -> None:
+    t = Table(title=title)
+    t.add_column("model")
+    for s in sets:
+        t.add_column(f"{s.name}\n{'ppl ↓' if s.metric == 'perplexity' else 'acc ↑'}" + (f"\n(expert: {s.expert})" if s.expert else "\n(control)"), justify="right")
+    for model, row in table.items():
+        t.add_row(model, *(_fmt(row[s.name], 2 if s.metric == "perplexity" else 3) for s in sets))
+    out.print(t)
+
+
+def print_rates(result) -> None:
+    print_scores(result.evaluation.table(), result.evaluation.sets, title=f"per-set scores (base: {result.base})")
+    t = Table(title="merge rate, best first (NAI: share of each expert's gain over the base the merge kept)")
+    for col in ("rank", "merge", "mean NAI", "norm. score", "gain vs best parent", "forgetting (control)", "P[merged > base]"):
+        t.add_column(col, justify="right" if col not in ("merge",) else "left")
+    expert_sets = [s for s in result.evaluation.sets if s.expert]
+    for s in expert_sets:
+        t.add_column(f"NAI {s.name}", justify="right")
+    for i, r in enumerate(result.rates, 1):
+        by = {x.set: x for x in r.sets}
+        pct = lambda v: "—" if v is None else f"{100 * v:+.1f}%"  # noqa: E731
+        t.add_row(str(i), r.model, _fmt(r.mean_nai), _fmt(r.mean_normalized_score), pct(r.mean_gain_over_best), pct(r.mean_forgetting), f"{r.p_beats_base:.2f}", *(_fmt(by[s.name].nai) for s in expert_sets))
+    out.print(t)
+    for r in result.rates[:1]:
+        for note in r.notes:
+            err.print(f"[yellow]note:[/] {note}", highlight=False)
+
+
+def _save_outputs(payload: dict, save: Optional[Path], report: Optional[Path], as_json: bool) -> None:
+    if save is not None:
+        save.write_text(json.dumps(payload, indent=1, default=str))
+    if report is not None:
+        from modelalloy.report import write_report
+
+        write_report([payload], report)
+        err.print(f"report: {report}", highlight=False)
+    if as_json:
+        out.print_json(json.dumps(payload, default=str))
+
+
+_SaveOpt = Annotated[Optional[Path], typer.Option("--save", help="write the results as JSON (for `alloy report`)")]
+_ReportOpt = Annotated[Optional[Path], typer.Option("--report", help="write a self-contained HTML report")]
+_JsonOpt = Annotated[bool, typer.Option("--json", help="print the results as JSON")]
+
+
+@app.command(name="eval")
+def eval_(
+    models: Annotated[list[str], typer.Argument(help="model directories, or merge configs (.yaml, merged in memory)")],
+    evals: Annotated[Path, typer.Option("--eval", "-e", help="evals YAML: the sets to score on")],
+    tokenizer: Annotated[Optional[Path], typer.Option(help="tokenizer directory (default: each model's own)")] = None,
+    cache: Annotated[Optional[Path], typer.Option(help="JSON score cache: unchanged models and sets are not rescored")] = None,
+    save: _SaveOpt = None,
+    report: _ReportOpt = None,
+    as_json: _JsonOpt = False,
+) -> None:
+    """Score models on eval sets: perplexity on text, accuracy on multiple choice."""
+    from modelalloy.evaluate import evaluate, load_evals
+
+    bar, on_progress = _eval_progress()
+    try:
+        sets = load_evals(evals)
+        with bar:
+            result = evaluate(models, sets, tokenizer=tokenizer, cache=cache, progress=on_progress)
+    except ModelAlloyError as e:
+        _fail(e)
+    if not as_json:
+        print_scores(result.table(), sets)
+    _save_outputs(result.to_json(), save, report, as_json)
+
+
+@app.command()
+def rate(
+    config: Annotated[Path, typer.Argument(help="merge config (mergekit YAML) with base_model")],
+    evals: Annotated[Path, typer.Option("--eval", "-e", help="evals YAML; `expert:` marks each parent's own set")],
+    methods: Annotated[Optional[str], typer.Option(help="comma-separated methods to run on the same parents and rank, e.g. linear,ties,dare_ties")] = None,
+    tokenizer: Annotated[Optional[Path], typer.Option(help="tokenizer directory (default: the base's)")] = None,
+    cache: Annotated[Optional[Path], typer.Option(help="JSON score cache: unchanged models and sets are not rescored")] = None,
+    save: _SaveOpt = None,
+    report: _ReportOpt = None,
+    as_json: _JsonOpt = False,
+) -> None:
+    """The merge-rate table: base vs each parent vs the merge (or one merge per method), per set."""
+    from modelalloy.evaluate import load_evals, rate as run_rate
+
+    bar, on_progress = _eval_progress()
+    method_list = [m.strip() for m in methods.split(",") if m.strip()] if methods else None
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        try:
+            sets = load_evals(evals)
+            with bar:
+                result = run_rate(config, sets, methods=method_list, tokenizer=tokenizer, cache=cache, progress=on_progress)
+        except ModelAlloyError as e:
+            _fail(e)
+    _show_warnings(caught, as_json)
+    if not as_json:
+        print_rates(result)
+    _save_outputs(result.to_json(), save, report, as_json)
+
+
+@app.command()
+def analyze(
+    base: Annotated[str, typer.Argument(help="the base model directory")],
+    models: Annotated[list[str], typer.Argument(help="fine-tuned model directories (same layout as the base)")],
+    top_k: Annotated[int, typer.Option(help="singular vectors compared for the subspace overlap of 2-D tensors")] = 8,
+    layers: Annotated[bool, typer.Option("--layers", help="print the per-layer table too")] = False,
+    save: _SaveOpt = None,
+    report: _ReportOpt = None,
+    as_json: _JsonOpt = False,
+) -> None:
+    """Weight diagnostics, no evaluation: task-vector norms, cosine, sign conflicts, concentration."""
+    from modelalloy.analyze import analyze as run_analyze
+
+    bar = Progress(TextColumn("[bold]analyzing"), BarColumn(), TextColumn("{task.completed}/{task.total} tensors"), TimeElapsedColumn(), console=err, disable=as_json)
+    task = bar.add_task("analyze", total=None)
+    try:
+        with bar:
+            result = run_analyze(base, models, top_k=top_k, progress=lambda d, t: bar.update(task, completed=d, total=t))
+    except ModelAlloyError as e:
+        _fail(e)
+    payload = result.to_json()
+    if not as_json:
+        o = result.overall
+        t = Table(title=f"task vectors against {base}")
+        for col in ("model", "‖δ‖", "‖δ‖/‖base‖", "top 1 %", "top 10 %", "top 20 %"):
+            t.add_column(col, justify="right" if col != "model" else "left")
+        for n in result.models:
+            c = o["concentration"][n] or {}
+            t.add_row(n, _fmt(o["norm"][n], 4), _fmt(o["relative_norm"][n], 4), _fmt(c.get("top1%")), _fmt(c.get("top10%")), _fmt(c.get("top20%")))
+        out.print(t)
+        if len(result.models) >= 2:
+            t = Table(title="agreement between task vectors")
+            for col in ("pair", "cosine", "subspace overlap"):
+                t.add_column(col, justify="right" if col != "pair" else "left")
+            for p, v in o["cosine"].items():
+                t.add_row(p, _fmt(v), _fmt(o["subspace_overlap"].get(p)))
+            out.print(t)
+            out.print(f"sign-conflict rate (entries where two or more task vectors are nonzero): {_fmt(o['sign_conflict'])}")
+        if layers:
+            t = Table(title="per layer")
+            for col in ["layer", *(f"‖δ‖ {n}" for n in result.models), *o["cosine"], "sign conflict"]:
+                t.add_column(col, justify="right")
+            for r in result.layers:
+                t.add_row(str(r["layer"]), *(_fmt(r["norm"][n], 4) for n in result.models), *(_fmt(r["cosine"][p]) for p in o["cosine"]), _fmt(r["sign_conflict"]))
+            out.print(t)
+    _save_outputs(payload, save, report, as_json)
+
+
+@app.command(name="report")
+def report_(
+    results: Annotated[list[Path], typer.Argument(help="JSON results saved by eval/rate/analyze/demo with --save")],
+    out_file: Annotated[Path, typer.Option("--out", "-o", help="the HTML file to write")] = Path("report.html"),
+    title: Annotated[str, typer.Option(help="the report's title")] = "modelalloy report",
+) -> None:
+    """One self-contained HTML report (tables, embedded PNG plots) from saved results."""
+    from modelalloy.report import write_report
+
+    payloads = []
+    for path in results:
+        try:
+            payload = json.loads(path.read_text())
+        except FileNotFoundError:
+            _fail(ModelAlloyError(f"{path}: results file not found"))
+        except (OSError, ValueError) as e:
+            _fail(ModelAlloyError(f"{path}: not a JSON results file ({str(e).splitlines()[0]})"))
+        if not isinstance(payload, dict) or payload.get("kind") not in ("eval", "rate", "analyze", "demo"):
+            _fail(ModelAlloyError(f"{path}: not a modelalloy results file (save one with --save on eval, rate, analyze or demo)"))
+        payloads.append(payload)
+    write_report(payloads, out_file, title=title)
+    err.print(f"report: {out_file}", highlight=False)
+
+
+@app.command()
+def demo(
+    cache: Annotated[Path, typer.Option(help="where the base, the specialists and the scores are kept")] = Path(".cache/demo"),
+    methods: Annotated[str, typer.Option(help="merge methods to compare")] = "linear,task_arithmetic,ties,dare_ties,dare_linear,della",
+    domains: Annotated[str, typer.Option(help="specialist domains: shakespeare, german, code (news is always the held-out control)")] = "shakespeare,german",
+    report: Annotated[Optional[Path], typer.Option("--report", help="HTML report (default: CACHE/report.html)")] = None,
+    save: _SaveOpt = None,
+    as_json: _JsonOpt = False,
+) -> None:
+    """A real study: SmolLM2-135M fine-tuned into specialists on CPU, merged every way, rated.
+
+    The first run converts the base and fine-tunes the specialists (minutes); later runs reuse them.
+    """
+    import time as _time
+
+    from modelalloy.demo import DemoSettings, run_demo
+
+    start = _time.perf_counter()
+    bar, on_progress = _eval_progress()
+    settings = DemoSettings(domains=tuple(d.strip() for d in domains.split(",") if d.strip()))
+    with warnings.catch_warnings(record=True):
+        warnings.simplefilter("ignore")  # transformers' GGUF and tokenizer notices are not the user's concern here
+        try:
+            with bar:
+                result = run_demo(cache, settings=settings, methods=tuple(m.strip() for m in methods.split(",") if m.strip()), progress=on_progress)
+        except ModelAlloyError as e:
+            _fail(e)
+    payload = result.to_json()
+    payload["timings"]["total"] = _time.perf_counter() - start
+    if not as_json:
+        t = Table(title="each specialist on held-out text of its own domain (perplexity, lower is better)")
+        for col in ("specialist", "domain", "base", "specialist ", "change", "better?"):
+            t.add_column(col, justify="right" if col not in ("specialist", "domain") else "left")
+        for s in result.specialists:
+            t.add_row(s["name"], s["set"], f"{s['base']:.2f}", f"{s['specialist']:.2f}", f"{100 * (s['specialist'] / s['base'] - 1):+.1f}%", "yes" if s["better"] else "[red]NO[/]")
+        out.print(t)
+        print_rates(result.rate)
+        out.print("timings: " + ", ".join(f"{k} {v:.1f}s" for k, v in payload["timings"].items()), highlight=False)
+    for s in result.specialists:
+        if not s["better"]:
+            err.print(f"[yellow]warning:[/] the {s['name']} specialist is not measurably better than the base on {s['set']}", highlight=False)
+    _save_outputs(payload, save, report or cache / "report.html", as_json)
+
+
+@app.command()
+def search(
+    spec_file: Annotated[Path, typer.Argument(help="search space and objective (SEARCH.yaml)")],
+    out_dir: Annotated[Path, typer.Argument(help="output directory: study.db, best.yaml, trials, plots")],
+    resume: Annotated[bool, typer.Option("--resume", help="continue the search stored in OUT_DIR/study.db")] = False,
+    force: Annotated[bool, typer.Option("--force", help="delete OUT_DIR and start over")] = False,
+    trials: Annotated[Optional[int], typer.Option("--trials", help="complete trials wanted (overrides the file)")] = None,
+    use_ray: Annotated[bool, typer.Option("--ray", help="run trials in parallel as Ray actors (a local Ray instance)")] = False,
+    ray_address: Annotated[Optional[str], typer.Option("--ray-address", help="join an existing Ray cluster")] = None,
+    storage: Annotated[Optional[str], typer.Option("--storage", help="optuna storage URL (default: sqlite in OUT_DIR)")] = None,
+    device: Annotated[str, typer.Option(help=_help("device"))] = _DEFAULTS.device,
+    quiet: Annotated[bool, typer.Option("--quiet", "-q", help="no per-trial lines")] = False,
+    as_json: Annotated[bool, typer.Option("--json", help="print the summary as JSON")] = False,
+) -> None:
+    """Search merge parameters against an evaluation (optuna; resumable; optionally on Ray)."""
+    from modelalloy.search import load_spec, run_search
+
+    def line(r) -> None:
+        if quiet:
+            return
+        value = "failed: " + r.error if r.error else ", ".join(f"{v:.4g}" for v in r.values)
+        best = ", ".join(f"{v:.4g}" for v in r.best) if r.best else "-"
+        eta = f"{r.eta:.0f}s" if r.eta is not None else "?"
+        err.print(f"trial {r.number:>3} [{r.done}/{r.total}] {value}  best {best}  ETA {eta}", highlight=False, soft_wrap=True)
+
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        try:
+            spec = load_spec(spec_file)
+            if trials is not None:
+                spec = spec.model_copy(update={"trials": trials})
+            result = run_search(spec, out_dir, resume=resume, force=force, ray=use_ray, ray_address=ray_address, storage=storage, device=device, progress=line)
+        except ModelAlloyError as e:
+            _fail(e)
+    _show_warnings([w for w in caught if issubclass(w.category, UserWarning) and "modelalloy" in str(w.filename)], quiet)
+    summary = json.loads((result.out_dir / "summary.json").read_text())
+    if as_json:
+        out.print_json(json.dumps(summary))
+    else:
+        err.print(f"{result.trials} trials; best {', '.join(f'{v:.4g}' for v in result.best_values)} (trial {summary['best_trial']}); wrote {result.out_dir / 'best.yaml'}", highlight=False)
 
 
 def main() -> None:

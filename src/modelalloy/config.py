@@ -15,7 +15,7 @@ Unlike mergekit, an unknown key anywhere is an error with a "did you mean".
 from __future__ import annotations
 
 from pathlib import Path
-from typing import Any, Union
+from typing import Any, Literal, Union
 
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
@@ -190,6 +190,84 @@ class OutputSlice(_Strict):
         return self
 
 
+class ModelTokenSource(_Strict):
+    """Another token's embedding: ``{kind: model_token, model: M, token: "<s>"}`` (or ``token_id``)."""
+
+    kind: Literal["model_token"]
+    model: str
+    token: str | None = None
+    token_id: int | None = None
+
+    @field_validator("model", mode="before")
+    @classmethod
+    def _ref(cls, v: Any) -> str:
+        return model_ref(v)
+
+    @model_validator(mode="after")
+    def _one(self) -> ModelTokenSource:
+        if (self.token is None) == (self.token_id is None):
+            raise ValueError("a model_token source takes exactly one of token or token_id")
+        if self.token_id is not None and self.token_id < 0:
+            raise ValueError(f"token_id {self.token_id} must be >= 0")
+        return self
+
+
+class ZeroSource(_Strict):
+    """An all-zero embedding row: ``{kind: zero}``."""
+
+    kind: Literal["zero"]
+
+
+class TokenEmbedding(_Strict):
+    """Where one token's embedding row comes from (mergekit's ``TokenEmbeddingConfig``).
+
+    `source` is a model (that model's row of the same token), a `ModelTokenSource` or a
+    `ZeroSource`; without `force` it only fills the models that lack the token, with `force` it
+    replaces the row in every model before merging.
+    """
+
+    source: Union[ModelTokenSource, ZeroSource, str, None] = None
+    force: bool = False
+
+    @field_validator("source", mode="before")
+    @classmethod
+    def _source(cls, v: Any) -> Any:
+        if isinstance(v, dict) and "kind" not in v:
+            return model_ref(v)
+        return v
+
+
+class TokenizerConfig(_Strict):
+    """The output vocabulary (mergekit's ``tokenizer:`` section).
+
+    `source`: ``union`` (every model's tokens; the default, as in mergekit), ``base`` or a model.
+    `tokens`: per-token embedding sources. `pad_to_multiple_of`: the embedding gets extra rows up
+    to a multiple of this (filled with the mean embedding), as GPU kernels prefer.
+    """
+
+    source: str = "union"
+    tokens: dict[str, TokenEmbedding] = Field(default_factory=dict)
+    pad_to_multiple_of: int | None = Field(None, ge=1)
+
+    @field_validator("source", mode="before")
+    @classmethod
+    def _ref(cls, v: Any) -> str:
+        return model_ref(v)
+
+    @field_validator("tokens", mode="before")
+    @classmethod
+    def _tokens(cls, v: Any) -> Any:
+        if v is None:
+            return {}
+        if isinstance(v, dict):  # `"<tok>": MODEL` is short for `{source: MODEL}`
+            return {k: ({"source": e} if isinstance(e, str) else {} if e is None else e) for k, e in v.items()}
+        return v
+
+
+# Chat templates shipped with modelalloy (written for it; `auto` picks the inputs' most common one).
+BUILTIN_CHAT_TEMPLATES = ("alpaca", "chatml", "llama3", "mistral")
+
+
 class MergeConfig(_Strict):
     """A mergekit merge configuration (plus `random_seed`, which mergekit takes on its CLI)."""
 
@@ -202,7 +280,7 @@ class MergeConfig(_Strict):
     dtype: str | None = None
     out_dtype: str | None = None
     tokenizer_source: str | None = None
-    tokenizer: dict[str, Any] | None = None
+    tokenizer: TokenizerConfig | None = None
     chat_template: str | None = None
     random_seed: int = 0
     name: str | None = None  # mergekit-multi documents carry one
@@ -226,6 +304,23 @@ class MergeConfig(_Strict):
         if name not in DTYPE_NAMES:
             raise ValueError(f"dtype {v!r} is not one of {', '.join(DTYPE_NAMES)}{did_you_mean(name, DTYPE_NAMES)}")
         return name
+
+    @field_validator("tokenizer_source", mode="before")
+    @classmethod
+    def _tokenizer_ref(cls, v: Any) -> Any:
+        return None if v is None else model_ref(v)
+
+    @field_validator("chat_template")
+    @classmethod
+    def _chat_template(cls, v: str | None) -> str | None:
+        if v is None or v == "auto" or v in BUILTIN_CHAT_TEMPLATES:
+            return v
+        if len(v) < 20 or "{" not in v:  # mergekit's rule for telling a literal template from a name
+            raise ValueError(
+                f"chat_template {v!r} is neither auto, a builtin ({', '.join(BUILTIN_CHAT_TEMPLATES)})"
+                f"{did_you_mean(v, BUILTIN_CHAT_TEMPLATES)} nor a Jinja template"
+            )
+        return v
 
     @model_validator(mode="after")
     def _shape(self) -> MergeConfig:
@@ -286,6 +381,9 @@ _FIELDS = {
     ("models",): InputModel,
     ("slices",): OutputSlice,
     ("slices", "sources"): InputSlice,
+    ("tokenizer",): TokenizerConfig,
+    ("tokenizer", "tokens"): TokenEmbedding,
+    ("tokenizer", "tokens", "source"): ModelTokenSource,
 }
 
 

@@ -24,10 +24,10 @@ from typing import Literal
 import torch
 from pydantic import BaseModel, ConfigDict, Field
 
-from modelalloy.errors import MergeError, OutputError
+from modelalloy.errors import ConfigError, MergeError, OutputError
 from modelalloy.io.checkpoint import Checkpoint
 from modelalloy.io.manifest import Manifest, open_partial, sha256_file
-from modelalloy.io.output import copy_support_files, write_model_card
+from modelalloy.io.output import write_model_card, write_tokenizer_files
 from modelalloy.io.writer import OutputTensor, ShardedWriter, layout_shards, parse_size, shard_names, write_text_durably
 from modelalloy.methods import get_method
 from modelalloy.plan import Plan, TensorRecipe
@@ -47,6 +47,8 @@ class MergeOptions(BaseModel):
     write_model_card: bool = Field(True, description="write README.md with the config, method and input hashes")
     copy_tokenizer: bool = Field(True, description="copy tokenizer and generation files from the donor model")
     hash_inputs: bool = Field(True, description="SHA-256 of every input tensor read, recorded in the model card")
+    out_format: Literal["safetensors", "gguf"] = Field("safetensors", description="output weights: safetensors shards, or one GGUF file (llama.cpp)")
+    out_type: Literal["f32", "f16", "bf16", "q8_0"] = Field("f16", description="tensor type inside a GGUF output (norms stay f32)")
     resume: bool = Field(True, description="reuse the finished shards an interrupted run of the same merge left in OUT.partial")
     backend: Literal["local", "ray"] = Field("local", description="local: a thread pool in this process; ray: one Ray task per output shard (inputs and output on storage every worker sees)")
     ray_address: str | None = Field(None, description="with --backend ray: the Ray cluster to join (e.g. auto, ray://host:10001); without it a local Ray instance is started")
@@ -130,6 +132,8 @@ class _InputHasher:
 def merge_tensor(recipe: TensorRecipe, read: Callable[[str, str], torch.Tensor], plan: Plan, device: torch.device) -> torch.Tensor:
     """Compute one output tensor (in the output dtype, on the CPU)."""
     method = get_method(recipe.method)
+    if recipe.aligned:  # embedding/head rows are put in the output vocabulary's order first
+        read = plan.vocab.aligned_reader(read)
 
     def load(model: str, tensor: str) -> torch.Tensor:
         x = read(model, tensor)
@@ -174,6 +178,8 @@ def execute(
     Shards finished by an interrupted run of the same plan are verified and kept (see
     `io/manifest.py`); the result is bit-identical to an uninterrupted run, on either backend.
     """
+    if options.backend == "ray" and options.out_format != "safetensors":
+        raise ConfigError(f"--backend ray writes safetensors shards; --out-format {options.out_format} (one file) needs --backend local")
     job = prepare_output(plan, checkpoints, Path(out_dir), options)
     start = time.perf_counter()
     nonfinite = _NonFiniteInputs()
@@ -231,7 +237,8 @@ def prepare_output(plan: Plan, checkpoints: Mapping[str, Checkpoint], out_dir: P
     files = shard_names(len(layout))
     partial = out_dir.with_name(out_dir.name + ".partial")
     fingerprint = plan_fingerprint(plan, checkpoints, layout, metadata, device)
-    manifest = open_partial(partial, fingerprint, resume=options.resume)
+    # One GGUF file has no finished shards to resume from: it is always written afresh.
+    manifest = open_partial(partial, fingerprint, resume=options.resume and options.out_format == "safetensors")
     shard_of = {t.name: file for file, shard in zip(files, layout) for t in shard}
     return OutputJob(out_dir, partial, specs, metadata, max_shard_size, device, manifest, files, shard_of, frozenset(manifest.shards))
 
@@ -301,7 +308,10 @@ def _write_shards_locally(
         sha256, inputs = read.shard_record(job.partial / file, recipes_in[file])
         job.manifest.add(file, sha256, size, inputs)
 
-    writer = job.writer(finished=job.reused, on_shard_done=shard_done)
+    if options.out_format == "gguf":  # one file, written whole (no shards to resume from)
+        writer = _gguf_writer(plan, checkpoints, job.partial, job.specs, options)
+    else:
+        writer = job.writer(finished=job.reused, on_shard_done=shard_done)
     todo = [r for r in plan.recipes if job.shard_of[r.name] not in job.reused]
     start = time.perf_counter()
     done = len(plan.recipes) - len(todo)
@@ -330,7 +340,10 @@ def finish_output(job: OutputJob, plan: Plan, checkpoints: Mapping[str, Checkpoi
     partial, out_dir = job.partial, job.out_dir
     write_text_durably(partial / "config.json", json.dumps(plan.output_config, indent=2, sort_keys=True) + "\n")
     if options.copy_tokenizer:
-        copy_support_files(checkpoints[plan.donor].path, partial)
+        tokenizer = plan.vocab.tokenizer if plan.vocab is not None else None
+        write_tokenizer_files(checkpoints[plan.donor], partial, tokenizer=tokenizer, chat_template=plan.chat_template)
+    if plan.vocab is not None:
+        write_text_durably(partial / "vocab_report.json", json.dumps(plan.vocab.report, indent=2, ensure_ascii=False) + "\n")
     if options.write_model_card:
         write_model_card(partial, plan, checkpoints, input_hashes)
     _fsync_dir(partial)
@@ -355,6 +368,8 @@ def plan_fingerprint(plan: Plan, checkpoints: Mapping[str, Checkpoint], layout: 
         put(r.name, r.method, [(s.model, s.tensor) for s in r.sources()], r.base is not None, sorted(r.params.items()), r.shape, str(r.out_dtype), r.seed)
     for shard in layout:
         put([t.name for t in shard])
+    if plan.vocab is not None:  # which row of which model fills each output row
+        put(plan.vocab.fingerprint())
     for ref in sorted({s.model for r in plan.recipes for s in r.sources()}):
         for file in checkpoints[ref].weight_files:
             st = os.stat(file)
@@ -381,6 +396,24 @@ class _NonFiniteInputs:
             names = sorted(self.found)
             more = f" and {len(names) - 5} more" if len(names) > 5 else ""
             warnings.warn(f"input tensors hold NaN or Inf: {', '.join(names[:5])}{more}; check those models", stacklevel=3)
+
+
+def _gguf_writer(plan: Plan, checkpoints: Mapping[str, Checkpoint], partial: Path, specs: list[OutputTensor], options: MergeOptions):
+    """One GGUF file, its metadata (config, tokenizer, chat template) written before any tensor."""
+    from modelalloy.io.gguf import GGUFWriter
+    from modelalloy.vocab import load_tokenizer
+
+    tokenizer = plan.vocab.tokenizer if plan.vocab is not None else load_tokenizer(checkpoints[plan.donor])
+    if plan.chat_template is not None:
+        import copy
+
+        tokenizer = copy.copy(tokenizer)
+        tokenizer.chat_template = plan.chat_template
+    try:
+        return GGUFWriter(partial / "model.gguf", specs, config=plan.output_config, tokenizer=tokenizer, out_type=options.out_type)
+    except BaseException:
+        shutil.rmtree(partial, ignore_errors=True)
+        raise
 
 
 def _run_bounded(recipes: list[TensorRecipe], run: Callable[[TensorRecipe], None], threads: int) -> None:

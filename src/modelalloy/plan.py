@@ -26,6 +26,7 @@ from modelalloy.io.checkpoint import Checkpoint
 from modelalloy.io.safetensors_format import TensorLocation, itemsize
 from modelalloy.io.stats_file import stat_key
 from modelalloy.methods import MergeMethod, Param, get_method
+from modelalloy.vocab import VocabPlan, build_vocab, load_tokenizer, resolve_chat_template, tokenizer_config
 
 DTYPES = {"bfloat16": torch.bfloat16, "float16": torch.float16, "float32": torch.float32, "float64": torch.float64, "int64": torch.int64}
 
@@ -55,6 +56,7 @@ class TensorRecipe:
     out_dtype: torch.dtype
     seed: int
     stats: tuple[TensorSource, ...] = ()
+    aligned: bool = False  # vocabulary rows are put in output order first (Plan.vocab)
 
     @property
     def numel(self) -> int:
@@ -78,6 +80,8 @@ class Plan:
     input_dtype: torch.dtype | None  # config `dtype`: inputs are cast to it before merging
     compute_dtype: torch.dtype
     notes: list[str] = field(default_factory=list)  # warnings found while planning
+    vocab: VocabPlan | None = None  # output tokenizer and row alignment, with a tokenizer section
+    chat_template: str | None = None  # resolved `chat_template`, written with the tokenizer
 
     @property
     def output_bytes(self) -> int:
@@ -94,10 +98,23 @@ class Plan:
         def working_set(r: TensorRecipe) -> int:
             n = len(r.sources())
             live = 2 * n + 3 if consensus else n + 3  # inputs, deltas (kept for consensus), sum, masks
-            return r.numel * compute * live
+            if r.aligned:
+                live += n  # the raw, unaligned rows of every model are held while the aligned ones are built
+            return r.numel * compute * live + _matrix_extra(r, compute)
 
         largest = sorted((working_set(r) for r in self.recipes), reverse=True)[:concurrency]
         return sum(largest) + 400 * 2**20
+
+
+def _matrix_extra(r: TensorRecipe, compute: int) -> int:
+    """Bytes beyond the inputs for per-matrix methods: each task's SVD factors (tsv, iso_*), or
+    the [in, in] Gram matrices and the float64 square solve (regmean, wudi)."""
+    layout = r.params.get("layout")
+    if layout not in ("out_in", "in_out") or len(r.shape) != 2:
+        return 0
+    n_in = r.shape[1] if layout == "out_in" else r.shape[0]
+    square = n_in * n_in
+    return max(2 * len(r.inputs) * r.numel * compute, len(r.stats) * square * compute + 3 * square * 8 + 2 * r.numel * 8)
 
 
 @dataclass
@@ -136,7 +153,11 @@ def make_plan(config: MergeConfig, checkpoints: Mapping[str, Checkpoint], *, all
     input_dtype = DTYPES[config.dtype] if config.dtype else None
     out_dtype = DTYPES[config.out_dtype] if config.out_dtype else input_dtype
     compute_dtype = torch.float64 if input_dtype == torch.float64 else torch.float32
-    planner = _Planner(config, method, checkpoints, out_dtype, notes)
+    vocab = None
+    if tokenizer_config(config) is not None:
+        base = config.base_model or slices[0].base or slices[0].sources[0].model
+        vocab = build_vocab(config, checkpoints, base=base, models=config.all_model_refs())
+    planner = _Planner(config, method, checkpoints, out_dtype, notes, vocab)
 
     first, last = slices[0], slices[-1]
     recipes: list[TensorRecipe] = []
@@ -153,9 +174,21 @@ def make_plan(config: MergeConfig, checkpoints: Mapping[str, Checkpoint], *, all
 
     donor = _donor(config, slices)
     output_config = _output_config(checkpoints[donor].config, config, slices, checkpoints, out_layer, recipes)
+    chat_template = None
+    if vocab is not None:
+        _set_vocab_size(output_config, vocab.rows)
+        chat_template = vocab.chat_template
+        for ref, m in vocab.report["models"].items():
+            if m["stripped"]:
+                notes.append(f"{ref}: {len(m['stripped'])} tokenizer tokens have no embedding row and were left out ({m['stripped'][0]!r}...)")
+    elif config.chat_template is not None:
+        # `auto` looks at every input's template; a name or a literal needs none of them.
+        refs = config.all_model_refs() if config.chat_template == "auto" else []
+        toks = {ref: load_tokenizer(checkpoints[ref]) for ref in refs}
+        chat_template = resolve_chat_template(config.chat_template, toks, refs)
     for note in notes:
         warnings.warn(note, stacklevel=2)
-    return Plan(config, method, recipes, output_config, donor, input_dtype, compute_dtype, notes)
+    return Plan(config, method, recipes, output_config, donor, input_dtype, compute_dtype, notes, vocab, chat_template)
 
 
 def _check_parameter_names(config: MergeConfig, method: MergeMethod, notes: list[str]) -> None:
@@ -261,9 +294,10 @@ def _normalise_slices(config: MergeConfig, method: MergeMethod, checkpoints: Map
 
 
 class _Planner:
-    def __init__(self, config: MergeConfig, method: MergeMethod, checkpoints: Mapping[str, Checkpoint], out_dtype, notes: list[str]):
+    def __init__(self, config: MergeConfig, method: MergeMethod, checkpoints: Mapping[str, Checkpoint], out_dtype, notes: list[str], vocab: VocabPlan | None = None):
         self.config, self.method, self.checkpoints = config, method, checkpoints
         self.out_dtype, self.notes = out_dtype, notes
+        self.vocab = vocab
         self._warned: set[str] = set()
         self._regions: dict[str, dict[str | int, list[str]]] = {}  # model -> layer or position -> names
 
@@ -322,8 +356,20 @@ class _Planner:
         method = self.method
         base = TensorSource(base_src.model, names[base_src.model]) if base_src else None
         inputs = tuple(TensorSource(s.model, names[s.model]) for s in others)
+        shape, aligned = tloc.shape, False
+        by_token = self.vocab is not None and names[tsrc.model] in self.vocab.vocab_tensors
+        if by_token:
+            # Rows are matched by token (vocab.py); only the width has to agree.
+            shape = (self.vocab.rows, *tloc.shape[1:])
+            refs = [s.model for s in sl.sources] + [t.source for m in (s.model for s in sl.sources) for t in self.vocab.gathers[m]]
+            for ref in dict.fromkeys(refs):
+                loc = self._location(ref, names.get(ref, names[tsrc.model]))
+                if loc.shape[1:] != tloc.shape[1:]:
+                    raise PlanError(f"tensor {loc.name!r}: shape {list(loc.shape)} in {ref} but {list(tloc.shape)} in {tsrc.model}; the widths differ")
+            rows_of = {s.model: self._location(s.model, names[s.model]).shape[0] for s in sl.sources}
+            aligned = self.vocab.needs_alignment(list(rows_of), rows_of)
         for src in (base, *inputs):
-            if src is None:
+            if src is None or by_token:
                 continue
             loc = self._location(src.model, src.tensor)
             if loc.shape != tloc.shape:
@@ -337,7 +383,7 @@ class _Planner:
                 )
         if not tloc.dtype.is_floating_point:
             # Integer buffers (positions, masks) cannot be averaged: they come from the template.
-            return TensorRecipe(out_name, "passthrough", (TensorSource(tsrc.model, names[tsrc.model]),), None, {"scale": (1.0,)}, tloc.shape, tloc.dtype, 0)
+            return TensorRecipe(out_name, "passthrough", (TensorSource(tsrc.model, names[tsrc.model]),), None, {"scale": (1.0,)}, shape, tloc.dtype, 0, aligned=aligned)
         params: dict[str, Any] = {}
         for p in method.params:
             if p.per_model:
@@ -351,7 +397,13 @@ class _Planner:
         stats = self._stats(others, names, tloc.shape, params.get("layout"))
         out_dtype = self.out_dtype or tloc.dtype
         seed = seed_for(self.config.random_seed, out_name, method.name) if method.randomized else 0
-        return TensorRecipe(out_name, method.name, inputs, base, params, tloc.shape, out_dtype, seed, stats)
+        if aligned and stats:
+            # A statistic has one row per token of its own model's vocabulary; aligning it is not done yet.
+            raise PlanError(
+                f"tensor {out_name!r}: {method.name}'s statistics follow each model's own vocabulary, which differs here; "
+                "merge models whose vocabularies match, or use a method without statistics"
+            )
+        return TensorRecipe(out_name, method.name, inputs, base, params, shape, out_dtype, seed, stats, aligned=aligned)
 
     def _stats(self, others: list[_Source], names: dict[str, str], shape: tuple[int, ...], layout: str | None) -> tuple[TensorSource, ...]:
         """The statistic of each input this tensor needs, checked to exist with the right shape.
@@ -426,15 +478,19 @@ def _ordered(ckpt: Checkpoint) -> list[str]:
 
 def _donor(config: MergeConfig, slices: list[_Slice]) -> str:
     source = config.tokenizer_source
-    if source not in (None, "base"):
-        if source == "union":
-            raise ConfigError("tokenizer_source: union is not supported yet; use base or one of the models")
+    if config.tokenizer is not None:
+        source = config.tokenizer.source
+    if source not in (None, "base", "union"):
         if source not in config.all_model_refs():
             raise ConfigError(f"tokenizer_source: {source!r} is not one of the models{did_you_mean(source, config.all_model_refs())}")
         return source
-    if config.tokenizer is not None:
-        raise ConfigError("tokenizer: sections (vocabulary alignment) are not supported yet; use tokenizer_source: base")
     return config.base_model or slices[0].base or slices[0].sources[0].model
+
+
+def _set_vocab_size(out: dict, rows: int) -> None:
+    """config.json's vocab_size (or text_config's) becomes the aligned row count, padding included."""
+    target = out["text_config"] if isinstance(out.get("text_config"), dict) and "vocab_size" in out["text_config"] else out
+    target["vocab_size"] = rows
 
 
 def _output_config(donor_config: dict, config: MergeConfig, slices: list[_Slice], checkpoints, n_layers: int, recipes) -> dict:

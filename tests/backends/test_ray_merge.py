@@ -141,5 +141,5 @@ def test_unknown_backend_is_one_line(tmp_path, llama):
     cfg = write_config(tmp_path / "merge.yaml", dare_ties(llama))
     result = CliRunner().invoke(app, ["merge", str(cfg), str(tmp_path / "out"), "--backend", "spark"])
     assert result.exit_code == 2
-    assert result.output == "error: --backend 'spark': Input should be 'local' or 'ray'\n"
+    assert result.output == "error: --backend: Input should be 'local' or 'ray'\n"
     assert not (tmp_path / "out").exists()

@@ -87,8 +87,6 @@ def resolve_model_path(ref: str) -> tuple[Path, str | None]:
         if local.is_dir():
             return local, None
         if local.exists():
-            if local.suffix == ".gguf":
-                raise CheckpointError(f"{ref}: GGUF files are not supported as merge inputs yet; convert to safetensors first")
             raise CheckpointError(f"{ref}: is a file; a model is a directory with config.json and *.safetensors")
     except OSError as e:  # symlink loops, permission denied on a parent
         raise CheckpointError(f"{ref}: cannot open ({e.strerror or e})") from None
@@ -110,7 +108,21 @@ def resolve_model_path(ref: str) -> tuple[Path, str | None]:
 
 
 def open_checkpoint(ref: str, *, allow_pickle: bool = False) -> Checkpoint:
-    """Open `ref` lazily: config and every tensor header are read and validated; no tensor data."""
+    """Open `ref` lazily: config and every tensor header are read and validated; no tensor data.
+
+    ``base+adapter`` (mergekit's syntax) opens the base with a PEFT LoRA adapter folded in on read.
+    A `.gguf` file, or a directory whose only weights are one, opens as a `GGUFCheckpoint`.
+    """
+    base_ref, plus, adapter_ref = ref.partition("+")
+    if plus and base_ref and adapter_ref and not Path(ref).expanduser().exists():
+        from modelalloy.io.adapter import open_adapter, with_adapter
+
+        return with_adapter(open_checkpoint(base_ref, allow_pickle=allow_pickle), open_adapter(adapter_ref), ref)
+    from modelalloy.io.gguf import find_gguf, open_gguf  # gguf.py builds on this module
+
+    gguf_file = find_gguf(ref)
+    if gguf_file is not None:
+        return open_gguf(ref, gguf_file)
     path, revision = resolve_model_path(ref)
     if not os.access(path, os.R_OK | os.X_OK):
         raise CheckpointError(f"{ref}: permission denied reading the directory")

@@ -1,0 +1,286 @@
+"""Scoring models on eval sets, and the merge-rate table for a config (`alloy eval`, `alloy rate`).
+
+A model is a Hugging Face directory, or a merge config (a YAML path or a `MergeConfig`), which is
+merged in memory (`modelalloy.inmemory`) and never written to disk. Scores can be kept in a JSON
+cache keyed by what the model and the set are made of, so a rerun scores only what changed.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+from collections.abc import Callable, Mapping, Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import torch
+
+from modelalloy.config import MergeConfig, load_config
+from modelalloy.errors import ConfigError
+from modelalloy.evaluate.rate import MergeRate, SetInfo, merge_rate, rank
+from modelalloy.evaluate.scoring import multiple_choice, perplexity
+from modelalloy.evaluate.sets import EvalError, EvalSet, read_choices, read_texts
+from modelalloy.methods import REQUIRED, get_method
+
+# label (model or "model / set"), done, total
+Progress = Callable[[str, int, int], None]
+
+# Required parameters that a plain "merge these models" request leaves open, for --methods.
+_PLAIN_DEFAULTS = {"weight": 1.0, "t": 0.5}
+
+
+def is_config(ref: str | Path | MergeConfig) -> bool:
+    return isinstance(ref, MergeConfig) or str(ref).endswith((".yaml", ".yml"))
+
+
+def load_model(ref: str | Path | MergeConfig, *, tokenizer: str | Path | None = None, dtype: torch.dtype = torch.float32):
+    """(model, tokenizer) for a model directory or a merge config (merged in memory)."""
+    import transformers
+
+    if is_config(ref):
+        from modelalloy.inmemory import load_merged_model
+
+        cfg = ref if isinstance(ref, MergeConfig) else load_config(ref)
+        model, donor_dir = load_merged_model(cfg)
+        model = model.to(dtype)
+        tok_dir = tokenizer or donor_dir
+    else:
+        path = Path(ref)
+        if not (path / "config.json").is_file():
+            raise EvalError(f"{ref}: not a model directory (no config.json); give a Hugging Face model directory or a merge config (.yaml)")
+        try:
+            model = transformers.AutoModelForCausalLM.from_pretrained(path, dtype=dtype)
+        except (OSError, ValueError) as e:
+            raise EvalError(f"{ref}: cannot load as a causal LM ({str(e).splitlines()[0]})") from None
+        model.eval()
+        tok_dir = tokenizer or path
+    try:
+        tok = transformers.AutoTokenizer.from_pretrained(tok_dir)
+    except (OSError, ValueError, TypeError) as e:
+        raise EvalError(f"{tok_dir}: no usable tokenizer there ({str(e).splitlines()[0]}); pass --tokenizer DIR") from None
+    return model, tok
+
+
+def score(model, tokenizer, eval_set: EvalSet, *, progress: Callable[[int, int], None] | None = None) -> dict:
+    """One model on one set: perplexity fields, or accuracy fields; always a "score" key."""
+    if eval_set.kind == "choice":
+        result = multiple_choice(model, tokenizer, read_choices(eval_set), progress=progress)
+        result["score"] = result["accuracy"]
+    else:
+        result = perplexity(
+            model,
+            tokenizer,
+            read_texts(eval_set),
+            max_tokens=eval_set.max_tokens,
+            window=eval_set.window,
+            stride=eval_set.stride,
+            batch_size=eval_set.batch_size,
+            progress=progress,
+        )
+        result["score"] = result["perplexity"]
+    result["metric"] = eval_set.metric
+    return result
+
+
+# --- caching -----------------------------------------------------------------------------------
+
+
+def _dir_fingerprint(path: Path) -> str:
+    """What a model directory is made of, cheaply: weight/config/tokenizer files, sizes and mtimes."""
+    h = hashlib.sha256()
+    for f in sorted(path.iterdir()):
+        if f.is_file() and (f.suffix in (".safetensors", ".json", ".model", ".bin") or f.name.startswith("tokenizer")):
+            st = f.stat()
+            h.update(f"{f.name}\0{st.st_size}\0{st.st_mtime_ns}\n".encode())
+    return h.hexdigest()
+
+
+def model_fingerprint(ref: str | Path | MergeConfig) -> str:
+    if is_config(ref):
+        cfg = ref if isinstance(ref, MergeConfig) else load_config(ref)
+        parts = [cfg.model_dump_json()] + [_dir_fingerprint(Path(r)) if Path(r).is_dir() else r for r in cfg.all_model_refs()]
+        return hashlib.sha256("\n".join(parts).encode()).hexdigest()
+    return _dir_fingerprint(Path(ref))
+
+
+def set_fingerprint(eval_set: EvalSet) -> str:
+    h = hashlib.sha256(eval_set.model_dump_json(exclude={"name", "expert"}).encode())
+    if eval_set.kind == "perplexity":
+        for t in read_texts(eval_set):
+            h.update(hashlib.sha256(t.encode()).digest())
+    else:
+        h.update(Path(eval_set.path).read_bytes())
+    return h.hexdigest()
+
+
+class ScoreCache:
+    """A JSON file of scores keyed by (model fingerprint, set fingerprint); written atomically."""
+
+    def __init__(self, path: str | Path | None):
+        self.path = Path(path) if path else None
+        self.data: dict[str, dict] = {}
+        if self.path and self.path.is_file():
+            try:
+                self.data = json.loads(self.path.read_text())
+            except (OSError, ValueError):
+                self.data = {}  # a damaged cache only costs a rescore
+
+    def get(self, key: str) -> dict | None:
+        return self.data.get(key)
+
+    def put(self, key: str, value: dict) -> None:
+        self.data[key] = value
+        if self.path:
+            self.path.parent.mkdir(parents=True, exist_ok=True)
+            tmp = self.path.with_suffix(".tmp")
+            tmp.write_text(json.dumps(self.data, indent=1, sort_keys=True))
+            os.replace(tmp, self.path)
+
+
+# --- evaluating many models -------------------------------------------------------------------
+
+
+@dataclass
+class EvalResult:
+    """{model label: {set name: result dict}}, plus what each set is."""
+
+    sets: list[EvalSet]
+    scores: dict[str, dict[str, dict]] = field(default_factory=dict)
+
+    def table(self) -> dict[str, dict[str, float]]:
+        """{model: {set: score}} (perplexity or accuracy)."""
+        return {m: {s: r["score"] for s, r in per_set.items()} for m, per_set in self.scores.items()}
+
+    def to_json(self) -> dict:
+        return {
+            "kind": "eval",
+            "sets": [{"name": s.name, "metric": s.metric, "higher_is_better": s.higher_is_better, "expert": s.expert} for s in self.sets],
+            "scores": self.scores,
+        }
+
+
+def label_of(ref: str | Path | MergeConfig) -> str:
+    if isinstance(ref, MergeConfig):
+        return ref.name or f"{ref.merge_method} merge"
+    return str(ref)
+
+
+def evaluate(
+    models: Sequence[str | Path | MergeConfig] | Mapping[str, str | Path | MergeConfig],
+    sets: Sequence[EvalSet],
+    *,
+    tokenizer: str | Path | None = None,
+    cache: str | Path | ScoreCache | None = None,
+    progress: Progress | None = None,
+) -> EvalResult:
+    """Score every model on every set. `models` may map labels to refs (else labels are the refs)."""
+    if not sets:
+        raise EvalError("no eval sets given")
+    named = dict(models) if isinstance(models, Mapping) else {label_of(m): m for m in models}
+    store = cache if isinstance(cache, ScoreCache) else ScoreCache(cache)
+    set_keys = {s.name: set_fingerprint(s) for s in sets}
+    result = EvalResult(list(sets))
+    for label, ref in named.items():
+        mkey = model_fingerprint(ref)
+        keys = {s.name: hashlib.sha256(f"{mkey}\0{set_keys[s.name]}\0{tokenizer}".encode()).hexdigest() for s in sets}
+        cached = {name: store.get(k) for name, k in keys.items()}
+        if all(v is not None for v in cached.values()):
+            result.scores[label] = cached
+            if progress:
+                progress(f"{label} (cached)", 1, 1)
+            continue
+        what = f"{label}: merging in memory" if is_config(ref) else f"{label}: loading"
+        if progress:
+            progress(what, 0, 1)
+        model, tok = load_model(ref, tokenizer=tokenizer)
+        if progress:
+            progress(what, 1, 1)
+        per_set = {}
+        for s in sets:
+            if cached[s.name] is not None:
+                per_set[s.name] = cached[s.name]
+                continue
+            cb = (lambda d, t, _l=f"{label} / {s.name}": progress(_l, d, t)) if progress else None
+            per_set[s.name] = score(model, tok, s, progress=cb)
+            store.put(keys[s.name], per_set[s.name])
+        result.scores[label] = per_set
+        del model  # one model in memory at a time
+    return result
+
+
+# --- the merge-rate table ---------------------------------------------------------------------
+
+
+def method_variant(config: MergeConfig, method: str) -> MergeConfig:
+    """The same parents and base merged with `method`: parameters it does not take are dropped,
+    required ones it lacks get plain defaults (weight 1, t 0.5)."""
+    m = get_method(method)
+    if config.models is None:
+        raise ConfigError("--methods needs a config with models: (not slices:), so each method merges the same models")
+
+    def fit(params: dict, per_model: bool) -> dict:
+        kept = {k: v for k, v in params.items() if m.param(k) is not None and m.param(k).per_model == per_model}
+        for p in m.params:
+            if p.per_model == per_model and p.default is REQUIRED and p.name not in kept and p.name in _PLAIN_DEFAULTS:
+                kept[p.name] = _PLAIN_DEFAULTS[p.name]
+        return kept
+
+    top = {k: v for k, v in config.parameters.items() if m.param(k) is not None}
+    models = [mm.model_copy(update={"parameters": fit(mm.parameters, True)}) for mm in config.models]
+    return config.model_copy(update={"merge_method": method, "parameters": top | fit({}, False), "models": models, "name": method})
+
+
+@dataclass
+class RateResult:
+    config: MergeConfig
+    evaluation: EvalResult
+    base: str
+    parents: list[str]
+    rates: list[MergeRate]  # best first
+
+    def to_json(self) -> dict:
+        return {
+            "kind": "rate",
+            "config": self.config.model_dump(mode="json", exclude_none=True),
+            "base": self.base,
+            "parents": self.parents,
+            "evaluation": self.evaluation.to_json(),
+            "rates": [r.summary() for r in self.rates],
+        }
+
+
+def rate(
+    config: str | Path | MergeConfig,
+    sets: Sequence[EvalSet],
+    *,
+    methods: Sequence[str] | None = None,
+    tokenizer: str | Path | None = None,
+    cache: str | Path | ScoreCache | None = None,
+    progress: Progress | None = None,
+    labels: Mapping[str, str] | None = None,
+) -> RateResult:
+    """Evaluate the base, each parent and the merge (or one merge per method), and rate each merge.
+
+    `labels` may give short names for model references (used in tables and in `expert:`).
+    """
+    cfg = config if isinstance(config, MergeConfig) else load_config(config)
+    if not cfg.base_model:
+        raise ConfigError("alloy rate needs a config with base_model: the merge rate is measured against the base")
+    refs = cfg.all_model_refs()
+    parents = [r for r in refs if r != cfg.base_model]
+    names = {r: (labels or {}).get(r, r) for r in refs}
+    for s in sets:
+        if s.expert is not None and s.expert not in parents and s.expert not in names.values():
+            raise EvalError(f"eval set {s.name!r}: expert {s.expert!r} is not one of the merged models ({', '.join(names[p] for p in parents)})")
+    variants = {m: method_variant(cfg, m) for m in methods} if methods else {cfg.name or cfg.merge_method: cfg}
+    clash = set(variants) & set(names.values())
+    if clash:
+        raise EvalError(f"a merge label {sorted(clash)[0]!r} is also a model's name; rename the model label")
+    models = {names[r]: r for r in refs} | variants
+    evaluation = evaluate(models, sets, tokenizer=tokenizer, cache=cache, progress=progress)
+    # `expert:` may name a model by its reference or by its label.
+    infos = [SetInfo(s.name, s.higher_is_better, names.get(s.expert, s.expert)) for s in sets]
+    table = evaluation.table()
+    rates = [merge_rate(table, merged=v, base=names[cfg.base_model], parents=[names[p] for p in parents], sets=infos) for v in variants]
+    return RateResult(cfg, evaluation, names[cfg.base_model], [names[p] for p in parents], rank(rates))

@@ -1,0 +1,151 @@
+"""Scoring one causal LM: perplexity on text, and multiple choice by log-likelihood.
+
+Both run the model in eval mode without gradients, in batches, and report through an optional
+`progress(done, total)` callback (the library never prints).
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Callable, Sequence
+
+import torch
+
+from modelalloy.evaluate.sets import EvalError
+
+ProgressFn = Callable[[int, int], None]
+
+
+def token_stream(tokenizer, texts: Sequence[str], max_tokens: int) -> list[int]:
+    """The documents' tokens, one after another with EOS between them, cut to `max_tokens`."""
+    ids: list[int] = []
+    eos = tokenizer.eos_token_id
+    for i, text in enumerate(texts):
+        if i and eos is not None:
+            ids.append(eos)
+        ids.extend(tokenizer(text, add_special_tokens=False)["input_ids"])
+        if len(ids) >= max_tokens:
+            break
+    return ids[:max_tokens]
+
+
+def windows(n_tokens: int, window: int, stride: int) -> list[tuple[int, int, int]]:
+    """(start, first target, end) per window: targets [first, end) are predicted from ids[start:end].
+
+    Targets are taken in consecutive chunks of `stride`; each chunk's window reaches back as far
+    as `window` allows, so every token after the first is scored exactly once.
+    """
+    if stride >= window:
+        raise EvalError(f"stride {stride} must be below window {window}: a window's first token is only context")
+    out = []
+    for first in range(1, n_tokens, stride):
+        end = min(first + stride, n_tokens)
+        out.append((max(0, end - window), first, end))
+    return out
+
+
+@torch.no_grad()
+def perplexity(
+    model,
+    tokenizer,
+    texts: Sequence[str],
+    *,
+    max_tokens: int = 4096,
+    window: int = 512,
+    stride: int | None = None,
+    batch_size: int = 4,
+    progress: ProgressFn | None = None,
+) -> dict:
+    """Perplexity = exp(mean negative log-likelihood per scored token), with sliding windows.
+
+    Returns {"perplexity", "nll" (mean, nats), "tokens" (scored)}.
+    """
+    ids = token_stream(tokenizer, texts, max_tokens)
+    if len(ids) < 2:
+        raise EvalError("perplexity needs at least two tokens of text")
+    stride = stride or window - 1
+    spans = windows(len(ids), window, stride)
+    device = next(model.parameters()).device
+    model.eval()
+    total_nll, total_tokens = 0.0, 0
+    for b in range(0, len(spans), batch_size):
+        batch = spans[b : b + batch_size]
+        width = max(end - start for start, _, end in batch)
+        # Right padding: a causal model's earlier positions never see the pad tokens after them.
+        input_ids = torch.zeros((len(batch), width), dtype=torch.long)
+        mask = torch.zeros((len(batch), width), dtype=torch.long)
+        targets = torch.full((len(batch), width), -100, dtype=torch.long)  # target of position j is token j+1
+        for row, (start, first, end) in enumerate(batch):
+            input_ids[row, : end - start] = torch.tensor(ids[start:end])
+            mask[row, : end - start] = 1
+            targets[row, first - start - 1 : end - start - 1] = torch.tensor(ids[first:end])
+        logits = model(input_ids=input_ids.to(device), attention_mask=mask.to(device)).logits.float()
+        nll = torch.nn.functional.cross_entropy(logits.flatten(0, 1), targets.to(device).flatten(), ignore_index=-100, reduction="sum")
+        total_nll += float(nll)  # .item(): a sync point on CUDA, once per batch
+        total_tokens += int((targets != -100).sum())
+        if progress is not None:
+            progress(min(b + batch_size, len(spans)), len(spans))
+    mean = total_nll / total_tokens
+    return {"perplexity": math.exp(mean), "nll": mean, "tokens": total_tokens}
+
+
+def continuation_ids(tokenizer, context: str, continuation: str) -> tuple[list[int], list[int]]:
+    """Token ids of context and continuation, split where the context's own tokens end.
+
+    Tokenizing context + continuation together (as lm-evaluation-harness does) keeps the tokens a
+    model would see in running text; the continuation is what follows the context's tokens.
+    """
+    ctx = tokenizer(context, add_special_tokens=False)["input_ids"]
+    whole = tokenizer(context + continuation, add_special_tokens=False)["input_ids"]
+    if whole[: len(ctx)] != ctx:  # the boundary merged into one token: score the choice on its own
+        return ctx, tokenizer(continuation, add_special_tokens=False)["input_ids"]
+    return ctx, whole[len(ctx) :]
+
+
+@torch.no_grad()
+def choice_logliks(model, tokenizer, context: str, choices: Sequence[str]) -> list[float]:
+    """Sum of log-probabilities of each choice's tokens after `context`, one batch per item."""
+    pairs = [continuation_ids(tokenizer, context, c) for c in choices]
+    if any(not cont for _, cont in pairs):
+        raise EvalError(f"a choice tokenizes to nothing after context {context[:40]!r}")
+    seqs = [ctx + cont for ctx, cont in pairs]
+    width = max(len(s) for s in seqs)
+    device = next(model.parameters()).device
+    input_ids = torch.zeros((len(seqs), width), dtype=torch.long)
+    mask = torch.zeros((len(seqs), width), dtype=torch.long)
+    for row, s in enumerate(seqs):
+        input_ids[row, : len(s)] = torch.tensor(s)
+        mask[row, : len(s)] = 1
+    logprobs = torch.log_softmax(model(input_ids=input_ids.to(device), attention_mask=mask.to(device)).logits.float(), dim=-1)
+    out = []
+    for row, (ctx, cont) in enumerate(pairs):
+        # The token at position p is predicted by the logits at p - 1.
+        positions = torch.arange(len(ctx) - 1, len(ctx) + len(cont) - 1, device=device)
+        out.append(float(logprobs[row, positions, torch.tensor(cont, device=device)].sum()))
+    return out
+
+
+def multiple_choice(
+    model,
+    tokenizer,
+    items: Sequence[tuple[str, Sequence[str], int]],
+    *,
+    progress: ProgressFn | None = None,
+) -> dict:
+    """Accuracy (argmax log-likelihood) and normalized accuracy (per UTF-8 byte of the choice).
+
+    An empty context is allowed only if the tokenizer adds nothing before the choice; each item
+    needs at least one context token to condition on.
+    """
+    correct = correct_norm = 0
+    model.eval()
+    for i, (context, choices, answer) in enumerate(items):
+        if not tokenizer(context, add_special_tokens=False)["input_ids"]:
+            raise EvalError(f"multiple choice item {i + 1}: the context is empty; the first choice token needs something to follow")
+        ll = choice_logliks(model, tokenizer, context, choices)
+        norm = [v / max(1, len(c.encode("utf-8"))) for v, c in zip(ll, choices)]
+        correct += int(max(range(len(ll)), key=ll.__getitem__) == answer)
+        correct_norm += int(max(range(len(norm)), key=norm.__getitem__) == answer)
+        if progress is not None:
+            progress(i + 1, len(items))
+    return {"accuracy": correct / len(items), "accuracy_norm": correct_norm / len(items), "items": len(items)}
