@@ -21,7 +21,7 @@ from alloy_helpers import assert_one_line_error, run_alloy, write_config  # noqa
 import modelalloy  # noqa: E402
 import modelalloy.execute  # noqa: E402
 from modelalloy.cli import app  # noqa: E402
-from modelalloy.errors import MergeError  # noqa: E402
+from modelalloy.errors import ConfigError, MergeError  # noqa: E402
 from modelalloy.io.manifest import MANIFEST, Manifest  # noqa: E402
 
 SHARD = "20KB"  # the tiny llama's tensors in several shards
@@ -143,3 +143,10 @@ def test_unknown_backend_is_one_line(tmp_path, llama):
     assert result.exit_code == 2
     assert result.output == "error: --backend: Input should be 'local' or 'ray'\n"
     assert not (tmp_path / "out").exists()
+
+
+def test_one_file_gguf_output_is_refused_on_ray(tmp_path, llama):
+    cfg = write_config(tmp_path / "merge.yaml", dare_ties(llama))
+    with pytest.raises(ConfigError, match=r"^--backend ray writes safetensors shards; --out-format gguf \(one file\) needs --backend local$"):
+        modelalloy.merge(cfg, tmp_path / "out", backend="ray", out_format="gguf")
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["merge.yaml"]
