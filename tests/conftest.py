@@ -28,3 +28,20 @@ def families(tmp_path_factory):
 @pytest.fixture()
 def llama(families):
     return families("llama")
+
+
+
+@pytest.hookimpl(optionalhook=True)  # a hook of pytest-xdist, absent under -p no:xdist
+def pytest_xdist_make_scheduler(config, log):
+    """`load` scheduling, except that each module holding `ray` in its name runs on one worker:
+    its tests share one Ray instance per process, and starting one costs ~15 s."""
+    if config.getvalue("dist") != "load":
+        return None
+    from xdist.scheduler import LoadScopeScheduling
+
+    class RayModulesTogether(LoadScopeScheduling):
+        def _split_scope(self, nodeid: str) -> str:
+            module = nodeid.split("::", 1)[0]
+            return module if "ray" in Path(module).name else nodeid
+
+    return RayModulesTogether(config, log)

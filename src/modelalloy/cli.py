@@ -84,6 +84,8 @@ def merge(
     out_type: Annotated[str, typer.Option(help=_help("out_type"))] = _DEFAULTS.out_type,
     vocab_report: Annotated[bool, typer.Option(help="print the vocabulary report when tokenizers are aligned")] = True,
     resume: Annotated[bool, typer.Option(help=_help("resume"))] = True,
+    backend: Annotated[str, typer.Option(help=_help("backend"))] = _DEFAULTS.backend,
+    ray_address: Annotated[Optional[str], typer.Option(help=_help("ray_address"))] = None,
     quiet: Annotated[bool, typer.Option("--quiet", "-q", help="no progress bar")] = False,
     as_json: Annotated[bool, typer.Option("--json", help="print a JSON summary on stdout")] = False,
 ) -> None:
@@ -104,6 +106,8 @@ def merge(
             out_format=out_format,
             out_type=out_type,
             resume=resume,
+            backend=backend,
+            ray_address=ray_address,
         )
     except ValueError as e:  # pydantic's ValidationError: name the flag, not the docs URL
         errors = getattr(e, "errors", lambda: [])()

@@ -17,7 +17,7 @@ import threading
 import time
 import warnings
 from collections import Counter
-from collections.abc import Callable, Mapping
+from collections.abc import Callable, Collection, Mapping
 from concurrent.futures import FIRST_EXCEPTION, ThreadPoolExecutor, wait
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -26,11 +26,11 @@ from typing import Literal
 import torch
 from pydantic import BaseModel, ConfigDict, Field
 
-from modelalloy.errors import MergeError, OutputError
+from modelalloy.errors import ConfigError, MergeError, OutputError
 from modelalloy.io.checkpoint import Checkpoint
-from modelalloy.io.manifest import open_partial, sha256_file
+from modelalloy.io.manifest import Manifest, open_partial, sha256_file
 from modelalloy.io.output import write_model_card, write_tokenizer_files
-from modelalloy.io.writer import OutputTensor, ShardedWriter, layout_shards, parse_size, write_text_durably
+from modelalloy.io.writer import OutputTensor, ShardedWriter, layout_shards, parse_size, shard_names, write_text_durably
 from modelalloy.methods import get_method
 from modelalloy.plan import Plan, TensorRecipe, TensorSource
 from modelalloy.readahead import ReadAhead
@@ -53,6 +53,8 @@ class MergeOptions(BaseModel):
     out_format: Literal["safetensors", "gguf"] = Field("safetensors", description="output weights: safetensors shards, or one GGUF file (llama.cpp)")
     out_type: Literal["f32", "f16", "bf16", "q8_0"] = Field("f16", description="tensor type inside a GGUF output (norms stay f32)")
     resume: bool = Field(True, description="reuse the finished shards an interrupted run of the same merge left in OUT.partial")
+    backend: Literal["local", "ray"] = Field("local", description="local: a thread pool in this process; ray: one Ray task per output shard (inputs and output on storage every worker sees)")
+    ray_address: str | None = Field(None, description="with --backend ray: the Ray cluster to join (e.g. auto, ray://host:10001); without it a local Ray instance is started")
 
 
 @dataclass
@@ -188,109 +190,205 @@ def execute(
     """Write the merged model to `out_dir` (via `out_dir.partial`, renamed when complete).
 
     Shards finished by an interrupted run of the same plan are verified and kept (see
-    `io/manifest.py`); the result is bit-identical to an uninterrupted run.
+    `io/manifest.py`); the result is bit-identical to an uninterrupted run, on either backend.
     """
-    out_dir = Path(out_dir)
+    if options.backend == "ray" and options.out_format != "safetensors":
+        raise ConfigError(f"--backend ray writes safetensors shards; --out-format {options.out_format} (one file) needs --backend local")
+    job = prepare_output(plan, checkpoints, Path(out_dir), options)
+    start = time.perf_counter()
+    nonfinite = _NonFiniteInputs()
+    try:
+        if options.backend == "ray":
+            from modelalloy.backends.ray_backend import write_shards_on_ray  # Ray is an optional extra
+
+            files, input_hashes = write_shards_on_ray(job, plan, checkpoints, options, nonfinite, progress)
+        else:
+            files, input_hashes = _write_shards_locally(job, plan, checkpoints, options, nonfinite, progress)
+    except MergeError:
+        # The same plan would fail the same way again, so its shards are not worth resuming from.
+        shutil.rmtree(job.partial, ignore_errors=True)
+        raise
+    finally:
+        nonfinite.warn()
+    finish_output(job, plan, checkpoints, options, input_hashes)
+    return MergeResult(job.out_dir, len(plan.recipes), plan.output_bytes, files, time.perf_counter() - start, input_hashes, len(job.reused))
+
+
+@dataclass
+class OutputJob:
+    """An output being written: where, its fixed shard layout, and the shards already finished."""
+
+    out_dir: Path
+    partial: Path
+    specs: list[OutputTensor]
+    metadata: dict[str, str]
+    max_shard_size: int
+    device: torch.device
+    manifest: Manifest | None  # None in a Ray worker's copy: only the driver records finished shards
+    files: list[str]  # every shard file, in layout order
+    shard_of: dict[str, str]  # output tensor -> its shard file
+    reused: frozenset[str]  # shards an interrupted run finished (verified by their SHA-256)
+
+    def writer(self, *, finished: Collection[str], on_shard_done: Callable[[str, int], None] | None = None) -> ShardedWriter:
+        """A writer for this layout that leaves the shards in `finished` alone (done, or someone else's)."""
+        return ShardedWriter(self.partial, self.specs, max_shard_size=self.max_shard_size, metadata=self.metadata, finished=finished, on_shard_done=on_shard_done)
+
+    def recipes_by_shard(self, plan: Plan) -> dict[str, list[TensorRecipe]]:
+        grouped: dict[str, list[TensorRecipe]] = {f: [] for f in self.files}
+        for r in plan.recipes:
+            grouped[self.shard_of[r.name]].append(r)
+        return grouped
+
+
+def prepare_output(plan: Plan, checkpoints: Mapping[str, Checkpoint], out_dir: Path, options: MergeOptions) -> OutputJob:
+    """Check the output, lay out its shards and open OUT.partial with an interrupted run's finished shards."""
     device = resolve_device(options.device)
     check_output(out_dir, checkpoints, plan.output_bytes, force=options.force)
     specs = [OutputTensor(r.name, r.out_dtype, r.shape) for r in plan.recipes]
     metadata = {"modelalloy_method": plan.method.name}
     max_shard_size = parse_size(options.max_shard_size)
+    layout = layout_shards(specs, max_shard_size)
+    files = shard_names(len(layout))
     partial = out_dir.with_name(out_dir.name + ".partial")
-    fingerprint = plan_fingerprint(plan, checkpoints, layout_shards(specs, max_shard_size), metadata, device)
+    fingerprint = plan_fingerprint(plan, checkpoints, layout, metadata, device)
     # One GGUF file has no finished shards to resume from: it is always written afresh.
     manifest = open_partial(partial, fingerprint, resume=options.resume and options.out_format == "safetensors")
-    reused = set(manifest.shards)
-    hasher = _InputHasher(manifest.input_digests()) if options.hash_inputs else None
-    nonfinite = _NonFiniteInputs()
+    shard_of = {t.name: file for file, shard in zip(files, layout) for t in shard}
+    return OutputJob(out_dir, partial, specs, metadata, max_shard_size, device, manifest, files, shard_of, frozenset(manifest.shards))
 
-    def read(source: TensorSource, pin_memory: bool) -> torch.Tensor:
-        ckpt = checkpoints[source.model]
-        # Other readers (base+adapter) take no pin flag; only the CUDA path passes it.
-        x = ckpt.read(source.tensor, pin_memory=True) if pin_memory else ckpt.read(source.tensor)
-        nonfinite.check(source.model, source.tensor, x)
-        if hasher is not None:
-            hasher.add(source.model, source.tensor, x)  # on the reading thread, beside the I/O
+
+class InputReader:
+    """Reads input tensors for merging, noting non-finite values and (optionally) content hashes."""
+
+    def __init__(self, checkpoints: Mapping[str, Checkpoint], nonfinite: _NonFiniteInputs, hasher: _InputHasher | None) -> None:
+        self.checkpoints = checkpoints
+        self.nonfinite = nonfinite
+        self.hasher = hasher
+
+    def __call__(self, model: str, tensor: str, pin_memory: bool = False) -> torch.Tensor:
+        ckpt = self.checkpoints[model]
+        # Other readers (base+adapter, GGUF) take no pin flag; only the CUDA path passes it.
+        x = ckpt.read(tensor, pin_memory=True) if pin_memory else ckpt.read(tensor)
+        self.nonfinite.check(model, tensor, x)
+        if self.hasher is not None:
+            self.hasher.add(model, tensor, x)  # on the reading thread, beside the I/O
         return x
 
-    recipes_in: dict[str, list[TensorRecipe]] = {}
+    def nbytes(self, source: TensorSource) -> int:
+        return self.checkpoints[source.model].tensors[source.tensor].nbytes
 
-    def shard_done(file: str, size: int) -> None:
-        inputs = hasher.digests_of(s for r in recipes_in[file] for s in r.sources()) if hasher else {}
-        manifest.add(file, sha256_file(partial / file), size, inputs)
+    def prefetch(self, source: TensorSource) -> None:
+        """Ask the kernel to start reading `source` (readers without the hint ignore it)."""
+        getattr(self.checkpoints[source.model], "prefetch", lambda name: None)(source.tensor)
 
-    if options.out_format == "gguf":
-        writer = _gguf_writer(plan, checkpoints, partial, specs, options)
-        shard_of = {r.name: writer.path.name for r in plan.recipes}
-    else:
-        writer = ShardedWriter(partial, specs, max_shard_size=max_shard_size, metadata=metadata, finished=reused, on_shard_done=shard_done)
-        shard_of = writer.shard_of()
-    for r in plan.recipes:
-        recipes_in.setdefault(shard_of[r.name], []).append(r)
-    todo = [r for r in plan.recipes if shard_of[r.name] not in reused]
+    def shard_record(self, shard: Path, recipes: list[TensorRecipe]) -> tuple[str, dict[str, dict[str, str]]]:
+        """A finished shard as the manifest records it: (SHA-256 of its bytes, digests of the inputs it was made from)."""
+        inputs = self.hasher.digests_of(s for r in recipes for s in r.sources()) if self.hasher else {}
+        return sha256_file(shard), inputs
 
-    def nbytes(source: TensorSource) -> int:
-        return checkpoints[source.model].tensors[source.tensor].nbytes
 
-    jobs = [r.sources() for r in todo]
-    # One recipe's inputs ahead of the workers (at least 256 MiB, so small tensors stream freely).
-    budget = max(256 * 2**20, max((sum(nbytes(s) for s in job) for job in jobs), default=0))
-    reader = ReadAhead(
-        jobs,
-        read,
-        nbytes,
-        budget=budget,
-        prefetch=lambda s: getattr(checkpoints[s.model], "prefetch", lambda name: None)(s.tensor),
-        pin_memory=device.type == "cuda",
-    )
-    index = {id(r): i for i, r in enumerate(todo)}
-    start = time.perf_counter()
-    done = len(plan.recipes) - len(todo)
-    written = sum(r.out_nbytes for r in plan.recipes if shard_of[r.name] in reused)
-    total_bytes = plan.output_bytes
-    lock = threading.Lock()
+def write_recipes(
+    recipes: list[TensorRecipe],
+    writer: ShardedWriter,
+    read: InputReader,
+    plan: Plan,
+    device: torch.device,
+    threads: int,
+    on_written: Callable[[TensorRecipe], None] | None = None,
+) -> None:
+    """Merge and write `recipes`, `threads` at a time (1: inline); the first error stops the rest.
+
+    A read-ahead thread reads the next recipes' inputs (in plan order) while these compute."""
     # Test hook: slows every tensor down so that interruption tests can kill a run mid-way.
     debug_delay = float(os.environ.get("MODELALLOY_DEBUG_SECONDS_PER_TENSOR") or 0)
+    jobs = [r.sources() for r in recipes]
+    # One recipe's inputs ahead of the workers (at least 256 MiB, so small tensors stream freely).
+    budget = max(256 * 2**20, max((sum(read.nbytes(s) for s in job) for job in jobs), default=0))
+    reader = ReadAhead(
+        jobs,
+        lambda s, pin_memory: read(s.model, s.tensor, pin_memory),
+        read.nbytes,
+        budget=budget,
+        prefetch=read.prefetch,
+        pin_memory=device.type == "cuda",
+    )
+    index = {id(r): i for i, r in enumerate(recipes)}
 
     def run(recipe: TensorRecipe) -> None:
-        nonlocal done, written
         inputs = reader.take(index[id(recipe)])
         uses = Counter(recipe.sources())
 
         def take_input(model: str, tensor: str) -> torch.Tensor:
-            # Popped at its last use, so a read buffer is freed once converted, as before read-ahead.
             key = TensorSource(model, tensor)
+            if key not in uses:  # read beyond the recipe's sources (vocabulary rows filled from another model)
+                return read(model, tensor)
+            # Popped at its last use, so a read buffer is freed once converted, as before read-ahead.
             uses[key] -= 1
             return inputs[key] if uses[key] > 0 else inputs.pop(key)
 
         writer.write(recipe.name, merge_tensor(recipe, take_input, plan, device))
         if debug_delay:
             time.sleep(debug_delay)
+        if on_written is not None:
+            on_written(recipe)
+
+    try:
+        if threads == 1:
+            for recipe in recipes:
+                run(recipe)
+        else:
+            _run_bounded(recipes, run, threads)
+    finally:
+        reader.close()
+
+
+def _write_shards_locally(
+    job: OutputJob,
+    plan: Plan,
+    checkpoints: Mapping[str, Checkpoint],
+    options: MergeOptions,
+    nonfinite: _NonFiniteInputs,
+    progress: Callable[[Progress], None] | None,
+) -> tuple[list[str], dict[str, str]]:
+    """The local backend: every unfinished shard from this process's thread pool; returns (files, input hashes)."""
+    hasher = _InputHasher(job.manifest.input_digests()) if options.hash_inputs else None
+    read = InputReader(checkpoints, nonfinite, hasher)
+    recipes_in = job.recipes_by_shard(plan)
+
+    def shard_done(file: str, size: int) -> None:
+        sha256, inputs = read.shard_record(job.partial / file, recipes_in[file])
+        job.manifest.add(file, sha256, size, inputs)
+
+    if options.out_format == "gguf":  # one file, written whole (no shards to resume from)
+        writer = _gguf_writer(plan, checkpoints, job.partial, job.specs, options)
+    else:
+        writer = job.writer(finished=job.reused, on_shard_done=shard_done)
+    todo = [r for r in plan.recipes if job.shard_of[r.name] not in job.reused]
+    start = time.perf_counter()
+    done = len(plan.recipes) - len(todo)
+    written = sum(r.out_nbytes for r in plan.recipes if job.shard_of[r.name] in job.reused)
+    lock = threading.Lock()
+
+    def on_written(recipe: TensorRecipe) -> None:
+        nonlocal done, written
         with lock:
             done += 1
             written += recipe.out_nbytes
             if progress is not None:
-                progress(Progress(done, len(plan.recipes), written, total_bytes, recipe.name, time.perf_counter() - start))
+                progress(Progress(done, len(plan.recipes), written, plan.output_bytes, recipe.name, time.perf_counter() - start))
 
     try:
-        if options.threads == 1:
-            for recipe in todo:
-                run(recipe)
-        else:
-            _run_bounded(todo, run, options.threads)
+        write_recipes(todo, writer, read, plan, job.device, options.threads, on_written)
         files = writer.finalize()
-    except MergeError:
-        # The same plan would fail the same way again, so its shards are not worth resuming from.
-        writer.abort()
-        shutil.rmtree(partial, ignore_errors=True)
-        raise
     except BaseException:
         writer.abort()  # finished shards stay recorded in the manifest: a rerun resumes from them
         raise
-    finally:
-        reader.close()
-        nonfinite.warn()
-    input_hashes = hasher.result() if hasher else {}
+    return files, hasher.result() if hasher else {}
+
+
+def finish_output(job: OutputJob, plan: Plan, checkpoints: Mapping[str, Checkpoint], options: MergeOptions, input_hashes: dict[str, str]) -> None:
+    """Every shard is written (and the index): add config, support files and card, then rename into place."""
+    partial, out_dir = job.partial, job.out_dir
     write_text_durably(partial / "config.json", json.dumps(plan.output_config, indent=2, sort_keys=True) + "\n")
     if options.copy_tokenizer:
         tokenizer = plan.vocab.tokenizer if plan.vocab is not None else None
@@ -304,7 +402,6 @@ def execute(
         shutil.rmtree(out_dir)
     os.replace(partial, out_dir)
     _fsync_dir(out_dir.parent)
-    return MergeResult(out_dir, len(plan.recipes), written, files, time.perf_counter() - start, input_hashes, len(reused))
 
 
 def plan_fingerprint(plan: Plan, checkpoints: Mapping[str, Checkpoint], layout: list[list[OutputTensor]], metadata: dict, device: torch.device) -> str:
@@ -384,8 +481,8 @@ def _run_bounded(recipes: list[TensorRecipe], run: Callable[[TensorRecipe], None
             f.result()
 
 
-def prepare_output(out_dir: Path, checkpoints: Mapping[str, Checkpoint], out_bytes: int, *, force: bool) -> Path:
-    """Check the output location and create a fresh `OUT.partial/` (for writers that do not resume)."""
+def fresh_partial(out_dir: Path, checkpoints: Mapping[str, Checkpoint], out_bytes: int, *, force: bool) -> Path:
+    """Check the output location and create an empty `OUT.partial/`, for writers that do not resume (`alloy moe`)."""
     check_output(out_dir, checkpoints, out_bytes, force=force)
     partial = out_dir.with_name(out_dir.name + ".partial")
     if partial.exists():
