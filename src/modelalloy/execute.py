@@ -205,7 +205,9 @@ def execute(
     nonfinite = _NonFiniteInputs()
 
     def read(source: TensorSource, pin_memory: bool) -> torch.Tensor:
-        x = checkpoints[source.model].read(source.tensor, pin_memory=pin_memory)
+        ckpt = checkpoints[source.model]
+        # Other readers (base+adapter) take no pin flag; only the CUDA path passes it.
+        x = ckpt.read(source.tensor, pin_memory=True) if pin_memory else ckpt.read(source.tensor)
         nonfinite.check(source.model, source.tensor, x)
         if hasher is not None:
             hasher.add(source.model, source.tensor, x)  # on the reading thread, beside the I/O
@@ -238,7 +240,7 @@ def execute(
         read,
         nbytes,
         budget=budget,
-        prefetch=lambda s: checkpoints[s.model].prefetch(s.tensor),
+        prefetch=lambda s: getattr(checkpoints[s.model], "prefetch", lambda name: None)(s.tensor),
         pin_memory=device.type == "cuda",
     )
     index = {id(r): i for i, r in enumerate(todo)}
@@ -380,6 +382,16 @@ def _run_bounded(recipes: list[TensorRecipe], run: Callable[[TensorRecipe], None
             pending.add(pool.submit(run, recipe))
         for f in pending:
             f.result()
+
+
+def prepare_output(out_dir: Path, checkpoints: Mapping[str, Checkpoint], out_bytes: int, *, force: bool) -> Path:
+    """Check the output location and create a fresh `OUT.partial/` (for writers that do not resume)."""
+    check_output(out_dir, checkpoints, out_bytes, force=force)
+    partial = out_dir.with_name(out_dir.name + ".partial")
+    if partial.exists():
+        shutil.rmtree(partial)
+    partial.mkdir(parents=True)
+    return partial
 
 
 def check_output(out_dir: Path, checkpoints: Mapping[str, Checkpoint], out_bytes: int, *, force: bool) -> None:

@@ -204,7 +204,7 @@ def build_moe(
     training, or to check that the MoE computes the dense model). `layout` overrides the detected
     expert layout ("fused" or "per_expert").
     """
-    from modelalloy.execute import check_output
+    from modelalloy.execute import prepare_output
 
     cfg = config if isinstance(config, MoEConfig) else load_moe_config(config)
     start = time.perf_counter()
@@ -273,11 +273,7 @@ def build_moe(
 
         out_dir = Path(out_dir)
         total = sum(s.nbytes for s in specs)
-        check_output(out_dir, models, total, force=force)
-        partial = out_dir.with_name(out_dir.name + ".partial")
-        if partial.exists():
-            shutil.rmtree(partial)
-        partial.mkdir(parents=True)
+        partial = prepare_output(out_dir, models, total, force=force)
         writer = ShardedWriter(partial, specs, max_shard_size=parse_size(max_shard_size), metadata={"modelalloy_method": f"moe:{architecture}"})
         try:
             for name, make in plan:

@@ -78,6 +78,12 @@ def test_03_density_out_of_range(tmp_path, llama):
     merge_fails(tmp_path, config, "density=1.5", "outside (0.0, 1.0]", str(llama["ft_sparse"]))
 
 
+def test_03_della_density_plus_minus_epsilon_outside_unit_interval(tmp_path, llama):
+    config = ties(llama["base"], llama["ft_dense"], llama["ft_sparse"]) | {"merge_method": "della", "parameters": {"epsilon": 0.15}}
+    config["models"][1]["parameters"]["density"] = 0.9
+    merge_fails(tmp_path, config, "della: density 0.9 ± epsilon 0.15", str(llama["ft_sparse"]), "keep-probabilities must stay inside")
+
+
 def test_03_linear_weights_sum_to_zero(tmp_path, llama):
     config = {"merge_method": "linear", "models": [{"model": str(llama["ft_dense"]), "parameters": {"weight": 1.0}}, {"model": str(llama["ft_sparse"]), "parameters": {"weight": -1.0}}]}
     merge_fails(tmp_path, config, "sum to 0", "normalize", "set normalize: false")

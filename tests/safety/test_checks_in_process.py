@@ -1,4 +1,4 @@
-"""Checks that need a library hook rather than a subprocess: a DELLA-style method's density ±
+"""Checks that need a library hook rather than a subprocess: DELLA's density ±
 epsilon range, overflow in the cast to the output dtype, a dangling symlink, duplicate header keys."""
 
 from __future__ import annotations
@@ -13,7 +13,7 @@ from modelalloy.api import plan_merge
 from modelalloy.errors import CheckpointError, ConfigError, MergeError
 from modelalloy.io.checkpoint import open_checkpoint
 from modelalloy.io.safetensors_format import read_header
-from modelalloy.methods import REGISTRY, Param, in_range, merge_method
+from modelalloy.methods import REGISTRY
 
 
 @pytest.fixture()

@@ -3,7 +3,7 @@
 Either may reject an input (a `ModelAlloyError`, one line for the user); neither may crash with
 any other exception. The regular suite runs a few hundred inputs per target; the long run is
 
-    FUZZ_EXAMPLES=10000 .venv/bin/python -m pytest -p no:xdist -q tests/safety/test_fuzz.py
+    FUZZ_EXAMPLES=10000 .venv/bin/python -m pytest -p no:xdist -q tests/safety/test_fuzz.py --hypothesis-show-statistics
 
 (10,000 inputs for each of the six targets; `-k config` or `-k header` for one parser).
 """

@@ -86,7 +86,7 @@ def resolve_model_path(ref: str) -> tuple[Path, str | None]:
     local = Path(ref).expanduser()
     try:
         os.stat(local)  # is_dir()/exists() would hide a symlink loop or a forbidden parent as "missing"
-    except FileNotFoundError:
+    except (FileNotFoundError, NotADirectoryError):  # not a local path: maybe an HF id
         if local.is_symlink():
             raise CheckpointError(f"{ref}: is a symlink to {os.readlink(local)}, which does not exist") from None
     except OSError as e:  # ELOOP (symlink loop), EACCES (a parent directory we may not enter)
