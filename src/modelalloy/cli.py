@@ -547,7 +547,7 @@ def print_scores(table: dict[str, dict[str, float]], sets, title: str = "scores"
     t = Table(title=title)
     t.add_column("model")
     for s in sets:
-        t.add_column(f"{s.name}\n{'ppl ↓' if s.metric == 'perplexity' else 'acc ↑'}" + (f"\n(expert: {s.expert})" if s.expert else "\n(control)"), justify="right")
+        t.add_column(f"{s.name}\n{'ppl ↓' if s.metric == 'perplexity' else 'acc ↑' if s.metric == 'accuracy' else 'score ↑'}" + (f"\n(expert: {s.expert})" if s.expert else "\n(control)"), justify="right")
     for model, row in table.items():
         t.add_row(model, *(_fmt(row[s.name], 2 if s.metric == "perplexity" else 3) for s in sets))
     out.print(t)

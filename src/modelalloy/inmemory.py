@@ -59,13 +59,14 @@ def load_merged_model(
     """A transformers model holding the merge of `config`, built in memory; also the donor's directory.
 
     The donor (the model whose config.json and tokenizer `alloy merge` would copy) is where the
-    tokenizer lives. `model_class` defaults to AutoModelForCausalLM.
+    tokenizer lives. `model_class` defaults to the one the donor's architecture names
+    (`model_class_for`).
     """
     import transformers
 
     state, plan, paths = merge_state_dict(config, options=options, progress=progress)
     hf_config = transformers.AutoConfig.for_model(**plan.output_config)
-    cls = model_class or transformers.AutoModelForCausalLM
+    cls = model_class or model_class_for(plan.output_config)
     with _no_init_weights():  # the random init of weights we are about to replace is wasted time
         model = cls.from_config(hf_config)
     result = model.load_state_dict(state, strict=False)
@@ -78,6 +79,16 @@ def load_merged_model(
         raise OutputError(f"the merged tensor {result.unexpected_keys[0]} has no place in a {hf_config.model_type} model ({len(result.unexpected_keys)} such)")
     model.eval()
     return model, paths[plan.donor]
+
+
+def model_class_for(config: dict):
+    """The transformers auto class for a config.json: a sequence classifier when its architecture
+    says so (`*ForSequenceClassification`), else a causal LM."""
+    import transformers
+
+    if any(str(a).endswith("ForSequenceClassification") for a in config.get("architectures") or ()):
+        return transformers.AutoModelForSequenceClassification
+    return transformers.AutoModelForCausalLM
 
 
 def _is_parameter(model, name: str) -> bool:

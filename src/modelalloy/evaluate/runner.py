@@ -19,8 +19,8 @@ import torch
 from modelalloy.config import MergeConfig, load_config
 from modelalloy.errors import ConfigError
 from modelalloy.evaluate.rate import MergeRate, SetInfo, merge_rate, rank
-from modelalloy.evaluate.scoring import multiple_choice, perplexity
-from modelalloy.evaluate.sets import EvalError, EvalSet, read_choices, read_texts
+from modelalloy.evaluate.scoring import classification, multiple_choice, perplexity
+from modelalloy.evaluate.sets import EvalError, EvalSet, read_choices, read_labeled, read_texts
 from modelalloy.methods import REQUIRED, get_method
 
 # label (model or "model / set"), done, total
@@ -35,7 +35,10 @@ def is_config(ref: str | Path | MergeConfig) -> bool:
 
 
 def load_model(ref: str | Path | MergeConfig, *, tokenizer: str | Path | None = None, dtype: torch.dtype = torch.float32):
-    """(model, tokenizer) for a model directory or a merge config (merged in memory)."""
+    """(model, tokenizer) for a model directory or a merge config (merged in memory).
+
+    The model is a causal LM, or a sequence classifier when config.json's architecture is one.
+    """
     import transformers
 
     if is_config(ref):
@@ -49,10 +52,17 @@ def load_model(ref: str | Path | MergeConfig, *, tokenizer: str | Path | None = 
         path = Path(ref)
         if not (path / "config.json").is_file():
             raise EvalError(f"{ref}: not a model directory (no config.json); give a Hugging Face model directory or a merge config (.yaml)")
+        from modelalloy.inmemory import model_class_for
+
         try:
-            model = transformers.AutoModelForCausalLM.from_pretrained(path, dtype=dtype)
+            cls = model_class_for(json.loads((path / "config.json").read_text(encoding="utf-8")))
         except (OSError, ValueError) as e:
-            raise EvalError(f"{ref}: cannot load as a causal LM ({str(e).splitlines()[0]})") from None
+            raise EvalError(f"{path / 'config.json'}: cannot read ({str(e).splitlines()[0]})") from None
+        what = "a sequence classifier" if cls is transformers.AutoModelForSequenceClassification else "a causal LM"
+        try:
+            model = cls.from_pretrained(path, dtype=dtype)
+        except (OSError, ValueError) as e:
+            raise EvalError(f"{ref}: cannot load as {what} ({str(e).splitlines()[0]})") from None
         model.eval()
         tok_dir = tokenizer or path
     try:
@@ -64,7 +74,17 @@ def load_model(ref: str | Path | MergeConfig, *, tokenizer: str | Path | None = 
 
 def score(model, tokenizer, eval_set: EvalSet, *, progress: Callable[[int, int], None] | None = None) -> dict:
     """One model on one set: perplexity fields, or accuracy fields; always a "score" key."""
-    if eval_set.kind == "choice":
+    if eval_set.kind == "classification":
+        if not hasattr(model.config, "id2label") or "ForSequenceClassification" not in type(model).__name__:
+            raise EvalError(f"eval set {eval_set.name!r}: classification needs a model with a classification head (*ForSequenceClassification), not {type(model).__name__}")
+        items = read_labeled(eval_set, {int(k): v for k, v in model.config.id2label.items()})
+        result = classification(model, tokenizer, items, batch_size=eval_set.batch_size, progress=progress)
+        result["score"] = result["accuracy"]
+    elif eval_set.kind == "lm_eval":
+        from modelalloy.evaluate.lmeval import lm_eval_task
+
+        result = lm_eval_task(model, tokenizer, eval_set.task, task_dir=eval_set.task_dir, limit=eval_set.max_items, batch_size=eval_set.batch_size)
+    elif eval_set.kind == "choice":
         result = multiple_choice(model, tokenizer, read_choices(eval_set), progress=progress)
         result["score"] = result["accuracy"]
     else:
@@ -109,6 +129,12 @@ def set_fingerprint(eval_set: EvalSet) -> str:
     if eval_set.kind == "perplexity":
         for t in read_texts(eval_set):
             h.update(hashlib.sha256(t.encode()).digest())
+    elif eval_set.kind == "lm_eval":
+        # A task's YAML and its local data files: whatever the folder holds.
+        folder = Path(eval_set.task_dir) if eval_set.task_dir else None
+        for f in sorted(folder.rglob("*")) if folder and folder.is_dir() else ():
+            if f.is_file():
+                h.update(f"{f.relative_to(folder)}\0".encode() + hashlib.sha256(f.read_bytes()).digest())
     else:
         h.update(Path(eval_set.path).read_bytes())
     return h.hexdigest()

@@ -1,4 +1,4 @@
-"""Scoring one causal LM: perplexity on text, and multiple choice by log-likelihood.
+"""Scoring one model: perplexity on text, multiple choice by log-likelihood, classification.
 
 Both run the model in eval mode without gradients, in batches, and report through an optional
 `progress(done, total)` callback (the library never prints).
@@ -149,3 +149,38 @@ def multiple_choice(
         if progress is not None:
             progress(i + 1, len(items))
     return {"accuracy": correct / len(items), "accuracy_norm": correct_norm / len(items), "items": len(items)}
+
+
+@torch.no_grad()
+def classification(
+    model,
+    tokenizer,
+    items: Sequence[tuple[str, int]],
+    *,
+    batch_size: int = 16,
+    max_length: int | None = None,
+    progress: ProgressFn | None = None,
+) -> dict:
+    """Accuracy and macro-F1 of a sequence classifier (argmax of its logits), batched and padded.
+
+    Macro-F1 averages the per-class F1 over the classes that occur as a label or a prediction.
+    """
+    device = next(model.parameters()).device
+    model.eval()
+    predicted: list[int] = []
+    for b in range(0, len(items), batch_size):
+        texts = [text for text, _ in items[b : b + batch_size]]
+        enc = tokenizer(texts, padding=True, truncation=True, max_length=max_length, return_tensors="pt")
+        logits = model(**{k: v.to(device) for k, v in enc.items()}).logits
+        predicted.extend(logits.argmax(dim=-1).tolist())
+        if progress is not None:
+            progress(min(b + batch_size, len(items)), len(items))
+    labels = [label for _, label in items]
+    f1s = []
+    for c in sorted(set(labels) | set(predicted)):
+        tp = sum(p == c and y == c for p, y in zip(predicted, labels))
+        fp = sum(p == c and y != c for p, y in zip(predicted, labels))
+        fn = sum(p != c and y == c for p, y in zip(predicted, labels))
+        f1s.append(2 * tp / (2 * tp + fp + fn))
+    accuracy = sum(p == y for p, y in zip(predicted, labels)) / len(items)
+    return {"accuracy": accuracy, "macro_f1": sum(f1s) / len(f1s), "items": len(items)}

@@ -15,6 +15,13 @@ set (JSONL with ``context``, ``choices``, ``answer``):
       - name: trivia
         kind: choice
         path: trivia.jsonl
+      - name: sentiment             # an encoder with a classification head (*ForSequenceClassification)
+        kind: classification
+        path: reviews.jsonl         # JSONL with "text" and "label" (an index, or a name in config.id2label)
+      - name: my-task               # an lm-evaluation-harness task (extra `lmeval`); nothing is downloaded
+        kind: lm_eval
+        task: my_task
+        task_dir: tasks/            # YAML task definitions over local data files
 
 Relative paths are taken from the evals file's folder.
 """
@@ -39,19 +46,28 @@ class EvalSet(BaseModel):
     model_config = ConfigDict(extra="forbid", frozen=True)
 
     name: str
-    kind: Literal["perplexity", "choice"] = "perplexity"
+    kind: Literal["perplexity", "choice", "classification", "lm_eval"] = "perplexity"
     path: str | None = None
     texts: tuple[str, ...] | None = Field(None, description="the documents themselves (instead of path)")
     max_tokens: int = Field(4096, ge=2)
     window: int = Field(512, ge=2)
     stride: int | None = Field(None, ge=1, description="new tokens scored per window; default and maximum window - 1")
     batch_size: int = Field(4, ge=1)
-    max_items: int | None = Field(None, ge=1, description="multiple choice: score only the first N items")
+    max_items: int | None = Field(None, ge=1, description="multiple choice, classification, lm_eval: score only the first N items")
+    task: str | None = Field(None, description="lm_eval: the task name")
+    task_dir: str | None = Field(None, description="lm_eval: a folder of YAML task definitions over local data")
     expert: str | None = None
 
     @model_validator(mode="after")
     def _check(self) -> EvalSet:
-        if (self.path is None) == (self.texts is None):
+        if self.kind == "lm_eval":
+            if not self.task:
+                raise ValueError(f"eval set {self.name!r}: an lm_eval set needs task: (an lm-evaluation-harness task name)")
+            if self.path is not None or self.texts is not None:
+                raise ValueError(f"eval set {self.name!r}: an lm_eval set takes task: and task_dir:, not path: or texts:")
+        elif self.task is not None or self.task_dir is not None:
+            raise ValueError(f"eval set {self.name!r}: task: and task_dir: belong to kind lm_eval only")
+        elif (self.path is None) == (self.texts is None):
             raise ValueError(f"eval set {self.name!r}: give exactly one of path or texts")
         if self.stride is not None and self.stride >= self.window:
             # A window of W tokens predicts W - 1 of them: its first token is only context.
@@ -60,11 +76,11 @@ class EvalSet(BaseModel):
 
     @property
     def higher_is_better(self) -> bool:
-        return self.kind == "choice"  # accuracy; perplexity is lower-is-better
+        return self.kind != "perplexity"  # accuracies; perplexity is lower-is-better
 
     @property
     def metric(self) -> str:
-        return "accuracy" if self.kind == "choice" else "perplexity"
+        return {"perplexity": "perplexity", "lm_eval": f"lm_eval:{self.task}"}.get(self.kind, "accuracy")
 
 
 class EvalsFile(BaseModel):
@@ -100,6 +116,8 @@ def load_evals(path: str | Path) -> list[EvalSet]:
     for s in parsed.sets:
         if s.path is not None and not Path(s.path).is_absolute():
             s = s.model_copy(update={"path": str(path.parent / s.path)})
+        if s.task_dir is not None and not Path(s.task_dir).is_absolute():
+            s = s.model_copy(update={"task_dir": str(path.parent / s.task_dir)})
         out.append(s)
     return out
 
@@ -164,6 +182,29 @@ def read_choices(eval_set: EvalSet) -> list[tuple[str, list[str], int]]:
         if not isinstance(answer, int) or isinstance(answer, bool) or not 0 <= answer < len(choices):
             raise EvalError(f"eval set {eval_set.name!r}: {path} item {i + 1}: 'answer' must be a choice index (0 to {len(choices) - 1}) or one of the choices")
         items.append((context, choices, answer))
+    if not items:
+        raise EvalError(f"eval set {eval_set.name!r}: {path} holds no items")
+    return items[: eval_set.max_items] if eval_set.max_items else items
+
+
+def read_labeled(eval_set: EvalSet, id2label: dict[int, str] | None) -> list[tuple[str, int]]:
+    """The items of a classification set: (text, label index); names are mapped with `id2label`."""
+    path = Path(eval_set.path or "")
+    if eval_set.path is None or not path.is_file():
+        raise EvalError(f"eval set {eval_set.name!r}: a classification set needs path: a JSONL file with text and label")
+    index = {name: i for i, name in (id2label or {}).items()}
+    n_labels = len(id2label or {})
+    items = []
+    for i, row in enumerate(_jsonl(path.read_text(encoding="utf-8"), path, eval_set.name)):
+        text, label = row.get("text"), row.get("label")
+        if not isinstance(text, str):
+            raise EvalError(f"eval set {eval_set.name!r}: {path} item {i + 1} has no string field 'text'")
+        if isinstance(label, str) and label in index:
+            label = index[label]
+        if not isinstance(label, int) or isinstance(label, bool) or not 0 <= label < n_labels:
+            names = ", ".join(str(v) for v in (id2label or {}).values())
+            raise EvalError(f"eval set {eval_set.name!r}: {path} item {i + 1}: 'label' {label!r} must be a class index (0 to {n_labels - 1}) or one of the model's labels ({names})")
+        items.append((text, label))
     if not items:
         raise EvalError(f"eval set {eval_set.name!r}: {path} holds no items")
     return items[: eval_set.max_items] if eval_set.max_items else items
