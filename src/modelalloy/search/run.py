@@ -24,7 +24,7 @@ import yaml
 
 from modelalloy.config import MergeConfig
 from modelalloy.errors import ConfigError, ModelAlloyError, OutputError
-from modelalloy.search.space import SearchSpec, build_config, search_space, suggest_config
+from modelalloy.search.space import SearchSpec, search_space, suggest_config
 from modelalloy.search.trial import TrialEvaluator, objective_values
 
 STUDY_NAME = "alloy-search"

@@ -28,10 +28,9 @@ from pathlib import Path
 from typing import Any, Literal
 
 import numpy as np
-import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
 
-from modelalloy.config import MergeConfig, model_ref
+from modelalloy.config import MergeConfig, model_ref, read_yaml_file
 from modelalloy.errors import ConfigError, did_you_mean
 from modelalloy.methods import get_method
 
@@ -123,12 +122,7 @@ class SearchSpec(BaseModel):
 
 def load_spec(path: str | Path) -> SearchSpec:
     path = Path(path)
-    try:
-        data = yaml.safe_load(path.read_text(encoding="utf-8"))
-    except FileNotFoundError:
-        raise ConfigError(f"{path}: search file not found") from None
-    except (OSError, UnicodeDecodeError, yaml.YAMLError) as e:
-        raise ConfigError(f"{path}: cannot read search file ({str(e).splitlines()[0]})") from None
+    data = read_yaml_file(path, "search file")
     if not isinstance(data, dict):
         raise ConfigError(f"{path}: a search file is a mapping (models, methods, parameters, objective)")
     try:
