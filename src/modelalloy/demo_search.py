@@ -10,6 +10,7 @@ scored on the held-out side as the forgetting control. The base and the speciali
 
 from __future__ import annotations
 
+import hashlib
 import json
 import math
 import time
@@ -170,17 +171,35 @@ def compare_heldout(out_dir: Path, base: Path, specialists: dict[str, Path], bes
         if progress:
             progress(f"held-out: {what}", step, todo)
 
-    table["base"] = _score_checkpoint(base, sets)
-    tick("base")
+    # Scores are kept by what was scored (checkpoint or config, and the sets), so a rerun, or a
+    # second process started while the search runs, does not score the fixed methods again.
+    cache_file = out_dir / "heldout-scores.json"
+    cache = json.loads(cache_file.read_text()) if cache_file.is_file() else {}
+    sets_key = hashlib.sha256(json.dumps([s.model_dump() for s in sets], sort_keys=True).encode()).hexdigest()[:16]
+    evaluator = None
+
+    def cached(label: str, what: str, compute: Callable[[], dict[str, float]]) -> None:
+        key = hashlib.sha256(f"{what}|{sets_key}".encode()).hexdigest()[:16]
+        if key not in cache:
+            cache[key] = compute()
+            merged = json.loads(cache_file.read_text()) if cache_file.is_file() else {}
+            cache_file.write_text(json.dumps(merged | cache, indent=1))
+        table[label] = cache[key]
+        tick(label)
+
+    def merged(config) -> dict[str, float]:
+        nonlocal evaluator
+        if evaluator is None:
+            evaluator = TrialEvaluator([str(base), *map(str, specialists.values())], sets)
+        return {k: float(v["score"]) for k, v in evaluator.scores(config, names).items()}
+
+    cached("base", str(base), lambda: _score_checkpoint(base, sets))
     for name, path in specialists.items():
-        table[f"ft-{name}"] = _score_checkpoint(path, sets)
-        tick(f"ft-{name}")
-    evaluator = TrialEvaluator([str(base), *map(str, specialists.values())], sets)
-    table["searched"] = {k: float(v["score"]) for k, v in evaluator.scores(best_config, names).items()}
-    tick("searched best")
+        cached(f"ft-{name}", str(path), lambda path=path: _score_checkpoint(path, sets))
+    cached("searched", best_config.model_dump_json(), lambda: merged(best_config))
     for method in methods:
-        table[method] = {k: float(v["score"]) for k, v in evaluator.scores(fixed_config(base, specialists, method, seed), names).items()}
-        tick(method)
+        config = fixed_config(base, specialists, method, seed)
+        cached(method, config.model_dump_json(), lambda config=config: merged(config))
 
     infos = [SetInfo(HELDOUT_PREFIX + d, False, f"ft-{d}") for d in specialists] + [SetInfo(HELDOUT_PREFIX + CONTROL, False, None)]
     parents = [f"ft-{d}" for d in specialists]
