@@ -791,7 +791,7 @@ def demo_search(
         return
     sets = list(next(iter(result.table.values())))
     t = Table(title=f"held-out perplexity (lower is better); searched = best of {result.trials} {method} trials")
-    for col in ("model", *sets, "mean log-ppl", "mean NAI", "forgetting"):
+    for col in ("model", *[s.removeprefix("heldout_") for s in sets], "mean log-ppl", "mean NAI", "forgetting"):
         t.add_column(col, justify="left" if col == "model" else "right")
     rows = {r["model"]: r for r in result.rows}
     for model, scores in result.table.items():
