@@ -759,6 +759,54 @@ def demo(
     _save_outputs(payload, save, report or cache / "report.html", as_json)
 
 
+@app.command("demo-search")
+def demo_search(
+    cache: Annotated[Path, typer.Option(help="alloy demo's cache: the base and the specialists (built there if missing)")] = Path(".cache/demo"),
+    out_dir: Annotated[Optional[Path], typer.Option("--out", help="search output (default: CACHE/search)")] = None,
+    method: Annotated[str, typer.Option(help="searched method: ties or dare_ties")] = "dare_ties",
+    trials: Annotated[int, typer.Option(help="search trials")] = 40,
+    sampler: Annotated[str, typer.Option(help="tpe, cmaes or random")] = "tpe",
+    layer_groups: Annotated[int, typer.Option(help="depth anchors per parameter")] = 4,
+    tokens: Annotated[int, typer.Option(help="tokens scored per domain, search and held-out")] = 256,
+    resume: Annotated[bool, typer.Option("--resume", help="continue the search in OUT")] = False,
+    force: Annotated[bool, typer.Option("--force", help="delete OUT and start over")] = False,
+    as_json: _JsonOpt = False,
+) -> None:
+    """Search TIES/DARE-TIES weights and densities on the demo's specialists; compare on held-out text."""
+    from modelalloy.demo_search import DemoSearchSettings, run_demo_search
+
+    settings = DemoSearchSettings(method=method, trials=trials, sampler=sampler, layer_groups=layer_groups, search_tokens=tokens, heldout_tokens=tokens)
+
+    def line(r) -> None:
+        value = "failed: " + r.error if r.error else ", ".join(f"{v:.4g}" for v in r.values)
+        best = ", ".join(f"{v:.4g}" for v in r.best) if r.best else "-"
+        eta = f"{r.eta:.0f}s" if r.eta is not None else "?"
+        err.print(f"trial {r.number:>3} [{r.done}/{r.total}] {value}  best {best}  ETA {eta}", highlight=False, soft_wrap=True)
+
+    with warnings.catch_warnings(record=True):
+        warnings.simplefilter("ignore")
+        try:
+            result = run_demo_search(cache, out_dir, settings=settings, resume=resume, force=force, trial_progress=line,
+                                     progress=lambda what, d, t: err.print(f"{what} [{d}/{t}]", highlight=False))
+        except ModelAlloyError as e:
+            _fail(e)
+    if as_json:
+        out.print_json(json.dumps(result.to_json()))
+        return
+    sets = list(next(iter(result.table.values())))
+    t = Table(title=f"held-out perplexity (lower is better); searched = best of {result.trials} {method} trials")
+    for col in ("model", *[s.removeprefix("heldout_") for s in sets], "mean log-ppl", "mean NAI", "forgetting"):
+        t.add_column(col, justify="left" if col == "model" else "right")
+    rows = {r["model"]: r for r in result.rows}
+    for model, scores in result.table.items():
+        r = rows.get(model, {})
+        t.add_row(model, *[_fmt(scores[s], 2) for s in sets], _fmt(r.get("mean_log_ppl"), 4), _fmt(r.get("mean_nai")), _fmt(r.get("forgetting")))
+    out.print(t)
+    verdict = "beats" if result.searched_beats_fixed else "does NOT beat"
+    out.print(f"the searched best {verdict} the best fixed method ({result.best_fixed}) on held-out mean log-perplexity; "
+              + ", ".join(f"{k} {v:.0f}s" for k, v in result.timings.items()), highlight=False)
+
+
 @app.command()
 def search(
     spec_file: Annotated[Path, typer.Argument(help="search space and objective (SEARCH.yaml)")],

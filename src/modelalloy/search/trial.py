@@ -19,7 +19,10 @@ from modelalloy.config import MergeConfig
 from modelalloy.errors import ConfigError
 from modelalloy.execute import merge_tensor, resolve_device
 from modelalloy.io.checkpoint import open_checkpoint
+from modelalloy.methods.task_vectors import FAMILY
 from modelalloy.plan import make_plan
+
+_TASK_VECTOR_METHODS = frozenset(row.name for row in FAMILY)
 
 
 class TrialEvaluator:
@@ -32,6 +35,7 @@ class TrialEvaluator:
         self.cache_inputs = cache_inputs
         self._cache: dict[tuple[str, str], torch.Tensor] = {}
         self._lock = threading.Lock()
+        self._equal_base: dict[tuple, bool] = {}
         self.model = None
         self.tokenizer = None
 
@@ -46,8 +50,30 @@ class TrialEvaluator:
 
     def merged_state(self, config: MergeConfig) -> tuple[dict[str, torch.Tensor], object]:
         plan = make_plan(config, self.checkpoints)
-        state = {r.name: merge_tensor(r, self._read, plan, self.device) for r in plan.recipes}
+        state = {r.name: self._unchanged(r, plan) if self._all_equal_base(r) else merge_tensor(r, self._read, plan, self.device) for r in plan.recipes}
         return state, plan
+
+    def _all_equal_base(self, recipe) -> bool:
+        """True when a task-vector method would add only zero task vectors to the base.
+
+        Fine-tunes often leave most tensors untouched (frozen layers, embeddings); for them the
+        merge is the base whatever the parameters (θ_0 + Σ w_i·0, the divisor guarded against
+        zero), so a trial skips the work. Checked once per tensor, only when inputs are kept.
+        """
+        if not self.cache_inputs or recipe.method not in _TASK_VECTOR_METHODS or recipe.base is None or recipe.stats or recipe.aligned:
+            return False
+        key = (recipe.base.model, recipe.base.tensor, tuple((s.model, s.tensor) for s in recipe.inputs))
+        if key not in self._equal_base:
+            base = self._read(recipe.base.model, recipe.base.tensor)
+            self._equal_base[key] = all(torch.equal(self._read(s.model, s.tensor), base) for s in recipe.inputs)
+        return self._equal_base[key]
+
+    def _unchanged(self, recipe, plan) -> torch.Tensor:
+        """The base tensor through the same dtype steps as `merge_tensor` (θ_0 + 0 is θ_0)."""
+        x = self._read(recipe.base.model, recipe.base.tensor)
+        if plan.input_dtype is not None and x.dtype.is_floating_point:
+            x = x.to(plan.input_dtype)
+        return x.to(dtype=plan.compute_dtype).to(recipe.out_dtype)
 
     def load(self, config: MergeConfig):
         """The merged model of `config`, in the one model instance this evaluator keeps."""
