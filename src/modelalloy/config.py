@@ -14,6 +14,7 @@ Unlike mergekit, an unknown key anywhere is an error with a "did you mean".
 
 from __future__ import annotations
 
+from collections.abc import Callable, Iterable
 from pathlib import Path
 from typing import Any, Literal, Union
 
@@ -401,6 +402,19 @@ def _explain(err: dict, text: str, source: str) -> str:
         return f"{at}: required field missing"
     msg = err["msg"].removeprefix("Value error, ")
     return f"{at}: {msg}"
+
+
+def validation_line(err: ValidationError, source: str, fields_at: Callable[[tuple], Iterable[str]]) -> str:
+    """One line for pydantic's first error: 'SOURCE: where: message'; an unknown key gets a
+    "did you mean" among `fields_at(location)`."""
+    first = err.errors()[0]
+    loc = first["loc"]
+    where = ".".join(str(x) for x in loc) or "(top level)"
+    if first["type"] == "extra_forbidden":
+        key = str(loc[-1])
+        return f"{source}: {where}: unknown key {key!r}{did_you_mean(key, fields_at(loc))}"
+    msg = "required field missing" if first["type"] == "missing" else first["msg"].removeprefix("Value error, ")
+    return f"{source}: {where}: {msg}"
 
 
 def read_yaml_file(path: str | Path, what: str, error: type[ModelAlloyError] = ConfigError) -> Any:

@@ -231,6 +231,19 @@ def fine_tune(base: Path, corpus: Corpus, out: Path, settings: DemoSettings, pro
 # --- the whole demo ----------------------------------------------------------------------------
 
 
+class Laps:
+    """Wall time per step: `lap("name")` records the time since the previous lap."""
+
+    def __init__(self) -> None:
+        self.timings: dict[str, float] = {}
+        self._clock = time.perf_counter()
+
+    def __call__(self, name: str) -> None:
+        now = time.perf_counter()
+        self.timings[name] = now - self._clock
+        self._clock = now
+
+
 @dataclass
 class DemoResult:
     rate: object  # evaluate.RateResult
@@ -260,14 +273,8 @@ def run_demo(
 
     cache = Path(cache)
     cache.mkdir(parents=True, exist_ok=True)
-    timings: dict[str, float] = {}
-    clock = time.perf_counter()
-
-    def lap(name: str) -> None:
-        nonlocal clock
-        now = time.perf_counter()
-        timings[name] = now - clock
-        clock = now
+    lap = Laps()
+    timings = lap.timings
 
     from modelalloy.methods import get_method
 

@@ -13,14 +13,13 @@ from __future__ import annotations
 import hashlib
 import json
 import math
-import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 
 import yaml
 
-from modelalloy.demo import CORPORA, METHODS, DemoSettings, StepProgress, base_checkpoint, fine_tune
+from modelalloy.demo import CORPORA, METHODS, DemoSettings, Laps, StepProgress, base_checkpoint, fine_tune
 
 SEARCH_PREFIX = "search_"
 HELDOUT_PREFIX = "heldout_"
@@ -230,14 +229,8 @@ def run_demo_search(cache: str | Path = ".cache/demo", out_dir: str | Path | Non
         raise ConfigError(f"demo-search searches ties or dare_ties, not {settings.method!r}")
     cache = Path(cache)
     out_dir = Path(out_dir) if out_dir is not None else cache / "search"
-    timings: dict[str, float] = {}
-    clock = time.perf_counter()
-
-    def lap(name: str) -> None:
-        nonlocal clock
-        now = time.perf_counter()
-        timings[name] = now - clock
-        clock = now
+    lap = Laps()
+    timings = lap.timings
 
     corpora = {name: CORPORA[name]() for name in (*demo.domains, CONTROL)}
     base = base_checkpoint(cache, progress)

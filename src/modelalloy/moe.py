@@ -41,7 +41,7 @@ import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
 
 from modelalloy import arch
-from modelalloy.config import DTYPE_NAMES, read_yaml_file
+from modelalloy.config import DTYPE_NAMES, read_yaml_file, validation_line
 from modelalloy.errors import ConfigError, PlanError, did_you_mean
 from modelalloy.io.checkpoint import Checkpoint, open_checkpoint
 from modelalloy.io.output import copy_support_files
@@ -123,14 +123,8 @@ def parse_moe_config(data, *, source: str = "<moe config>") -> MoEConfig:
     try:
         return MoEConfig.model_validate(data)
     except ValidationError as e:
-        first = e.errors()[0]
-        where = ".".join(str(x) for x in first["loc"]) or "(top level)"
-        if first["type"] == "extra_forbidden":
-            key = str(first["loc"][-1])
-            known = Expert.model_fields if len(first["loc"]) > 1 else MoEConfig.model_fields
-            raise ConfigError(f"{source}: {where}: unknown key {key!r}{did_you_mean(key, known)}") from None
-        msg = "required field missing" if first["type"] == "missing" else first["msg"].removeprefix("Value error, ")
-        raise ConfigError(f"{source}: {where}: {msg}") from None
+        fields = lambda loc: Expert.model_fields if len(loc) > 1 else MoEConfig.model_fields  # noqa: E731
+        raise ConfigError(validation_line(e, source, fields)) from None
 
 
 @dataclass

@@ -30,8 +30,8 @@ from typing import Any
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
 
 from modelalloy import arch
-from modelalloy.config import MergeConfig, read_yaml_file
-from modelalloy.errors import ConfigError, PlanError, did_you_mean
+from modelalloy.config import MergeConfig, read_yaml_file, validation_line
+from modelalloy.errors import ConfigError, PlanError
 from modelalloy.io.checkpoint import open_checkpoint
 
 DEFAULT_SCALE_FILTER = ("o_proj", "down_proj", "c_proj")
@@ -86,13 +86,7 @@ def parse_stack_config(data: Any, *, source: str = "<stack config>") -> StackCon
     try:
         return StackConfig.model_validate(data)
     except ValidationError as e:
-        first = e.errors()[0]
-        where = ".".join(str(x) for x in first["loc"]) or "(top level)"
-        if first["type"] == "extra_forbidden":
-            key = str(first["loc"][-1])
-            raise ConfigError(f"{source}: {where}: unknown key {key!r}{did_you_mean(key, StackConfig.model_fields)}") from None
-        msg = "required field missing" if first["type"] == "missing" else first["msg"].removeprefix("Value error, ")
-        raise ConfigError(f"{source}: {where}: {msg}") from None
+        raise ConfigError(validation_line(e, source, lambda loc: StackConfig.model_fields)) from None
 
 
 def stack_layers(cfg: StackConfig, n_layers: int) -> list[int]:
