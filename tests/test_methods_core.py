@@ -24,8 +24,7 @@ def call(name, tensors, base=None, seed=0, **params):
     method = get_method(name)
     defaults = {p.name: ([p.default] * len(tensors) if p.per_model else p.default) for p in method.params if not p.required}
     defaults.update(params)
-    gen = torch.Generator().manual_seed(seed) if method.randomized else None
-    out = method(t32(*tensors), base=None if base is None else t32(base)[0], generator=gen, **defaults)
+    out = method(t32(*tensors), base=None if base is None else t32(base)[0], seed=seed, **defaults)
     return out.double().numpy()
 
 
@@ -158,9 +157,9 @@ def test_ties_keeps_exactly_k_entries_with_ties_in_magnitude():
 # --- DARE ---------------------------------------------------------------------------------
 
 def dare_masks(seed, shape, densities):
-    """The documented scheme: one CPU generator per output tensor, drawn in model order."""
-    g = torch.Generator().manual_seed(seed)
-    return [(torch.rand(shape, generator=g) < d).numpy() for d in densities]
+    """The documented scheme: one CPU generator per model, seeded with the tensor's seed + the
+    model's index, drawn in index order."""
+    return [(torch.rand(shape, generator=torch.Generator().manual_seed(seed + i)) < d).numpy() for i, d in enumerate(densities)]
 
 
 @pytest.mark.parametrize("name,consensus", [("dare_linear", None), ("dare_ties", "sum")])
@@ -220,6 +219,6 @@ def test_methods_never_modify_their_inputs(name):
     if name == "slerp":
         params["t"] = 0.4
     snapshot = [x.clone() for x in (base, a, b)]
-    method(tensors, base=base, generator=torch.Generator().manual_seed(0), **params)
+    method(tensors, base=base, seed=0, **params)
     for before, after in zip(snapshot, (base, a, b)):
         assert torch.equal(before, after)

@@ -65,6 +65,9 @@ def _interrupt(signum, frame) -> None:
 @app.callback()
 def _main(debug: Annotated[bool, typer.Option("--debug", help="show tracebacks for errors")] = False) -> None:
     _State.debug = debug
+    from modelalloy.execute import keep_freed_buffers
+
+    keep_freed_buffers()
 
 
 @app.command()

@@ -269,13 +269,12 @@ def _combine_module(target, module, embedding, present, method, rank, density, s
         deltas.append((fb @ fa) * a.modules[target].scale)
     ws = [w for _, w in present]
     m = get_method(method)
-    generator = torch.Generator().manual_seed(seed_for(seed, module, method)) if m.randomized else None
     params = {"weight": ws, "density": [density] * len(ws)}
     if "lambda" in m.param_names:
         params["lambda"] = 1.0
     if "normalize" in m.param_names:
         params["normalize"] = m.param("normalize").default
-    combined = m(deltas, base=torch.zeros_like(deltas[0]), generator=generator, **params)
+    combined = m(deltas, base=torch.zeros_like(deltas[0]), seed=seed_for(seed, module, method), **params)
     u, s, vh = torch.linalg.svd(combined.double(), full_matrices=False)
     r = _choose_rank(s, want, None)
     root = s[:r].sqrt()

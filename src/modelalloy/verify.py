@@ -5,7 +5,7 @@ Works on any Hugging Face safetensors checkpoint and checks more on our own outp
     in the shard the index names, no tensor in two shards, ``total_size`` equal to the data;
   - every header: validated as for merge inputs, and the data covered without gaps or trailing
     bytes (what the reference safetensors loader demands);
-  - shard hashes: size and SHA-256 against ``modelalloy_manifest.json`` when the output has one;
+  - shard hashes: size and BLAKE3 digest against ``modelalloy_manifest.json`` when the output has one;
   - the data: every floating-point tensor read back and checked for NaN/Inf (``read_data``);
   - given the merge config: every tensor the plan expects is present with its dtype and shape,
     and nothing else is.
@@ -24,7 +24,7 @@ import torch
 
 from modelalloy.errors import CheckpointError
 from modelalloy.io.checkpoint import SAFETENSORS_INDEX
-from modelalloy.io.manifest import MANIFEST, Manifest, sha256_file
+from modelalloy.io.manifest import MANIFEST, Manifest, digest_file
 from modelalloy.io.safetensors_format import TensorLocation, read_header, read_tensor
 
 
@@ -34,7 +34,7 @@ class VerifyReport:
     files: list[str] = field(default_factory=list)
     tensors: int = 0
     data_bytes: int = 0
-    hashes_checked: int = 0  # shards whose SHA-256 matched a recorded one
+    hashes_checked: int = 0  # shards whose digest matched a recorded one
     planned_checked: int = 0  # planned tensors found with the right dtype and shape
     problems: list[str] = field(default_factory=list)
 
@@ -191,8 +191,8 @@ def _check_manifest(root: Path, files: list[str], problems: list[str]) -> int:
             problems.append(f"{file}: recorded in {MANIFEST} but missing")
         elif path.stat().st_size != record.get("bytes"):
             problems.append(f"{file}: {path.stat().st_size} bytes, but {record.get('bytes')} were written")
-        elif sha256_file(path) != record.get("sha256"):
-            problems.append(f"{file}: SHA-256 differs from the one recorded when it was written; the file was changed or damaged")
+        elif digest_file(path) != record.get("blake3"):
+            problems.append(f"{file}: BLAKE3 digest differs from the one recorded when it was written; the file was changed or damaged")
         else:
             matched += 1
     return matched

@@ -60,8 +60,7 @@ def _expected(paths, method_name: str, models: list[str], with_base: bool, confi
             params[p.name] = [m.parameters.get(p.name, config.parameters.get(p.name, p.default)) for m in config.models]
         else:
             params[p.name] = config.parameters.get(p.name, p.default)
-    generator = torch.Generator().manual_seed(seed_for(3, tensor, method_name))
-    return method([read[m] for m in models], base=read["base"] if with_base else None, generator=generator, **params)
+    return method([read[m] for m in models], base=read["base"] if with_base else None, seed=seed_for(3, tensor, method_name), **params)
 
 
 @pytest.mark.parametrize("family", ["llama", "gpt2"])

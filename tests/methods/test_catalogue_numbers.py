@@ -26,8 +26,7 @@ def t(x: np.ndarray, dtype=torch.float32) -> torch.Tensor:
 
 def run(name: str, models, base=None, *, seed: int = 0, dtype=torch.float32, **params):
     method = get_method(name)
-    generator = torch.Generator().manual_seed(seed)
-    out = method([t(m, dtype) for m in models], base=None if base is None else t(base, dtype), generator=generator, **params)
+    out = method([t(m, dtype) for m in models], base=None if base is None else t(base, dtype), seed=seed, **params)
     return out.to(torch.float64).numpy()
 
 
@@ -238,9 +237,8 @@ def della_probability_np(delta, density, epsilon):
 
 
 def della_draws(shape, count, seed):
-    """The uniform draws della makes: one torch.rand per model, in model order, float32."""
-    g = torch.Generator().manual_seed(seed)
-    return [torch.rand(shape, generator=g, dtype=torch.float32).double().numpy() for _ in range(count)]
+    """The uniform draws della makes: one generator per model (seed + index), float32."""
+    return [torch.rand(shape, generator=torch.Generator().manual_seed(seed + i), dtype=torch.float32).double().numpy() for i in range(count)]
 
 
 @pytest.mark.parametrize("rescale", ["l1", "inverse_p", False])
@@ -432,7 +430,7 @@ def test_arcee_fusion_matches_numpy():
 
 
 def test_arcee_fusion_keeps_the_input_dtype():
-    out = get_method("arcee_fusion")([t(MODELS[0], torch.bfloat16)], base=t(BASE, torch.bfloat16), generator=torch.Generator().manual_seed(0))
+    out = get_method("arcee_fusion")([t(MODELS[0], torch.bfloat16)], base=t(BASE, torch.bfloat16), seed=0)
     assert out.dtype == torch.bfloat16  # mergekit promotes to float32
 
 

@@ -99,9 +99,8 @@ class Case:
 
     def run(self, *, models=None, base=None, seed: int = 0, **overrides) -> torch.Tensor:
         params = {**self.params, **resolve(self.method, len(self.models), overrides)}
-        generator = torch.Generator().manual_seed(seed)
         chosen = self.models if models is None else models
-        return self.method(chosen, base=self.base if base is None else base, generator=generator, stats=self.stats, **params)
+        return self.method(chosen, base=self.base if base is None else base, seed=seed, stats=self.stats, **params)
 
 
 def resolve(method: MergeMethod, n: int, values: dict[str, Any]) -> dict[str, Any]:

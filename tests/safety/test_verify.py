@@ -51,7 +51,7 @@ def test_a_changed_byte_fails_the_shard_hash(merged):
     data[-3] ^= 0x01
     shard.write_bytes(bytes(data))
     report = verify_checkpoint(out)
-    assert report.problems == [f"{result.files[1]}: SHA-256 differs from the one recorded when it was written; the file was changed or damaged"]
+    assert report.problems == [f"{result.files[1]}: BLAKE3 digest differs from the one recorded when it was written; the file was changed or damaged"]
     assert report.hashes_checked == len(result.files) - 1
 
 

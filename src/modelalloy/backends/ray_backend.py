@@ -5,7 +5,7 @@ by a single task needs no coordination with any other: its header, size and ever
 are fixed by the layout before anything runs. Each task opens the inputs it needs itself, from the
 paths the driver resolved (so inputs and OUT.partial/ must be on storage every worker sees: one
 machine's disk for a local Ray instance, a shared file system on a cluster), merges its shard's
-recipes with the local backend's own code, and returns the shard's SHA-256. The driver adds that
+recipes with the local backend's own code, and returns the shard's digest. The driver adds that
 to the same manifest the local backend keeps, so an interrupted run resumes on either backend.
 The bytes equal the local backend's: same recipes, same per-tensor seeds, same layout.
 """
@@ -71,9 +71,9 @@ class ShardDone:
     """What a worker sends back: the manifest record of its finished shard, and what it noticed."""
 
     file: str
-    sha256: str
+    digest: str
     nbytes: int
-    inputs: dict[str, dict[str, str]]  # model -> tensor -> SHA-256 of the input tensors read
+    inputs: dict[str, dict[str, str]]  # model -> tensor -> digest of the input tensors read
     nonfinite_inputs: tuple[str, ...]
 
 
@@ -94,8 +94,8 @@ def merge_shard(job: OutputJob, plan: Plan, file: str, inputs: Mapping[str, Inpu
             writer.abort()  # closes the shard if a recipe failed; nothing is open once it is complete
         if file not in sizes:  # a bug of ours: the layout promised these recipes fill the shard
             raise AssertionError(f"{file}: not every tensor of the shard was written")
-        sha256, digests = read.shard_record(job.partial / file, recipes)
-        return ShardDone(file, sha256, sizes[file], digests, tuple(sorted(nonfinite.found)))
+        digest, digests = read.shard_record(job.partial / file, recipes)
+        return ShardDone(file, digest, sizes[file], digests, tuple(sorted(nonfinite.found)))
     finally:
         for ckpt in checkpoints.values():
             ckpt.close()
@@ -137,7 +137,7 @@ def write_shards_on_ray(
                 for ref in ready:
                     del pending[ref]
                     shard = _result(ray, ref)
-                    job.manifest.add(shard.file, shard.sha256, shard.nbytes, shard.inputs)
+                    job.manifest.add(shard.file, shard.digest, shard.nbytes, shard.inputs)
                     nonfinite.found.update(shard.nonfinite_inputs)
                     done += len(grouped[shard.file])
                     written += sum(r.out_nbytes for r in grouped[shard.file])

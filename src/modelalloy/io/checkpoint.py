@@ -18,7 +18,7 @@ from pathlib import Path
 import torch
 
 from modelalloy.errors import CheckpointError
-from modelalloy.io.safetensors_format import TensorLocation, read_header, read_tensor
+from modelalloy.io.safetensors_format import TensorLocation, itemsize, read_exactly, read_header, read_tensor
 
 SAFETENSORS_INDEX = "model.safetensors.index.json"
 PICKLE_INDEX = "pytorch_model.bin.index.json"
@@ -46,6 +46,24 @@ class Checkpoint:
         if loc.file.endswith(".bin"):
             return self._pickled[loc.file][name]
         return read_tensor(self._fd(loc.file), loc, pin_memory=pin_memory)
+
+    def streams(self, name: str) -> bool:
+        """Whether `read_entries` can read `name` in pieces straight from its file (subclasses
+        that build tensors on read, such as base+adapter or GGUF, read whole tensors only)."""
+        loc = self.tensors.get(name)
+        return type(self).read is Checkpoint.read and loc is not None and not loc.file.endswith(".bin")
+
+    def read_entries(self, name: str, start: int, stop: int, buffer: torch.Tensor | None = None) -> torch.Tensor:
+        """Entries [start, stop) of tensor `name` in flat order, typed, read into `buffer` (a uint8
+        tensor reused from block to block; a fresh one when it is None or too small)."""
+        loc = self.tensors[name]
+        size = itemsize(loc.dtype)
+        nbytes = (stop - start) * size
+        if buffer is None or buffer.numel() < nbytes:
+            buffer = torch.empty(nbytes, dtype=torch.uint8)
+        buf = buffer[:nbytes]
+        read_exactly(self._fd(loc.file), loc, loc.start + start * size, buf)
+        return buf.view(loc.dtype)
 
     def prefetch(self, name: str) -> None:
         """Ask the kernel to start reading `name`'s bytes into the page cache; returns at once."""

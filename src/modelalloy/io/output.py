@@ -97,7 +97,7 @@ def write_model_card(out_dir: Path, plan: Plan, checkpoints: Mapping[str, Checkp
         "",
         "## Inputs",
         "",
-        "| model | role | revision | tensor-content SHA-256 |",
+        "| model | role | revision | tensor-content BLAKE3 |",
         "|---|---|---|---|",
     ]
     for ref in refs:
@@ -109,7 +109,7 @@ def write_model_card(out_dir: Path, plan: Plan, checkpoints: Mapping[str, Checkp
             lines.append(f"| `{m.stats}` | statistics of `{m.model}` | - | `{input_hashes.get(m.stats, '-')}` |")
     lines += [
         "",
-        "The content hash is SHA-256 over the sorted lines `name\\0sha256(tensor bytes)` of every tensor",
+        "The content hash is BLAKE3 over the sorted lines `name\\0blake3(tensor bytes)` of every tensor",
         "this merge read from that model, so it does not depend on sharding or file order.",
         "",
         f"Output: {len(plan.recipes)} tensors, {plan.output_bytes / 1e9:.3f} GB.",

@@ -42,7 +42,7 @@ MAX_HEADER_BYTES = 100_000_000
 
 
 def itemsize(dtype: torch.dtype) -> int:
-    return torch.empty((), dtype=dtype).element_size()
+    return dtype.itemsize
 
 
 @dataclass(frozen=True)
@@ -155,15 +155,21 @@ def read_tensor(fd: int, loc: TensorLocation, *, pin_memory: bool = False) -> to
     `pin_memory` (CUDA only) page-locks the buffer so that its copy to the GPU can be asynchronous.
     """
     buf = torch.empty(loc.nbytes, dtype=torch.uint8, pin_memory=pin_memory)
-    if loc.nbytes:
-        view = memoryview(buf.numpy())
-        done = 0
-        while done < loc.nbytes:  # preadv may return short counts on large reads
-            got = os.preadv(fd, [view[done:]], loc.start + done)
-            if got <= 0:
-                raise CheckpointError(f"{loc.file}: tensor {loc.name!r} is cut short; the file is truncated")
-            done += got
+    read_exactly(fd, loc, loc.start, buf)
     return buf.view(loc.dtype).reshape(loc.shape)
+
+
+def read_exactly(fd: int, loc: TensorLocation, offset: int, buf: torch.Tensor) -> None:
+    """Fill the uint8 tensor `buf` from absolute `offset` of `loc`'s file (preadv may return short counts)."""
+    if not buf.numel():
+        return
+    view = memoryview(buf.numpy())
+    done = 0
+    while done < len(view):
+        got = os.preadv(fd, [view[done:]], offset + done)
+        if got <= 0:
+            raise CheckpointError(f"{loc.file}: tensor {loc.name!r} is cut short; the file is truncated")
+        done += got
 
 
 def encode_header(entries: list[tuple[str, torch.dtype, tuple[int, ...]]], metadata: dict[str, str]) -> tuple[bytes, list[tuple[int, int]]]:

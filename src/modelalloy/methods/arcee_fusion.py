@@ -12,10 +12,11 @@ _SOFTMAX_EPS = 1e-8
 QUANTILE_SAMPLE = 1_000_000
 
 
-def fusion_threshold(importance: Tensor, generator: torch.Generator | None) -> Tensor:
+def fusion_threshold(importance: Tensor, seed: int) -> Tensor:
     """median + 1.5·IQR of the importance, quantile q taken as sorted[int(q·(n−1))]."""
     flat = importance.reshape(-1)
     if flat.numel() > QUANTILE_SAMPLE:
+        generator = torch.Generator(device="cpu").manual_seed(seed)
         picks = torch.randint(flat.numel(), (QUANTILE_SAMPLE,), generator=generator, device="cpu")
         flat = flat[picks.to(flat.device)]
     ordered = torch.sort(flat).values
@@ -37,7 +38,7 @@ def fusion_threshold(importance: Tensor, generator: torch.Generator | None) -> T
         "tensors comes from the per-tensor seed, not the global RNG, so reruns are bit-identical."
     ),
 )
-def arcee_fusion(tensors: list[Tensor], *, base: Tensor, generator: torch.Generator | None = None) -> Tensor:
+def arcee_fusion(tensors: list[Tensor], *, base: Tensor, seed: int = 0) -> Tensor:
     """Arcee Fusion: keep the other model's changes only where their importance is an outlier.
 
     Importance I = |θ_1 − θ_0| ⊙ KL(softmax θ_1 ‖ softmax θ_0) (softmax over the last dim,
@@ -53,5 +54,5 @@ def arcee_fusion(tensors: list[Tensor], *, base: Tensor, generator: torch.Genera
     del p, q
     delta = other_rows - base_rows
     importance = delta.abs().float().mul_(kl)
-    keep = importance >= fusion_threshold(importance, generator)
+    keep = importance >= fusion_threshold(importance, seed)
     return (base_rows + torch.where(keep, delta, 0.0)).reshape(shape)

@@ -5,11 +5,25 @@ from __future__ import annotations
 import torch
 from torch import Tensor
 
+from modelalloy.methods.blockwise import Block, BlockMerge, TensorSpec
 from modelalloy.methods.registry import Param, merge_method
 
 # Above this |cos| the two directions are parallel and SLERP's sin(Ω) ≈ 0: lerp instead.
 _PARALLEL_DOT = 0.9995
 _EPS = 1e-8
+
+
+class LinearMerge(BlockMerge):
+    def __init__(self, weight: list[float], normalize: bool) -> None:
+        self.weight, self.normalize = weight, normalize
+
+    def output(self, block: Block) -> Tensor:
+        out = torch.mul(block.inputs[0], self.weight[0])
+        for w, t in zip(self.weight[1:], block.inputs[1:]):
+            out.add_(t, alpha=w)
+        if self.normalize:
+            out.div_(sum(self.weight))
+        return out
 
 
 @merge_method(
@@ -20,19 +34,15 @@ _EPS = 1e-8
     ],
     base="unused",
     reference="https://arxiv.org/abs/2203.05482",
+    blockwise=True,
 )
-def linear(tensors: list[Tensor], *, weight: list[float], normalize: bool) -> Tensor:
+def linear(spec: TensorSpec, *, weight: list[float], normalize: bool) -> LinearMerge:
     """Weighted average Σ w_i θ_i / Σ w_i (model soups, Wortsman et al. 2022).
 
     Without `normalize` it is the plain weighted sum. A base model listed among the models is just
     another input; `plan.py` rejects weights that sum to 0 with `normalize`.
     """
-    out = torch.zeros_like(tensors[0])
-    for w, t in zip(weight, tensors):
-        out.add_(t, alpha=w)
-    if normalize:
-        out.div_(sum(weight))
-    return out
+    return LinearMerge(weight, normalize)
 
 
 def slerp_vectors(t: float, v0: Tensor, v1: Tensor) -> Tensor:

@@ -2,7 +2,11 @@
 
 A method is one pure function over the tensors of one output tensor:
 
-    fn(tensors: list[Tensor], *, base: Tensor (if it takes one), generator (if random), **params)
+    fn(tensors: list[Tensor], *, base: Tensor (if it takes one), seed: int (if random), **params)
+
+or, declared with ``blockwise=True``, a factory of the same method in row blocks (see
+`modelalloy.methods.blockwise`): ``fn(spec: TensorSpec, *, seed (if random), **params) -> BlockMerge``;
+calling the method then runs that factory's merge on the whole tensor, so both paths are one code.
 
 ``tensors`` are the non-base inputs in config order; per-model parameters arrive as lists aligned
 with them, global ones as scalars. A data-aware method declares the statistic it reads
@@ -20,6 +24,7 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from modelalloy.errors import ConfigError, did_you_mean
+from modelalloy.methods.blockwise import BlockMerge, TensorSpec, merge_whole
 
 REQUIRED = object()  # sentinel: the parameter has no default
 
@@ -90,6 +95,7 @@ class MergeMethod:
     # per tensor: check(resolved params, names of the non-base models) -> one-line problem or None.
     check: Callable[[dict[str, Any], Sequence[str]], str | None] | None = None
     stats: str | None = None  # the per-model statistic the method reads ("fisher", "gram"), if any
+    blockwise: bool = False  # fn is a BlockMerge factory: the engine streams it in row blocks
 
     def param(self, name: str) -> Param | None:
         return next((p for p in self.params if p.name == name), None)
@@ -98,15 +104,29 @@ class MergeMethod:
     def param_names(self) -> list[str]:
         return [p.name for p in self.params]
 
-    def __call__(self, tensors: Sequence[Any], *, base: Any = None, generator: Any = None, stats: Sequence[Any] | None = None, **params: Any) -> Any:
+    def _kwargs(self, params: dict[str, Any], seed: int | None) -> dict[str, Any]:
         kwargs = {self.param(k).kwarg if self.param(k) else k: v for k, v in params.items()}
+        if self.randomized:
+            kwargs["seed"] = 0 if seed is None else seed
+        return kwargs
+
+    def block_merge(self, spec: TensorSpec, *, seed: int | None = None, **params: Any) -> BlockMerge:
+        """This tensor's merge in row blocks (only for methods declared `blockwise`)."""
+        assert self.blockwise, self.name
+        return self.fn(spec, **self._kwargs(params, seed))
+
+    def __call__(self, tensors: Sequence[Any], *, base: Any = None, seed: int | None = None, stats: Sequence[Any] | None = None, **params: Any) -> Any:
+        tensors = list(tensors)
+        if self.blockwise:
+            first = tensors[0]
+            spec = TensorSpec(tuple(first.shape), first.dtype, first.device)
+            return merge_whole(self.block_merge(spec, seed=seed, **params), spec, tensors, None if self.base == "unused" else base)
+        kwargs = self._kwargs(params, seed)
         if self.base != "unused":
             kwargs["base"] = base
-        if self.randomized:
-            kwargs["generator"] = generator
         if self.stats is not None:
             kwargs[self.stats] = list(stats) if stats is not None else None
-        return self.fn(list(tensors), **kwargs)
+        return self.fn(tensors, **kwargs)
 
 
 def merge_method(
@@ -121,6 +141,7 @@ def merge_method(
     vs_mergekit: str = "",
     check: Callable[[dict[str, Any], Sequence[str]], str | None] | None = None,
     stats: str | None = None,
+    blockwise: bool = False,
 ) -> Callable[[Callable[..., Any]], MergeMethod]:
     """Decorator: declares a method; the docstring's first paragraph is its one-line doc."""
     if base not in ("required", "optional", "unused"):
@@ -134,7 +155,7 @@ def merge_method(
 
     def wrap(fn: Callable[..., Any]) -> MergeMethod:
         doc = " ".join((fn.__doc__ or "").strip().split("\n\n")[0].split())  # one line, indentation gone
-        return MergeMethod(name, fn, tuple(params), base, min_models, max_models, randomized, reference, doc, vs_mergekit, check=check, stats=stats)
+        return MergeMethod(name, fn, tuple(params), base, min_models, max_models, randomized, reference, doc, vs_mergekit, check=check, stats=stats, blockwise=blockwise)
 
     return wrap
 

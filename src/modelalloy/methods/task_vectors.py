@@ -14,9 +14,12 @@ magnitude_outliers (Breadcrumbs: drop the top gamma fraction, then the smallest)
 (DELLA: keep-probability density ± epsilon by per-row magnitude rank). Rescale after dropping:
 l1 restores ‖δ‖₁ (mergekit), inverse_p divides by each entry's keep-probability (the papers).
 
-Memory: without consensus each D_i is added to the sum and dropped, so one task vector is alive
-at a time. With consensus the N sparsified D_i are kept (they are needed twice) but never stacked
-into one N× tensor.
+Everything after the sparsifiers' whole-tensor statistics is elementwise, so the family runs in
+row blocks (`methods/blockwise.py`): magnitude thresholds come from a streamed radix select
+(statistics passes), ‖δ‖₁ for the l1 rescale from one more pass, and the output pass applies them
+block by block. Ties at a threshold are taken in index order and random draws come from one
+generator per model (seed + model index, drawn in index order), so the result does not depend
+on the block size. Never more than a block of each task vector is alive.
 """
 
 from __future__ import annotations
@@ -29,6 +32,7 @@ from typing import Any
 import torch
 from torch import Tensor
 
+from modelalloy.methods.blockwise import Block, BlockMerge, TensorSpec
 from modelalloy.methods.registry import MergeMethod, Param, in_range, merge_method
 
 _DIVISOR_EPS = 1e-8
@@ -39,103 +43,165 @@ _INT_OF = {torch.float32: torch.int32, torch.float64: torch.int64, torch.float16
 _DIGIT = 16  # radix digit width: 65536 bins per pass
 
 
-def kth_largest_magnitude(magnitude: Tensor, k: int) -> Tensor:
-    """The k-th largest entry (1-based) of a flat tensor of non-negative floats, exactly.
+class RadixSelect:
+    """The k-th largest entry (1-based) of non-negative floats streamed in blocks, for several k.
 
     Radix select on the bit patterns: for floats ≥ 0 the order of the values is the order of their
     bits read as integers, so a histogram of the top 16 bits finds the bin holding the k-th
-    largest, and a histogram of the next 16 bits among that bin's entries finishes the job
-    (4 passes for float64). Same answer as `torch.kthvalue(magnitude, n - k + 1)`, 8× faster on
-    10^8 entries, where kthvalue's quickselect dominated a whole TIES merge.
+    largest, and a histogram of the next 16 bits among that bin's entries finishes the job: one
+    pass over the data per 16 bits (2 for float32, 4 for float64), O(n), where a sort or
+    kthvalue's quickselect needs the whole tensor in memory and dominated a whole TIES merge.
+
+    Per pass: `start(step)`, `observe(block)` for every block, and after the last pass `finish()`;
+    then `value[t]` is the k-th largest for `ks[t]` and `above[t]` how many entries exceed it.
     """
-    bits = magnitude.view(_INT_OF[magnitude.dtype])
-    width = bits.element_size() * 8
-    found = 0
-    remaining = k
-    for shift in range(max(width - _DIGIT, 0), -1, -_DIGIT):
-        top = shift == width - _DIGIT  # the sign bit is 0, so the top digit needs no masking
-        digit = bits >> shift if top else (bits >> shift) & (2**_DIGIT - 1) if shift else bits & (2**_DIGIT - 1)
-        counts = torch.bincount(digit.to(torch.int64) if digit.dtype == torch.int16 else digit, minlength=2**_DIGIT)
-        at_or_above = counts.flip(0).cumsum(0)  # [j] = entries whose digit is ≥ 2^16-1-j
-        j = int(torch.searchsorted(at_or_above, remaining))  # int(): a sync point on CUDA
-        if j:
-            remaining -= int(at_or_above[j - 1])
-        value = 2**_DIGIT - 1 - j
-        found |= value << shift
-        if shift:
-            bits = bits[digit == value]  # only the entries that share the prefix found so far
-    return torch.tensor(found, dtype=_INT_OF[magnitude.dtype], device=magnitude.device).view(magnitude.dtype)
+
+    def __init__(self, ks: Sequence[int], dtype: torch.dtype) -> None:
+        self.ks = list(ks)
+        self.int_dtype = _INT_OF[dtype]
+        self.dtype = dtype
+        self.width = dtype.itemsize * 8
+        self.shifts = list(range(max(self.width - _DIGIT, 0), -1, -_DIGIT))
+        self.passes = len(self.shifts)
+        self._found = [0] * len(self.ks)  # the bits found so far, per target
+        self._remaining = list(self.ks)  # rank still to go inside the current prefix
+        self._counts: dict[int, Tensor] = {}  # prefix -> histogram of the current digit
+        self._step = -1
+
+    def start(self, step: int) -> None:
+        if self._step >= 0:
+            self._settle()
+        self._step = step
+        self._counts = {}
+
+    def observe(self, magnitude: Tensor) -> None:
+        bits = magnitude.reshape(-1).view(self.int_dtype)
+        shift = self.shifts[self._step]
+        for prefix in dict.fromkeys(self._found):
+            if self._step == 0:
+                chosen = bits
+            else:  # only the entries that share the prefix found so far
+                high = shift + _DIGIT
+                chosen = bits[(bits >> high) == (prefix >> high)]
+            digit = chosen >> shift if self._step == 0 else (chosen >> shift) & (2**_DIGIT - 1)
+            counts = torch.bincount(digit.to(torch.int64) if digit.dtype == torch.int16 else digit, minlength=2**_DIGIT)
+            if prefix in self._counts:
+                self._counts[prefix] += counts
+            else:
+                self._counts[prefix] = counts
+
+    def _settle(self) -> None:
+        """Fix this pass's digit of every target from its histogram."""
+        shift = self.shifts[self._step]
+        for t, prefix in enumerate(self._found):
+            counts = self._counts.get(prefix)
+            if counts is None:
+                counts = torch.zeros(2**_DIGIT, dtype=torch.int64)
+            at_or_above = counts.flip(0).cumsum(0)  # [j] = entries whose digit is ≥ 2^16-1-j
+            j = int(torch.searchsorted(at_or_above, self._remaining[t]))
+            if j:
+                self._remaining[t] -= int(at_or_above[j - 1])
+            self._found[t] = prefix | ((2**_DIGIT - 1 - j) << shift)
+
+    def finish(self) -> None:
+        self._settle()
+        self._step = -1
+        self.value = [float(torch.tensor(f, dtype=self.int_dtype).view(self.dtype)) for f in self._found]
+        self.above = [k - r for k, r in zip(self.ks, self._remaining)]
 
 
-def magnitude_mask(delta: Tensor, density: float) -> Tensor | None:
-    """Mask keeping exactly k = int(density·numel) largest |δ| (None = keep all).
+def kth_largest_magnitude(magnitude: Tensor, k: int) -> Tensor:
+    """The k-th largest entry (1-based) of a flat tensor of non-negative floats, exactly
+    (what `torch.kthvalue(magnitude, n - k + 1)` returns), by `RadixSelect` in one block."""
+    select = RadixSelect([k], magnitude.dtype)
+    for step in range(select.passes):
+        select.start(step)
+        select.observe(magnitude)
+    select.finish()
+    return torch.tensor(select.value[0], dtype=magnitude.dtype, device=magnitude.device)
 
-    Selection by radix select (`kth_largest_magnitude`, O(n)) instead of a full sort; entries
-    equal to the threshold are taken in index order until k are kept, so the count is exact even
-    with ties.
+
+class Sparsifier:
+    """One model's sparsifier for one tensor: `passes` statistics passes over |δ| (`observe`),
+    then `mask(δ)` block by block in index order, once per pass that needs the masks (each such
+    pass begins with `start`, which rewinds counters and random draws).
+
+    `mask` returns (mask or None for keep-all, keep-probability: a number or a per-entry tensor).
     """
-    n = delta.numel()
-    if density >= 1.0:
-        return None
-    k = int(density * n)
-    if k == 0:
-        return torch.zeros_like(delta, dtype=torch.bool)
-    magnitude = delta.abs().reshape(-1)
-    threshold = kth_largest_magnitude(magnitude, k)
-    mask = magnitude > threshold
-    missing = k - int(mask.sum())  # .item(): a sync point on CUDA
-    if missing > 0:
-        at_threshold = (magnitude == threshold).nonzero().squeeze(1)[:missing]
-        mask[at_threshold] = True
-    return mask.reshape(delta.shape)
+
+    passes = 0
+
+    def start(self, step: int) -> None:
+        pass
+
+    def observe(self, delta: Tensor) -> None:
+        pass
+
+    def mask(self, delta: Tensor) -> tuple[Tensor | None, float | Tensor]:
+        return None, 1.0
 
 
-def random_mask(delta: Tensor, density: float, generator: torch.Generator) -> Tensor | None:
-    """Keep each entry with probability `density` (DARE). Drawn on the CPU generator so the mask
-    is the same whatever device does the arithmetic."""
-    if density >= 1.0:
-        return None
-    draws = torch.rand(delta.shape, generator=generator, dtype=torch.float32, device="cpu")
-    return (draws < density).to(delta.device)
+class DropAll(Sparsifier):
+    """A density that keeps no entry of this tensor."""
+
+    def mask(self, delta: Tensor) -> tuple[Tensor | None, float | Tensor]:
+        return torch.zeros_like(delta, dtype=torch.bool), 1.0
 
 
-def descending_rank_window(magnitude: Tensor, start: int, stop: int) -> Tensor:
-    """Mask of the entries of a flat tensor whose rank by decreasing value is in [start, stop).
+class RankWindow(Sparsifier):
+    """Keep the entries whose rank by decreasing |δ| is in [first, stop): equal |δ| are ranked in
+    index order, so exactly stop − first entries are kept. TIES keeps ranks [0, k); Breadcrumbs
+    drops the largest `gamma` fraction first. Thresholds by `RadixSelect` (no sort)."""
 
-    Equal values are ranked in index order, so the count is exact. Two radix selections
-    (`kth_largest_magnitude`: O(n), a bool mask of extra memory) instead of a full argsort
-    (8 bytes per entry). The entries must be ≥ 0 (they are magnitudes).
-    """
-    n = magnitude.numel()
-    mask = torch.zeros(n, dtype=torch.bool, device=magnitude.device)
-    if start >= stop:
-        return mask
-    highest = kth_largest_magnitude(magnitude, start + 1)  # the value at rank `start`
-    lowest = kth_largest_magnitude(magnitude, stop)  # the value at rank `stop - 1`
-    mask |= (magnitude < highest) & (magnitude > lowest)
-    for value in (highest,) if bool(highest == lowest) else (highest, lowest):  # .item(): CUDA sync
-        tied = (magnitude == value).nonzero().squeeze(1)
-        first_rank = int((magnitude > value).sum())
-        ranks = torch.arange(first_rank, first_rank + tied.numel(), device=magnitude.device)
-        mask[tied[(ranks >= start) & (ranks < stop)]] = True
-    return mask
+    def __init__(self, first: int, stop: int, dtype: torch.dtype, density: float) -> None:
+        self.first, self.stop, self.density = first, stop, density
+        # The values at rank `first` (the largest kept) and at rank `stop - 1` (the smallest kept).
+        self.select = RadixSelect([first + 1, stop], dtype)
+        self.passes = self.select.passes
+
+    def start(self, step: int) -> None:
+        if step < self.passes:
+            self.select.start(step)
+            return
+        if step == self.passes:
+            self.select.finish()
+            self.high, self.low = self.select.value
+        self.seen = {self.high: 0, self.low: 0}  # tied entries met so far, per threshold value
+
+    def observe(self, delta: Tensor) -> None:
+        self.select.observe(delta.abs())
+
+    def mask(self, delta: Tensor) -> tuple[Tensor | None, float | Tensor]:
+        magnitude = delta.abs()
+        keep = (magnitude < self.high) if self.first > 0 else torch.ones_like(magnitude, dtype=torch.bool)
+        keep &= magnitude > self.low
+        flat = keep.view(-1)
+        for t, value in enumerate((self.high, self.low) if self.high != self.low else (self.high,)):
+            first_rank = self.select.above[t] + self.seen[value]  # rank of this block's first tied entry
+            if first_rank >= self.stop:
+                continue
+            tied = (magnitude.reshape(-1) == value).nonzero().squeeze(1)
+            self.seen[value] += tied.numel()
+            ranks = torch.arange(first_rank, first_rank + tied.numel(), device=delta.device)
+            flat[tied[(ranks >= self.first) & (ranks < self.stop)]] = True
+        return keep, self.density
 
 
-def outlier_mask(delta: Tensor, density: float, gamma: float) -> Tensor | None:
-    """Model Breadcrumbs (Davari & Belilovsky 2024): drop the largest `gamma` fraction of |δ|
-    (outliers) and then the smallest, so that int(density·numel) entries remain (None = keep all).
+class RandomKeep(Sparsifier):
+    """DARE: keep each entry with probability `density`. Drawn on a CPU generator (the same mask
+    whatever device computes), one generator per model, in index order."""
 
-    When density + gamma > 1 fewer outliers are dropped, so the density is still met. Earlier
-    mergekit versions selected ``sorted[n_bottom:-n_top]``, which is empty when int(gamma·numel)
-    = 0 (any tensor under 1/gamma entries, e.g. every norm vector at gamma 0.01) and zeroed that
-    whole task vector. Here n_top = 0 keeps the intended largest entries (as mergekit 0.1.5 does).
-    """
-    if density >= 1.0:
-        return None
-    n = delta.numel()
-    keep = int(density * n)
-    top = min(int(gamma * n), n - keep)
-    return descending_rank_window(delta.abs().reshape(-1), top, top + keep).reshape(delta.shape)
+    def __init__(self, density: float, seed: int) -> None:
+        self.density, self.seed = density, seed
+
+    def start(self, step: int) -> None:
+        self.generator = torch.Generator(device="cpu").manual_seed(self.seed)
+
+    def draws(self, delta: Tensor) -> Tensor:
+        return torch.rand(delta.shape, generator=self.generator, dtype=torch.float32, device="cpu").to(delta.device)
+
+    def mask(self, delta: Tensor) -> tuple[Tensor | None, float | Tensor]:
+        return self.draws(delta) < self.density, self.density
 
 
 # Rows per DELLA chunk: ranking needs two int64 argsorts per entry, so rank a few million
@@ -164,67 +230,73 @@ def della_keep_probability(delta: Tensor, density: float, epsilon: float) -> Ten
     return probability.reshape(delta.shape)
 
 
-def della_mask(delta: Tensor, density: float, epsilon: float, generator: torch.Generator) -> tuple[Tensor | None, Tensor | float]:
-    """(mask, keep-probability) for DELLA; draws on the CPU generator like `random_mask`."""
+class DellaKeep(RandomKeep):
+    """DELLA's MagPrune: per-row keep-probabilities by magnitude rank (blocks are whole rows)."""
+
+    def __init__(self, density: float, epsilon: float, seed: int) -> None:
+        super().__init__(density, seed)
+        self.epsilon = epsilon
+
+    def mask(self, delta: Tensor) -> tuple[Tensor | None, float | Tensor]:
+        probability = della_keep_probability(delta, self.density, self.epsilon)
+        return self.draws(delta) < probability, probability.to(delta.dtype)
+
+
+def descending_rank_window(magnitude: Tensor, start: int, stop: int) -> Tensor:
+    """Mask of the entries of a flat tensor whose rank by decreasing value is in [start, stop)
+    (equal values ranked in index order; entries ≥ 0): `RankWindow` in one block."""
+    if start >= stop:
+        return torch.zeros(magnitude.numel(), dtype=torch.bool, device=magnitude.device)
+    window = RankWindow(start, stop, magnitude.dtype, 1.0)
+    for step in range(window.passes):
+        window.start(step)
+        window.observe(magnitude)
+    window.start(window.passes)
+    return window.mask(magnitude)[0]
+
+
+def magnitude_mask(delta: Tensor, density: float) -> Tensor | None:
+    """Mask keeping exactly k = int(density·numel) largest |δ| (None = keep all); ties in index order."""
     if density >= 1.0:
-        return None, 1.0
-    probability = della_keep_probability(delta, density, epsilon)
-    draws = torch.rand(delta.shape, generator=generator, dtype=torch.float32, device="cpu")
-    return draws.to(delta.device) < probability, probability.to(delta.dtype)
-
-
-def apply_mask(delta: Tensor, mask: Tensor | None, rescale: str | None, density: float | Tensor) -> Tensor:
-    """δ ⊙ mask, rescaled: `l1` restores ‖δ‖₁ (mergekit), `inverse_p` divides each kept entry by
-    its keep-probability (`density`: a number, or DELLA's per-entry tensor)."""
-    if mask is None:
-        return delta
-    kept = delta * mask
-    if rescale == "l1":
-        before = float(delta.abs().sum(dtype=torch.float64))
-        after = float(kept.abs().sum(dtype=torch.float64))
-        if before > _RESCALE_EPS and after > _RESCALE_EPS:
-            kept.mul_(before / after)
-    elif rescale == "inverse_p":
-        kept.div_(density)
-    return kept
+        return None
+    return descending_rank_window(delta.abs().reshape(-1), 0, int(density * delta.numel())).reshape(delta.shape)
 
 
 @dataclass(frozen=True)
-class Sparsifier:
+class SparsifierKind:
     name: str
     random: bool
 
 
-MAGNITUDE = Sparsifier("magnitude", random=False)
-RANDOM = Sparsifier("random", random=True)
-MAGNITUDE_OUTLIERS = Sparsifier("magnitude_outliers", random=False)
-DELLA_MAGPRUNE = Sparsifier("della_magprune", random=True)
+MAGNITUDE = SparsifierKind("magnitude", random=False)
+RANDOM = SparsifierKind("random", random=True)
+MAGNITUDE_OUTLIERS = SparsifierKind("magnitude_outliers", random=False)
+DELLA_MAGPRUNE = SparsifierKind("della_magprune", random=True)
 
 
-def sparsify(
-    delta: Tensor,
-    sparsifier: Sparsifier | None,
-    density: float,
-    rescale: str | None,
-    generator,
-    *,
-    gamma: float = 0.0,
-    epsilon: float = 0.0,
-) -> Tensor:
-    if sparsifier is None:
-        return delta
-    keep_probability: float | Tensor = density
-    if sparsifier is MAGNITUDE:
-        mask = magnitude_mask(delta, density)
-    elif sparsifier is RANDOM:
-        mask = random_mask(delta, density, generator)
-    elif sparsifier is MAGNITUDE_OUTLIERS:
-        mask = outlier_mask(delta, density, gamma)
-    elif sparsifier is DELLA_MAGPRUNE:
-        mask, keep_probability = della_mask(delta, density, epsilon, generator)
-    else:  # pragma: no cover - the table below lists every sparsifier
-        raise AssertionError(sparsifier)
-    return apply_mask(delta, mask, rescale, keep_probability)
+def make_sparsifier(kind: SparsifierKind | None, spec: TensorSpec, density: float, *, gamma: float, epsilon: float, seed: int) -> Sparsifier:
+    n = spec.numel
+    if kind is None or density >= 1.0:
+        return Sparsifier()
+    if kind is RANDOM:
+        return RandomKeep(density, seed)
+    if kind is DELLA_MAGPRUNE:
+        return DellaKeep(density, epsilon, seed)
+    keep = int(density * n)
+    if keep == 0:
+        return DropAll()
+    if kind is MAGNITUDE:
+        return RankWindow(0, keep, spec.dtype, density)
+    if kind is MAGNITUDE_OUTLIERS:
+        # Model Breadcrumbs (Davari & Belilovsky 2024): drop the largest `gamma` fraction of |δ|
+        # (outliers), then the smallest, so that int(density·numel) remain. When density + gamma
+        # > 1 fewer outliers are dropped, so the density is still met. Earlier mergekit versions
+        # selected ``sorted[n_bottom:-n_top]``, empty when int(gamma·numel) = 0 (any tensor under
+        # 1/gamma entries, e.g. every norm at gamma 0.01), which zeroed that whole task vector;
+        # here n_top = 0 keeps the intended largest entries (as mergekit 0.1.5 does).
+        top = min(int(gamma * n), n - keep)
+        return RankWindow(top, top + keep, spec.dtype, density)
+    raise AssertionError(kind)  # pragma: no cover - the table below lists every kind
 
 
 def consensus_sign(x: Tensor) -> Tensor:
@@ -232,67 +304,102 @@ def consensus_sign(x: Tensor) -> Tensor:
     return torch.where(x >= 0, 1.0, -1.0).to(x.dtype)
 
 
-def task_vector_merge(
-    tensors: list[Tensor],
-    base: Tensor,
-    *,
-    weight: list[float],
-    density: list[float] | None,
-    lambda_: float,
-    consensus: str | None,
-    sparsifier: Sparsifier | None,
-    normalize: bool,
-    rescale: str | None,
-    generator: torch.Generator | None = None,
-    gamma: list[float] | None = None,
-    epsilon: list[float] | None = None,
-) -> Tensor:
-    """The whole family; see the module docstring. Inputs are never modified."""
-    if density is None:
-        density = [1.0] * len(tensors)
-    gamma = gamma or [0.0] * len(tensors)
-    epsilon = epsilon or [0.0] * len(tensors)
-    if sparsifier in (MAGNITUDE, MAGNITUDE_OUTLIERS) and any(int(d * base.numel()) == 0 and d < 1 for d in density):
-        warnings.warn(f"density keeps 0 entries of a {base.numel()}-entry tensor; that model contributes nothing there")
-    # D_i = w_i · sparsify(θ_i − θ_0), computed one model at a time.
-    def weighted_delta(i: int) -> Tensor:
-        # tensors[i] - base is a fresh tensor, so every later step may work in place.
-        delta = sparsify(tensors[i] - base, sparsifier, density[i], rescale, generator, gamma=gamma[i], epsilon=epsilon[i])
-        return delta.mul_(weight[i])
+class TaskVectorMerge(BlockMerge):
+    """The whole family for one tensor; see the module docstring. Inputs are never modified."""
 
-    if consensus is None:
-        mixed = torch.zeros_like(base)
-        for i in range(len(tensors)):
-            mixed.add_(weighted_delta(i))
-        divisor: Any = sum(weight)
-        if abs(divisor) < _DIVISOR_EPS:
-            divisor = 1.0
-    else:
-        deltas = [weighted_delta(i) for i in range(len(tensors))]
-        if consensus == "sum":
+    def __init__(
+        self,
+        spec: TensorSpec,
+        *,
+        weight: list[float],
+        density: list[float] | None,
+        lambda_: float,
+        consensus: str | None,
+        sparsifier: SparsifierKind | None,
+        normalize: bool,
+        rescale: str | None,
+        seed: int = 0,
+        gamma: list[float] | None = None,
+        epsilon: list[float] | None = None,
+    ) -> None:
+        count = len(weight)
+        density = density or [1.0] * count
+        gamma = gamma or [0.0] * count
+        epsilon = epsilon or [0.0] * count
+        if sparsifier in (MAGNITUDE, MAGNITUDE_OUTLIERS) and any(int(d * spec.numel) == 0 and d < 1 for d in density):
+            warnings.warn(f"density keeps 0 entries of a {spec.numel}-entry tensor; that model contributes nothing there")
+        self.sparsifiers = [
+            make_sparsifier(sparsifier, spec, density[i], gamma=gamma[i], epsilon=epsilon[i], seed=(seed + i) & (2**63 - 1)) for i in range(count)
+        ]
+        self.weight, self.lambda_, self.consensus, self.normalize, self.rescale = weight, lambda_, consensus, normalize, rescale
+        self.statistics_passes = max(s.passes for s in self.sparsifiers)
+        self.l1 = rescale == "l1" and sparsifier is not None
+        self.passes = self.statistics_passes + self.l1  # the l1 rescale needs ‖δ‖₁ before and after the mask
+        self.scale = [1.0] * count
+
+    def start(self, step: int) -> None:
+        self.step = step
+        if self.l1 and step == self.passes:  # the l1 pass is over
+            self.scale = [b / a if b > _RESCALE_EPS and a > _RESCALE_EPS else 1.0 for b, a in zip(self.before, self.after)]
+        for s in self.sparsifiers:
+            s.start(step)
+        if self.l1 and step == self.statistics_passes:
+            self.before = [0.0] * len(self.sparsifiers)
+            self.after = [0.0] * len(self.sparsifiers)
+
+    def observe(self, block: Block) -> None:
+        for i, (x, s) in enumerate(zip(block.inputs, self.sparsifiers)):
+            delta = x - block.base
+            if self.step < s.passes:
+                s.observe(delta)
+            elif self.step == self.statistics_passes:  # the l1 pass
+                mask, _ = s.mask(delta)
+                if mask is not None:
+                    self.before[i] += float(delta.abs().sum(dtype=torch.float64))
+                    self.after[i] += float((delta * mask).abs().sum(dtype=torch.float64))
+
+    def _weighted_delta(self, i: int, x: Tensor, base: Tensor) -> Tensor:
+        """D_i = w_i · rescaled(δ_i ⊙ mask_i); a fresh tensor (later steps work in place)."""
+        delta = x - base
+        mask, keep_probability = self.sparsifiers[i].mask(delta)
+        if mask is not None:
+            delta.mul_(mask)
+            if self.rescale == "l1":
+                delta.mul_(self.scale[i])
+            elif self.rescale == "inverse_p":
+                delta.div_(keep_probability)
+        return delta.mul_(self.weight[i])
+
+    def output(self, block: Block) -> Tensor:
+        base, weight = block.base, self.weight
+        if self.consensus is None:
+            mixed = torch.zeros_like(base)
+            for i, x in enumerate(block.inputs):
+                mixed.add_(self._weighted_delta(i, x, base))
+            divisor: Any = sum(weight)
+            if abs(divisor) < _DIVISOR_EPS:
+                divisor = 1.0
+        else:
+            deltas = [self._weighted_delta(i, x, base) for i, x in enumerate(block.inputs)]
             direction = torch.zeros_like(base)
             for d in deltas:
-                direction.add_(d)
-        else:  # count: the majority of signs, not of mass
-            direction = torch.zeros_like(base)
-            for d in deltas:
-                direction.add_(torch.sign(d))
-        direction = consensus_sign(direction)
-        mixed = torch.zeros_like(base)
-        divisor = torch.zeros_like(base) if normalize else None
-        for w, d in zip(weight, deltas):
-            agree = torch.sign(d) == direction  # zeros have sign 0 and never agree
-            mixed.add_(torch.where(agree, d, 0.0))
+                direction.add_(d if self.consensus == "sum" else torch.sign(d))  # count: the majority of signs, not of mass
+            direction = consensus_sign(direction)
+            mixed = torch.zeros_like(base)
+            divisor = torch.zeros_like(base) if self.normalize else None
+            for w, d in zip(weight, deltas):
+                agree = torch.sign(d) == direction  # zeros have sign 0 and never agree
+                mixed.add_(torch.where(agree, d, 0.0))
+                if divisor is not None:
+                    divisor.add_(agree.to(base.dtype), alpha=w)
+            del deltas, direction
             if divisor is not None:
-                divisor.add_(agree.to(base.dtype), alpha=w)
-        del deltas, direction  # the N task vectors are the largest thing alive here
-        if divisor is not None:
-            divisor = torch.where(divisor.abs() < _DIVISOR_EPS, 1.0, divisor)
-    if normalize:
-        mixed = mixed.div_(divisor)
-    if lambda_ != 1.0:
-        mixed.mul_(lambda_)
-    return mixed.add_(base)
+                divisor = torch.where(divisor.abs() < _DIVISOR_EPS, 1.0, divisor)
+        if self.normalize:
+            mixed = mixed.div_(divisor)
+        if self.lambda_ != 1.0:
+            mixed.mul_(self.lambda_)
+        return mixed.add_(base)
 
 
 DENSITY = Param("density", default=1.0, per_model=True, doc="fraction of each task vector kept", check=in_range(0.0, 1.0, low_open=True))
@@ -328,7 +435,7 @@ def check_della_range(params: dict[str, Any], models: Sequence[str]) -> str | No
 class FamilyRow:
     name: str
     consensus: bool
-    sparsifier: Sparsifier | None
+    sparsifier: SparsifierKind | None
     normalize: bool
     rescale: bool | None  # None: the method has no rescale parameter
     reference: str
@@ -387,10 +494,9 @@ def _family_method(row: FamilyRow) -> MergeMethod:
         params.append(_rescale_param(row.rescale))
 
     def fn(
-        tensors: list[Tensor],
+        spec: TensorSpec,
         *,
-        base: Tensor,
-        generator=None,
+        seed=0,
         weight,
         lambda_,
         normalize,
@@ -400,19 +506,17 @@ def _family_method(row: FamilyRow) -> MergeMethod:
         consensus_method="sum",
         int8_mask=False,  # masks are bool here already: 1 byte, what int8 buys mergekit
         rescale=None,
-    ) -> Tensor:
-        rescale_mode = {True: "l1", False: None, None: None}.get(rescale, rescale)
-        return task_vector_merge(
-            tensors,
-            base,
+    ) -> TaskVectorMerge:
+        return TaskVectorMerge(
+            spec,
             weight=weight,
             density=density,
             lambda_=lambda_,
             consensus=consensus_method if row.consensus else None,
             sparsifier=row.sparsifier,
             normalize=normalize,
-            rescale=rescale_mode,
-            generator=generator,
+            rescale={True: "l1", False: None, None: None}.get(rescale, rescale),
+            seed=seed,
             gamma=gamma,
             epsilon=epsilon,
         )
@@ -426,6 +530,7 @@ def _family_method(row: FamilyRow) -> MergeMethod:
         reference=row.reference,
         vs_mergekit=row.vs_mergekit,
         check=row.check,
+        blockwise=True,
     )(fn)
 
 

@@ -1,0 +1,98 @@
+"""Merging one tensor in row blocks, so that memory and cache use do not grow with the tensor.
+
+A method with a blockwise form is a factory that, given the tensor's shape and compute dtype and
+the method's parameters, returns a `BlockMerge`: a few *statistics passes* over the tensor in row
+blocks (`observe`: what the output needs from the whole tensor, e.g. TIES' magnitude threshold or
+the ‖δ‖₁ that DARE restores), then the *output pass* (`output`: each block of the result, from
+the same rows of the inputs). The engine streams every pass straight from the input files and
+writes each output block at its offset, so a merge holds a few blocks, never whole tensors.
+
+The whole-tensor call (`merge_whole`, what tests, searches and `alloy lora` use) is the same
+object given the tensor as one block, so both paths are one implementation. Blocks are whole
+rows of the last dimension (per-row rules such as DELLA's ranking see complete rows) and come in
+order; anything a method counts in index order (ties at a threshold, random draws) therefore
+comes out the same for every block size.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+from torch import Tensor
+
+# Entries per block: 4 MiB per float32 buffer keeps a block's intermediates in the caches.
+BLOCK_ENTRIES = 1 << 20
+
+
+@dataclass(frozen=True)
+class TensorSpec:
+    """What a blockwise method knows of its output tensor before any block arrives."""
+
+    shape: tuple[int, ...]
+    dtype: torch.dtype  # the compute dtype of the blocks
+    device: torch.device
+
+    @property
+    def numel(self) -> int:
+        n = 1
+        for d in self.shape:
+            n *= d
+        return n
+
+    @property
+    def row_length(self) -> int:
+        """Entries per row: the last dimension (1 for a scalar or an empty last dimension)."""
+        return self.shape[-1] if self.shape and self.shape[-1] > 0 else 1
+
+    @property
+    def rows(self) -> int:
+        return self.numel // self.row_length
+
+
+@dataclass
+class Block:
+    """Rows [start_row, start_row + rows) of every input, as (rows, row_length) tensors."""
+
+    start: int  # flat index of the block's first entry
+    inputs: list[Tensor]  # the non-base inputs, in config order
+    base: Tensor | None
+
+
+class BlockMerge:
+    """One output tensor's merge: `passes` statistics passes, then the output pass.
+
+    The engine calls `start(step)` before each pass (step == passes: the output pass), then
+    `observe` (statistics passes) or `output` (output pass) for every block in order. Blocks'
+    tensors are only valid during the call: keep numbers, not tensors.
+    """
+
+    passes: int = 0
+
+    def start(self, step: int) -> None:
+        pass
+
+    def observe(self, block: Block) -> None:
+        raise NotImplementedError
+
+    def output(self, block: Block) -> Tensor:
+        raise NotImplementedError
+
+
+def as_rows(x: Tensor, spec: TensorSpec) -> Tensor:
+    return x.reshape(spec.rows, spec.row_length)
+
+
+def merge_whole(merge: BlockMerge, spec: TensorSpec, tensors: list[Tensor], base: Tensor | None) -> Tensor:
+    """Run `merge` with the whole tensor as one block; returns a tensor of `spec.shape`."""
+    block = Block(0, [as_rows(t, spec) for t in tensors], None if base is None else as_rows(base, spec))
+    for step in range(merge.passes):
+        merge.start(step)
+        merge.observe(block)
+    merge.start(merge.passes)
+    return merge.output(block).reshape(spec.shape)
+
+
+def block_rows(spec: TensorSpec, entries: int = BLOCK_ENTRIES) -> int:
+    """Rows per block: about `entries` entries, at least one row."""
+    return max(1, entries // spec.row_length)

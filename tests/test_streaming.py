@@ -1,0 +1,138 @@
+"""Merging in row blocks gives the numbers of merging whole tensors.
+
+The blockwise methods (linear and the task-vector family) are one implementation for both paths
+(`merge_whole` runs the block merge on one block); these tests check that cutting a tensor into
+many blocks changes nothing: exact-k trimming with ties at the threshold counted across blocks,
+random draws continuing from block to block, the l1 rescale's sums taken over every block, and
+the engine writing blocks at their offsets straight from the input files.
+"""
+
+from __future__ import annotations
+
+import pytest
+import torch
+import yaml
+
+import modelalloy
+from modelalloy import execute
+from modelalloy.io.checkpoint import open_checkpoint
+from modelalloy.methods import REGISTRY, get_method
+from modelalloy.methods.blockwise import Block, TensorSpec, as_rows
+from modelalloy.methods.task_vectors import RadixSelect
+
+BLOCKWISE = sorted(m.name for m in REGISTRY if m.blockwise)
+
+
+def _in_blocks(method, tensors, base, rows_per_block, seed=0, **params):
+    """Run `method`'s block merge over `rows_per_block`-row blocks, as the engine does."""
+    spec = TensorSpec(tuple(tensors[0].shape), tensors[0].dtype, tensors[0].device)
+    merge = method.block_merge(spec, seed=seed, **params)
+    rows = [as_rows(t, spec) for t in tensors]
+    base_rows = None if base is None else as_rows(base, spec)
+    out = []
+    for step in range(merge.passes + 1):
+        merge.start(step)
+        for r in range(0, spec.rows, rows_per_block):
+            block = Block(r * spec.row_length, [x[r : r + rows_per_block] for x in rows], None if base_rows is None else base_rows[r : r + rows_per_block])
+            if step < merge.passes:
+                merge.observe(block)
+            else:
+                out.append(merge.output(block))
+    return torch.cat(out).reshape(spec.shape)
+
+
+def _params(method, count, **overrides):
+    params = {p.name: ([p.default] * count if p.per_model else p.default) for p in method.params if not p.required}
+    params.update({p.name: [0.7, 0.4, 0.9][:count] for p in method.params if p.required and p.per_model})
+    params.update(overrides)
+    return params
+
+
+def test_the_blockwise_methods():
+    assert {"linear", "task_arithmetic", "ties", "dare_ties", "dare_linear", "breadcrumbs", "breadcrumbs_ties", "della", "della_linear"} <= set(BLOCKWISE)
+
+
+@pytest.mark.parametrize("name", BLOCKWISE)
+@pytest.mark.parametrize("rows_per_block", [1, 3, 7])
+def test_blocks_give_the_whole_tensor_result(name, rows_per_block):
+    g = torch.Generator().manual_seed(11)
+    base = torch.randn(23, 17, generator=g)
+    # Rounded deltas: many exact ties in |δ|, so the threshold's ties straddle blocks.
+    tensors = [base + torch.round(torch.randn(23, 17, generator=g) * 8) / 16 for _ in range(3)]
+    method = get_method(name)
+    extra = {"density": [0.35, 0.5, 0.2]} if method.param("density") else {}
+    if method.param("rescale") is not None:
+        extra["rescale"] = "l1"
+    params = _params(method, 3, **extra)
+    with_base = method.base != "unused"
+    whole = method(tensors, base=base if with_base else None, seed=5, **params)
+    blocks = _in_blocks(method, tensors, base if with_base else None, rows_per_block, seed=5, **params)
+    # The l1 rescale sums ‖δ‖₁ block by block (float64): the factor may move in the last bits.
+    torch.testing.assert_close(blocks, whole, rtol=1e-6, atol=0) if params.get("rescale") == "l1" else torch.testing.assert_close(blocks, whole, rtol=0, atol=0)
+
+
+def test_streamed_radix_select_matches_sort_and_counts_ties():
+    g = torch.Generator().manual_seed(3)
+    x = (torch.round(torch.randn(5000, generator=g) * 4) / 4).abs()  # heavy ties
+    ordered = torch.sort(x, descending=True).values
+    for k in (1, 17, 2500, 4999, 5000):
+        select = RadixSelect([k], torch.float32)
+        for step in range(select.passes):
+            select.start(step)
+            for chunk in x.split(333):
+                select.observe(chunk)
+        select.finish()
+        assert select.value[0] == ordered[k - 1].item()
+        assert select.above[0] == int((x > ordered[k - 1]).sum())
+
+
+def test_ties_keeps_exactly_k_across_blocks():
+    base = torch.zeros(6, 5)
+    x = torch.tensor([1.0, 0.5] * 15).reshape(6, 5)  # 15 entries tie at 1.0
+    method = get_method("ties")
+    params = _params(method, 1, density=[0.2])  # k = 6 of the 15 tied 1.0s: the first six in index order
+    out = _in_blocks(method, [x], base, 1, **params).reshape(-1)
+    assert int((out != 0).sum()) == 6
+    assert out.nonzero().squeeze(1).tolist() == [0, 2, 4, 6, 8, 10]
+
+
+def _config(llama, method):
+    models = [{"model": str(llama["base"])}]
+    takes_density = get_method(method).param("density") is not None
+    models += [{"model": str(llama[ft]), "parameters": {"weight": w} | ({"density": d} if takes_density else {})} for ft, w, d in (("ft_dense", 0.7, 0.5), ("ft_flip", 0.4, 0.3))]
+    config = {"merge_method": method, "base_model": str(llama["base"]), "models": models, "dtype": "bfloat16"}
+    if method == "linear":
+        config = {"merge_method": "linear", "models": [{"model": m["model"], "parameters": {"weight": 1.0}} for m in models]}
+    return modelalloy.parse_config(yaml.safe_dump(config))
+
+
+@pytest.mark.parametrize("method", ["linear", "ties", "dare_ties", "breadcrumbs", "task_arithmetic"])
+def test_streamed_merge_is_the_whole_tensor_merge(tmp_path, llama, method, monkeypatch):
+    """The engine streams these methods in blocks (here of 64 entries, so every tensor is cut);
+    forcing the whole-tensor path must give the same tensors."""
+    config = _config(llama, method)
+    monkeypatch.setattr(execute, "block_rows", lambda spec: max(1, 64 // spec.row_length))
+    streamed = []
+    real = execute.stream_tensor
+    monkeypatch.setattr(execute, "stream_tensor", lambda recipe, *a: (streamed.append(recipe.name), real(recipe, *a)))
+    modelalloy.merge(config, tmp_path / "streamed", write_model_card=False)
+    assert streamed, "nothing was streamed"
+    monkeypatch.setattr(execute, "streams", lambda *a: False)
+    modelalloy.merge(config, tmp_path / "whole", write_model_card=False)
+    a, b = open_checkpoint(str(tmp_path / "streamed")), open_checkpoint(str(tmp_path / "whole"))
+    assert set(a.tensors) == set(b.tensors)
+    for name in a.tensors:
+        if method == "dare_ties":  # l1 sums in another order: at most a bf16 rounding apart
+            torch.testing.assert_close(a.read(name).float(), b.read(name).float(), rtol=2**-7, atol=0)
+        else:
+            assert torch.equal(a.read(name), b.read(name)), name
+
+
+def test_streaming_hashes_and_checks_inputs_like_whole_reads(tmp_path, llama, monkeypatch):
+    """The model card's input digests do not depend on the path that read the tensors."""
+    config = _config(llama, "ties")
+    monkeypatch.setattr(execute, "block_rows", lambda spec: max(1, 64 // spec.row_length))
+    streamed = modelalloy.merge(config, tmp_path / "streamed").input_hashes
+    monkeypatch.setattr(execute, "streams", lambda *a: False)
+    whole = modelalloy.merge(config, tmp_path / "whole").input_hashes
+    assert streamed == whole and len(streamed) == 3
