@@ -30,7 +30,7 @@ from pydantic import BaseModel, ConfigDict, Field
 
 from modelalloy.errors import ConfigError, MergeError, OutputError
 from modelalloy.io.checkpoint import Checkpoint
-from modelalloy.io.manifest import Manifest, digest_file, new_digest, open_partial
+from modelalloy.io.manifest import Manifest, new_digest, open_partial
 from modelalloy.io.output import write_model_card, write_tokenizer_files
 from modelalloy.io.writer import OutputTensor, ShardedWriter, layout_shards, parse_size, shard_names, write_text_durably
 from modelalloy.methods import get_method
@@ -169,10 +169,11 @@ def to_compute_dtype(x: torch.Tensor, plan: Plan) -> torch.Tensor:
 def checked_output(recipe: TensorRecipe, out: torch.Tensor) -> torch.Tensor:
     """A method's result (or a block of it) cast to the output dtype on the CPU; a NaN or Inf,
     or an overflow in the cast, is an error naming the tensor."""
-    if out.is_floating_point() and not _all_finite(out):
-        raise MergeError(f"{recipe.name}: {recipe.method} produced NaN or Inf; check the inputs and parameters for this tensor")
     result = out.to(device="cpu", dtype=recipe.out_dtype)
+    # NaN and Inf survive the cast, so one check of the result finds both kinds of problem.
     if result.is_floating_point() and not _all_finite(result):
+        if out.is_floating_point() and not _all_finite(out):
+            raise MergeError(f"{recipe.name}: {recipe.method} produced NaN or Inf; check the inputs and parameters for this tensor")
         dtype = str(recipe.out_dtype).removeprefix("torch.")
         raise MergeError(f"{recipe.name}: the {recipe.method} result overflows {dtype} (Inf after the cast); use a wider out_dtype or smaller weights")
     return result
@@ -232,8 +233,10 @@ def stream_tensor(recipe: TensorRecipe, read: InputReader, plan: Plan, writer: S
     for s in sources:
         read.prefetch(s)
     hashes = {s: read.hasher.new() for s in sources if read.hasher is not None and not read.hasher.known(s.model, s.tensor)}
-    buffers: dict[TensorSource, torch.Tensor | None] = dict.fromkeys(sources)
+    buffers: dict[TensorSource, torch.Tensor | None] = dict.fromkeys(sources)  # raw bytes, reused
     rows = block_rows(spec)
+    # Inputs already in the config's dtype (or without one) are converted into reused buffers.
+    converted = {s: torch.empty(rows * spec.row_length, dtype=plan.compute_dtype) for s in sources if plan.input_dtype in (None, read.checkpoints[s.model].tensors[s.tensor].dtype)}
     for step in range(merge.passes + 1):
         merge.start(step)
         for first_row in range(0, spec.rows, rows):
@@ -246,7 +249,8 @@ def stream_tensor(recipe: TensorRecipe, read: InputReader, plan: Plan, writer: S
                     read.nonfinite.check(s.model, s.tensor, raw)
                     if s in hashes:
                         hashes[s].update(memoryview(raw.view(torch.uint8).numpy()))
-                values[s] = to_compute_dtype(raw, plan).reshape(-1, spec.row_length)
+                value = converted[s][: raw.numel()].copy_(raw) if s in converted else to_compute_dtype(raw, plan)
+                values[s] = value.reshape(-1, spec.row_length)
             block = Block(start, [values[s] for s in recipe.inputs], values[recipe.base] if recipe.base else None)
             try:
                 if step < merge.passes:
@@ -311,7 +315,7 @@ class OutputJob:
     shard_of: dict[str, str]  # output tensor -> its shard file
     reused: frozenset[str]  # shards an interrupted run finished (verified by their digests)
 
-    def writer(self, *, finished: Collection[str], on_shard_done: Callable[[str, int], None] | None = None) -> ShardedWriter:
+    def writer(self, *, finished: Collection[str], on_shard_done: Callable[[str, int, str], None] | None = None) -> ShardedWriter:
         """A writer for this layout that leaves the shards in `finished` alone (done, or someone else's)."""
         return ShardedWriter(self.partial, self.specs, max_shard_size=self.max_shard_size, metadata=self.metadata, finished=finished, on_shard_done=on_shard_done)
 
@@ -363,10 +367,9 @@ class InputReader:
         """Ask the kernel to start reading `source` (readers without the hint ignore it)."""
         getattr(self.checkpoints[source.model], "prefetch", lambda name: None)(source.tensor)
 
-    def shard_record(self, shard: Path, recipes: list[TensorRecipe]) -> tuple[str, dict[str, dict[str, str]]]:
-        """A finished shard as the manifest records it: (digest of its bytes, digests of the inputs it was made from)."""
-        inputs = self.hasher.digests_of(s for r in recipes for s in r.sources()) if self.hasher else {}
-        return digest_file(shard), inputs
+    def input_digests(self, recipes: list[TensorRecipe]) -> dict[str, dict[str, str]]:
+        """The digests of the inputs `recipes` were made from, as the manifest records them with a shard."""
+        return self.hasher.digests_of(s for r in recipes for s in r.sources()) if self.hasher else {}
 
 
 def write_recipes(
@@ -383,6 +386,11 @@ def write_recipes(
     A read-ahead thread reads the next recipes' inputs (in plan order) while these compute."""
     # Test hook: slows every tensor down so that interruption tests can kill a run mid-way.
     debug_delay = float(os.environ.get("MODELALLOY_DEBUG_SECONDS_PER_TENSOR") or 0)
+    # Within each shard the largest tensors go first, so that the workers finish together instead
+    # of one merging the last big tensor alone; shards still finish (and become resumable) in order.
+    shard_of = writer.shard_of() if isinstance(writer, ShardedWriter) else {}
+    shard_rank = {file: i for i, file in enumerate(dict.fromkeys(shard_of.get(r.name, "") for r in recipes))}
+    recipes = sorted(recipes, key=lambda r: (shard_rank[shard_of.get(r.name, "")], -r.out_nbytes))
     # Recipes that stream in row blocks read their own inputs; the read-ahead serves the rest.
     streamed = {id(r) for r in recipes if isinstance(writer, ShardedWriter) and streams(r, plan, read.checkpoints, device)}
     whole = [r for r in recipes if id(r) not in streamed]
@@ -446,9 +454,8 @@ def _write_shards_locally(
     read = InputReader(checkpoints, nonfinite, hasher)
     recipes_in = job.recipes_by_shard(plan)
 
-    def shard_done(file: str, size: int) -> None:
-        digest, inputs = read.shard_record(job.partial / file, recipes_in[file])
-        job.manifest.add(file, digest, size, inputs)
+    def shard_done(file: str, size: int, digest: str) -> None:
+        job.manifest.add(file, digest, size, read.input_digests(recipes_in[file]))
 
     if options.out_format == "gguf":  # one file, written whole (no shards to resume from)
         writer = _gguf_writer(plan, checkpoints, job.partial, job.specs, options)

@@ -24,7 +24,7 @@ import torch
 
 from modelalloy.errors import CheckpointError
 from modelalloy.io.checkpoint import SAFETENSORS_INDEX
-from modelalloy.io.manifest import MANIFEST, Manifest, digest_file
+from modelalloy.io.manifest import MANIFEST, Manifest, digest_shard
 from modelalloy.io.safetensors_format import TensorLocation, read_header, read_tensor
 
 
@@ -191,7 +191,7 @@ def _check_manifest(root: Path, files: list[str], problems: list[str]) -> int:
             problems.append(f"{file}: recorded in {MANIFEST} but missing")
         elif path.stat().st_size != record.get("bytes"):
             problems.append(f"{file}: {path.stat().st_size} bytes, but {record.get('bytes')} were written")
-        elif digest_file(path) != record.get("blake3"):
+        elif digest_shard(path) != record.get("blake3"):
             problems.append(f"{file}: BLAKE3 digest differs from the one recorded when it was written; the file was changed or damaged")
         else:
             matched += 1

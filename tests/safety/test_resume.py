@@ -19,7 +19,7 @@ from alloy_helpers import alloy_env, run_alloy, write_config
 
 import modelalloy
 from modelalloy.errors import OutputError
-from modelalloy.io.manifest import MANIFEST, Manifest, digest_file
+from modelalloy.io.manifest import MANIFEST, Manifest, digest_shard
 
 SHARD = "10KB"  # the tiny llama's 39 tensors in ~20 shards
 
@@ -78,7 +78,7 @@ def test_kill_9_at_several_points_then_resume_bit_identical(tmp_path, llama):
         assert not out.exists(), "a killed merge must not leave OUT behind"
         assert len(shards) >= kill_at
         for file, record in shards.items():  # what the manifest records is exactly what is on disk
-            assert digest_file(partial / file) == record["blake3"]
+            assert digest_shard(partial / file) == record["blake3"]
         for file, mtime in kept.items():  # shards finished by an earlier run were skipped, not rewritten
             assert file in shards and (partial / file).stat().st_mtime_ns == mtime
         kept.update({f: (partial / f).stat().st_mtime_ns for f in shards if f not in kept})

@@ -86,16 +86,16 @@ def merge_shard(job: OutputJob, plan: Plan, file: str, inputs: Mapping[str, Inpu
             checkpoints[ref] = inputs[ref].open(allow_pickle=options.allow_pickle)
         nonfinite = _NonFiniteInputs()
         read = InputReader(checkpoints, nonfinite, _InputHasher() if options.hash_inputs else None)
-        sizes: dict[str, int] = {}
-        writer = job.writer(finished=[f for f in job.files if f != file], on_shard_done=lambda f, size: sizes.update({f: size}))
+        done: dict[str, tuple[int, str]] = {}
+        writer = job.writer(finished=[f for f in job.files if f != file], on_shard_done=lambda f, size, digest: done.update({f: (size, digest)}))
         try:
             write_recipes(recipes, writer, read, plan, job.device, options.threads)
         finally:
             writer.abort()  # closes the shard if a recipe failed; nothing is open once it is complete
-        if file not in sizes:  # a bug of ours: the layout promised these recipes fill the shard
+        if file not in done:  # a bug of ours: the layout promised these recipes fill the shard
             raise AssertionError(f"{file}: not every tensor of the shard was written")
-        digest, digests = read.shard_record(job.partial / file, recipes)
-        return ShardDone(file, digest, sizes[file], digests, tuple(sorted(nonfinite.found)))
+        size, digest = done[file]
+        return ShardDone(file, digest, size, read.input_digests(recipes), tuple(sorted(nonfinite.found)))
     finally:
         for ckpt in checkpoints.values():
             ckpt.close()

@@ -18,10 +18,12 @@ import threading
 from collections.abc import Callable, Collection
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 import torch
 
 from modelalloy.errors import ConfigError
+from modelalloy.io.manifest import combine_digests, digest_shard, new_digest
 from modelalloy.io.safetensors_format import encode_header, itemsize
 
 
@@ -77,8 +79,10 @@ class ShardedWriter:
     """Writes planned tensors into pre-laid-out shards; `write` is safe from several threads.
 
     Shards named in `finished` (by an earlier, interrupted run) are left untouched. When the last
-    tensor of a shard is written, the shard is fsynced and closed, and `on_shard_done(file, size)`
-    is called from the writing thread (to hash it and record it as finished).
+    tensor of a shard is written, the shard is fsynced and closed, and `on_shard_done(file, size,
+    digest)` is called from the writing thread (to record it as finished). The digest
+    (`manifest.combine_digests`) comes from hashing each tensor's bytes as they are written, in
+    order; a tensor written out of order is hashed from the file instead.
     """
 
     def __init__(
@@ -89,7 +93,7 @@ class ShardedWriter:
         max_shard_size: int,
         metadata: dict[str, str],
         finished: Collection[str] = (),
-        on_shard_done: Callable[[str, int], None] | None = None,
+        on_shard_done: Callable[[str, int, str], None] | None = None,
     ):
         self.out_dir = out_dir
         self.metadata = {"format": "pt", **metadata}
@@ -100,6 +104,9 @@ class ShardedWriter:
         self._fds: dict[str, int] = {}
         self._remaining: dict[str, int] = {}  # tensors still to write, per open shard
         self._sizes: dict[str, int] = {}
+        self._headers: dict[str, bytes] = {}
+        self._hashes: dict[str, tuple[Any, int]] = {}  # tensor -> (hash of the bytes written so far, their count)
+        self._digests: dict[str, bytes | None] = {}  # finished tensor -> digest (None: written out of order)
         self._lock = threading.Lock()
         for file, shard in zip(self.files, self.shards):
             header, offsets = encode_header([(t.name, t.dtype, t.shape) for t in shard], self.metadata)
@@ -111,6 +118,7 @@ class ShardedWriter:
             self._remaining[file] = len(shard)
             os.pwrite(fd, header, 0)
             _allocate(fd, self._sizes[file])
+            self._headers[file] = header
             for t, (begin, _) in zip(shard, offsets):
                 self._where[t.name] = (fd, len(header) + begin, t, file)
 
@@ -145,11 +153,21 @@ class ShardedWriter:
             done += os.pwrite(fd, data[done:], at + done)
         if len(data):
             start_writeback(fd, at, len(data))
+        hashed = self._hashes.get(name)
+        if hashed is None and start == 0:
+            hashed = (new_digest(), 0)
+        if hashed is not None and hashed[1] == at - offset:  # in order: hash these bytes too
+            hashed[0].update(data)
+            self._hashes[name] = (hashed[0], hashed[1] + len(data))
+        else:
+            self._hashes[name] = (None, -1)
 
     def finish(self, name: str) -> None:
         """Every entry of `name` is written; the last tensor of a shard makes it durable and recorded."""
-        fd, _, _, file = self._where[name]
+        fd, _, spec, file = self._where[name]
+        hashed, count = self._hashes.pop(name, (new_digest(), 0))
         with self._lock:
+            self._digests[name] = hashed.digest() if hashed is not None and count == spec.nbytes else None
             self._remaining[file] -= 1
             complete = self._remaining[file] == 0
             if complete:
@@ -158,7 +176,15 @@ class ShardedWriter:
             os.fsync(fd)
             os.close(fd)
             if self.on_shard_done is not None:
-                self.on_shard_done(file, self._sizes[file])
+                self.on_shard_done(file, self._sizes[file], self._shard_digest(file))
+
+    def _shard_digest(self, file: str) -> str:
+        shard = self.shards[self.files.index(file)]
+        with self._lock:
+            digests = [self._digests.pop(t.name) for t in shard]
+        if any(d is None for d in digests):
+            return digest_shard(self.out_dir / file)
+        return combine_digests(self._headers[file], digests)
 
     def finalize(self) -> list[str]:
         """fsync and close every shard, write the index when sharded; returns the file names."""
