@@ -230,8 +230,6 @@ def stream_tensor(recipe: TensorRecipe, read: InputReader, plan: Plan, writer: S
     except MergeError as e:
         raise MergeError(f"{recipe.name}: {e}") from None
     sources = list(dict.fromkeys(recipe.sources()))
-    for s in sources:
-        read.prefetch(s)
     hashes = {s: read.hasher.new() for s in sources if read.hasher is not None and not read.hasher.known(s.model, s.tensor)}
     buffers: dict[TensorSource, torch.Tensor | None] = dict.fromkeys(sources)  # raw bytes, reused
     rows = block_rows(spec)
@@ -406,8 +404,10 @@ def write_recipes(
         pin_memory=device.type == "cuda",
     )
     index = {id(r): i for i, r in enumerate(whole)}
+    hint = _PrefetchWindow(recipes, read)
 
     def run(recipe: TensorRecipe) -> None:
+        hint.started(recipe)
         if id(recipe) in streamed:
             stream_tensor(recipe, read, plan, writer)
         else:
@@ -439,6 +439,35 @@ def write_recipes(
             _run_bounded(recipes, run, threads)
     finally:
         reader.close()
+
+
+class _PrefetchWindow:
+    """Keeps the disk busy ahead of the workers: when a recipe starts, the kernel is asked to
+    fetch the inputs of the recipes after it, up to `window` bytes ahead (a hint: page cache, not
+    our memory). Streamed recipes read their blocks synchronously, so without it a cold disk
+    would idle while they compute."""
+
+    def __init__(self, recipes: list[TensorRecipe], read: InputReader, window: int = 512 * 2**20) -> None:
+        self.recipes, self.read, self.window = recipes, read, window
+        self.position = {id(r): i for i, r in enumerate(recipes)}
+        self.start_bytes = [0]  # input bytes of the recipes before each one
+        for r in recipes:
+            self.start_bytes.append(self.start_bytes[-1] + sum(read.nbytes(s) for s in r.sources()))
+        self.hinted = 0  # recipes [0, hinted) have been asked for
+        self.lock = threading.Lock()
+        if recipes:
+            self.started(recipes[0])
+
+    def started(self, recipe: TensorRecipe) -> None:
+        i = self.position[id(recipe)]
+        with self.lock:
+            todo = []
+            while self.hinted < len(self.recipes) and self.start_bytes[self.hinted] <= self.start_bytes[i] + self.window:
+                todo.append(self.recipes[self.hinted])
+                self.hinted += 1
+        for r in todo:
+            for s in r.sources():
+                self.read.prefetch(s)
 
 
 def _write_shards_locally(

@@ -21,8 +21,10 @@ from dataclasses import dataclass
 import torch
 from torch import Tensor
 
-# Entries per block: 4 MiB per float32 buffer keeps a block's intermediates in the caches.
-BLOCK_ENTRIES = 1 << 20
+# Entries per block: 1 MiB per float32 buffer keeps a block's intermediates in the caches, and
+# the allocator reuses its freed buffers (measured on a 1.1B TIES merge, 2 threads: peak RSS
+# 0.30 GB and 16 s with 2^18 entries, 1.2 GB and 18 s with 2^20).
+BLOCK_ENTRIES = 1 << 18
 
 
 @dataclass(frozen=True)
