@@ -1,8 +1,11 @@
 """Timing a command: wall, CPU and peak RSS of its whole process tree; the raw-read bound.
 
 Peak RSS is the largest *sum* over the tree, polled (a merge tool may fork workers, and mergekit's
-mapped shards count as resident once touched). CPU time comes from wait4's rusage, which covers
-the child and every descendant it waited for.
+mapped shards count as resident once touched), or the largest single process's own high-water
+mark (VmHWM, kept by the kernel since its exec) if that is larger: a peak between two polls is
+not missed. Not wait4's ru_maxrss: a child forked from this (large) benchmark process starts
+with the parent's resident pages, so ru_maxrss reports the benchmark's size, not the tool's.
+CPU time comes from wait4's rusage, which covers the child and every descendant it waited for.
 """
 
 from __future__ import annotations
@@ -28,14 +31,25 @@ class RunStats:
     stderr_tail: str
 
 
-def _tree_rss(proc: psutil.Process) -> int:
+def _tree_rss(proc: psutil.Process, high_water: dict[int, int]) -> int:
+    """The tree's summed RSS now; records each process's VmHWM in `high_water`."""
     total = 0
     for p in [proc, *proc.children(recursive=True)]:
         try:
             total += p.memory_info().rss
-        except (psutil.NoSuchProcess, psutil.AccessDenied):
+            high_water[p.pid] = max(high_water.get(p.pid, 0), _vm_hwm(p.pid))
+        except (psutil.NoSuchProcess, psutil.AccessDenied, OSError):
             pass
     return total
+
+
+def _vm_hwm(pid: int) -> int:
+    """Peak resident set of one process since its exec, in bytes (Linux /proc)."""
+    with open(f"/proc/{pid}/status") as f:
+        for line in f:
+            if line.startswith("VmHWM:"):
+                return int(line.split()[1]) * 1024
+    return 0
 
 
 def run_measured(cmd: list[str], *, env: dict[str, str] | None = None, log_file: Path | None = None) -> RunStats:
@@ -45,13 +59,14 @@ def run_measured(cmd: list[str], *, env: dict[str, str] | None = None, log_file:
     popen = subprocess.Popen(cmd, stdout=out, stderr=subprocess.STDOUT if log_file else subprocess.DEVNULL, env=env)
     proc = psutil.Process(popen.pid)
     peak = 0
+    high_water: dict[int, int] = {}
     done = threading.Event()
 
     def poll() -> None:
         nonlocal peak
         while not done.is_set():
             try:
-                peak = max(peak, _tree_rss(proc))
+                peak = max(peak, _tree_rss(proc, high_water))
             except psutil.NoSuchProcess:
                 return
             done.wait(POLL_SECONDS)
@@ -65,7 +80,7 @@ def run_measured(cmd: list[str], *, env: dict[str, str] | None = None, log_file:
     popen.returncode = os.waitstatus_to_exitcode(status)
     if log_file:
         out.close()
-    peak = max(peak, usage.ru_maxrss * 1024)  # the largest single process, as a floor
+    peak = max(peak, max(high_water.values(), default=0))  # the largest single process, as a floor
     tail = log_file.read_text(errors="replace")[-2000:] if log_file else ""
     return RunStats(wall, usage.ru_utime + usage.ru_stime, peak, popen.returncode, tail)
 

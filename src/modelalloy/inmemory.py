@@ -35,7 +35,7 @@ def merge_state_dict(
         models = open_models(cfg, allow_pickle=options.allow_pickle, stack=stack)
         plan = make_plan(cfg, models, allow_crimes=options.allow_crimes)
         free = psutil.virtual_memory().available
-        if plan.output_bytes + plan.peak_memory_estimate(1) > free:
+        if plan.output_bytes + plan.peak_memory_estimate(1, streaming=False) > free:
             raise OutputError(
                 f"the merged model needs {plan.output_bytes / 1e9:.2f} GB of RAM but only {free / 1e9:.2f} GB is free; "
                 "merge it to disk with `alloy merge` and evaluate that directory instead"

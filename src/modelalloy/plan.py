@@ -26,6 +26,7 @@ from modelalloy.io.checkpoint import Checkpoint
 from modelalloy.io.safetensors_format import TensorLocation, itemsize
 from modelalloy.io.stats_file import stat_key
 from modelalloy.methods import MergeMethod, Param, get_method
+from modelalloy.methods.blockwise import BLOCK_ENTRIES
 from modelalloy.vocab import VocabPlan, build_vocab, load_tokenizer, resolve_chat_template, tokenizer_config
 
 DTYPES = {"bfloat16": torch.bfloat16, "float16": torch.float16, "float32": torch.float32, "float64": torch.float64, "int64": torch.int64}
@@ -90,9 +91,13 @@ class Plan:
     def input_bytes(self, checkpoints: Mapping[str, Checkpoint]) -> int:
         return sum(checkpoints[s.model].tensors[s.tensor].nbytes for r in self.recipes for s in r.sources())
 
-    def peak_memory_estimate(self, concurrency: int) -> int:
-        """Bytes: the largest recipes' working sets in flight at once, plus the interpreter."""
+    def peak_memory_estimate(self, concurrency: int, *, streaming: bool = True) -> int:
+        """Bytes: the largest recipes' working sets in flight at once, plus the interpreter.
+
+        With `streaming` (what `alloy merge` does on the CPU), a blockwise method's working set is
+        a block's, whatever the tensor's size."""
         compute = itemsize(self.compute_dtype)
+        block = BLOCK_ENTRIES if streaming and self.method.blockwise else None
         consensus = self.method.name in ("ties", "dare_ties") or "consensus_method" in self.method.param_names
 
         def working_set(r: TensorRecipe) -> int:
@@ -100,7 +105,8 @@ class Plan:
             live = 2 * n + 3 if consensus else n + 3  # inputs, deltas (kept for consensus), sum, masks
             if r.aligned:
                 live += n  # the raw, unaligned rows of every model are held while the aligned ones are built
-            return r.numel * compute * live + _matrix_extra(r, compute)
+            entries = min(r.numel, block) if block and not (r.aligned or r.stats) else r.numel
+            return entries * compute * live + _matrix_extra(r, compute)
 
         largest = sorted((working_set(r) for r in self.recipes), reverse=True)[:concurrency]
         return sum(largest) + 400 * 2**20

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import math
+
 import torch
 from torch import Tensor
 
@@ -45,24 +47,49 @@ def linear(spec: TensorSpec, *, weight: list[float], normalize: bool) -> LinearM
     return LinearMerge(weight, normalize)
 
 
-def slerp_vectors(t: float, v0: Tensor, v1: Tensor) -> Tensor:
+class SlerpMerge(BlockMerge):
     """SLERP of two tensors taken as flat vectors (Shoemake 1985), lerp when nearly parallel.
 
-    The angle comes from the normalised vectors; the result combines the un-normalised ones,
-    as mergekit does, so magnitudes interpolate too.
+    The angle comes from the normalised vectors; the result combines the un-normalised ones, as
+    mergekit does, so magnitudes interpolate too. One statistics pass sums ‖v0‖², ‖v1‖² and
+    v0·v1 (in float64: a float32 dot over 10^8 entries loses the digits arccos needs); the output
+    pass is then elementwise with two scalar coefficients.
     """
-    n0 = torch.linalg.vector_norm(v0, dtype=torch.float64)
-    n1 = torch.linalg.vector_norm(v1, dtype=torch.float64)
-    # float64 accumulation: a float32 dot over 10^8 entries loses the digits arccos needs.
-    dot = torch.sum(v0 * v1, dtype=torch.float64)
-    d = float(dot / (max(float(n0), _EPS) * max(float(n1), _EPS)))  # .item(): a sync point on CUDA
-    if abs(d) > _PARALLEL_DOT:
-        return torch.lerp(v0, v1, t) if t not in (0.0, 1.0) else (v0 if t == 0.0 else v1).clone()
-    omega = torch.arccos(torch.tensor(d, dtype=torch.float64))
-    sin_omega = torch.sin(omega)
-    s0 = float(torch.sin((1 - t) * omega) / sin_omega)
-    s1 = float(torch.sin(t * omega) / sin_omega)
-    return v0 * s0 + v1 * s1
+
+    passes = 1
+
+    def __init__(self, t: float) -> None:
+        self.t = t
+        self.sums = [0.0, 0.0, 0.0]  # ‖v0‖², ‖v1‖², v0·v1
+
+    def observe(self, block: Block) -> None:
+        v0, v1 = block.base, block.inputs[0]
+        for i, value in enumerate((v0.square().sum(dtype=torch.float64), v1.square().sum(dtype=torch.float64), (v0 * v1).sum(dtype=torch.float64))):
+            self.sums[i] += float(value)  # float(): a sync point on CUDA
+
+    def start(self, step: int) -> None:
+        if step != self.passes:
+            return
+        t = self.t
+        n0, n1 = max(math.sqrt(self.sums[0]), _EPS), max(math.sqrt(self.sums[1]), _EPS)
+        d = self.sums[2] / (n0 * n1)
+        if abs(d) > _PARALLEL_DOT:
+            self.coefficients = (1.0, 0.0) if t == 0.0 else (0.0, 1.0) if t == 1.0 else None  # None: lerp
+            return
+        omega = math.acos(d)
+        sin_omega = math.sin(omega)
+        self.coefficients = (math.sin((1 - t) * omega) / sin_omega, math.sin(t * omega) / sin_omega)
+
+    def output(self, block: Block) -> Tensor:
+        v0, v1 = block.base, block.inputs[0]
+        if self.coefficients is None:
+            return torch.lerp(v0, v1, self.t)
+        s0, s1 = self.coefficients
+        if s1 == 0.0:
+            return v0.clone()
+        if s0 == 0.0:
+            return v1.clone()
+        return torch.mul(v0, s0).add_(v1, alpha=s1)
 
 
 @merge_method(
@@ -72,10 +99,11 @@ def slerp_vectors(t: float, v0: Tensor, v1: Tensor) -> Tensor:
     min_models=1,
     max_models=1,
     reference="https://en.wikipedia.org/wiki/Slerp",
+    blockwise=True,
 )
-def slerp(tensors: list[Tensor], *, base: Tensor, t: float) -> Tensor:
+def slerp(spec: TensorSpec, *, t: float) -> SlerpMerge:
     """Spherical linear interpolation between the base (t=0) and one other model (t=1)."""
-    return slerp_vectors(t, base, tensors[0])
+    return SlerpMerge(t)
 
 
 def _rowwise_slerp(t: float, a: Tensor, b: Tensor) -> Tensor:
