@@ -141,3 +141,39 @@ def test_streaming_hashes_and_checks_inputs_like_whole_reads(tmp_path, llama, mo
     monkeypatch.setattr(execute, "streams", lambda *a: False)
     whole = modelalloy.merge(config, tmp_path / "whole").input_hashes
     assert streamed == whole and len(streamed) == 3
+
+
+@pytest.mark.parametrize("method", ["linear", "ties", "slerp"])
+def test_streaming_odd_shapes_and_dtypes(tmp_path, method, monkeypatch):
+    """Scalars, empty tensors, vectors and float32/float16 inputs stream like whole tensors."""
+    import json
+
+    from safetensors.torch import save_file
+
+    g = torch.Generator().manual_seed(2)
+    shapes = {"a.scalar": (), "b.empty_rows": (0, 4), "c.empty_cols": (4, 0), "d.vector": (5,), "e.matrix": (3, 7)}
+    dirs = []
+    for i, dtype in enumerate((torch.float32, torch.float16, torch.float32)):
+        d = tmp_path / f"m{i}"
+        d.mkdir()
+        save_file({k: torch.randn(s, generator=g).to(dtype) for k, s in shapes.items()}, str(d / "model.safetensors"))
+        (d / "config.json").write_text(json.dumps({"model_type": "llama", "architectures": ["LlamaForCausalLM"]}))
+        dirs.append(str(d))
+    config = {"merge_method": method, "base_model": dirs[0], "models": [{"model": dirs[0]}, {"model": dirs[1], "parameters": {"weight": 0.6, "density": 0.5}}]}
+    if method != "slerp":
+        config["models"].append({"model": dirs[2], "parameters": {"weight": 0.3, "density": 0.7}})
+    if method == "linear":
+        config = {"merge_method": "linear", "models": [{"model": d, "parameters": {"weight": 1.0}} for d in dirs], "dtype": "float16"}
+    if method == "slerp":
+        config["parameters"] = {"t": 0.4}
+        config["models"][1].pop("parameters")
+    parsed = modelalloy.parse_config(yaml.safe_dump(config))
+    monkeypatch.setattr(execute, "block_rows", lambda spec: 2)
+    modelalloy.merge(parsed, tmp_path / "streamed", write_model_card=False, copy_tokenizer=False)
+    monkeypatch.setattr(execute, "streams", lambda *a: False)
+    modelalloy.merge(parsed, tmp_path / "whole", write_model_card=False, copy_tokenizer=False)
+    a, b = open_checkpoint(str(tmp_path / "streamed")), open_checkpoint(str(tmp_path / "whole"))
+    for name, shape in shapes.items():
+        x, y = a.read(name), b.read(name)
+        assert tuple(x.shape) == shape and x.dtype == y.dtype
+        torch.testing.assert_close(x, y, rtol=1e-6 if method == "slerp" else 0, atol=0)

@@ -139,7 +139,7 @@ class _InputHasher:
 
     def add(self, model: str, tensor: str, value: torch.Tensor) -> None:
         h = self.new()
-        h.update(memoryview(value.contiguous().view(torch.uint8).reshape(-1).numpy()))  # releases the GIL on large buffers
+        h.update(memoryview(value.contiguous().reshape(-1).view(torch.uint8).numpy()))  # releases the GIL on large buffers
         self.put(model, tensor, h.hexdigest())
 
     def result(self) -> dict[str, str]:

@@ -144,7 +144,7 @@ class ShardedWriter:
         fd, offset, spec, _ = self._where[name]
         if values.dtype != spec.dtype:
             raise AssertionError(f"{name}: planned {spec.dtype}, got {values.dtype}")
-        data = memoryview(values.detach().cpu().contiguous().view(torch.uint8).reshape(-1).numpy())
+        data = memoryview(values.detach().cpu().contiguous().reshape(-1).view(torch.uint8).numpy())
         at = offset + start * values.element_size()
         if at + len(data) > offset + spec.nbytes:
             raise AssertionError(f"{name}: a write past the tensor's planned end")

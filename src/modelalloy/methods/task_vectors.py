@@ -387,7 +387,7 @@ class TaskVectorMerge(BlockMerge):
         density = density or [1.0] * count
         gamma = gamma or [0.0] * count
         epsilon = epsilon or [0.0] * count
-        if sparsifier in (MAGNITUDE, MAGNITUDE_OUTLIERS) and any(int(d * spec.numel) == 0 and d < 1 for d in density):
+        if sparsifier in (MAGNITUDE, MAGNITUDE_OUTLIERS) and spec.numel and any(int(d * spec.numel) == 0 and d < 1 for d in density):
             warnings.warn(f"density keeps 0 entries of a {spec.numel}-entry tensor; that model contributes nothing there")
         self.sparsifiers = [
             make_sparsifier(sparsifier, spec, density[i], gamma=gamma[i], epsilon=epsilon[i], seed=(seed + i) & (2**63 - 1)) for i in range(count)
