@@ -29,6 +29,7 @@ from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from typing import Any
 
+import numpy as np
 import torch
 from torch import Tensor
 
@@ -242,22 +243,46 @@ class RankWindow(Sparsifier):
 
 class RandomKeep(Sparsifier):
     """DARE: keep each entry with probability `density`. Drawn on a CPU generator (the same mask
-    whatever device computes), one generator per model, in index order."""
+    whatever device computes), one generator per model, in index order.
+
+    With `reuse_masks` (the l1 rescale: its pass and the output pass need the same masks), the
+    first pass keeps each block's mask as packed bits (1/32 of the block's size) and the second
+    replays them: drawing costs 3 ns an entry, unpacking 0.25."""
 
     drops = True
 
     def __init__(self, density: float, seed: int) -> None:
         self.density, self.seed = density, seed
+        self.reuse_masks = False
+        self._recorded: list[np.ndarray] | None = None
+        self._replay: list[np.ndarray] | None = None
 
     def start(self, step: int) -> None:
         self.generator = torch.Generator(device="cpu").manual_seed(self.seed)
+        if self.reuse_masks:
+            if self._recorded is None:
+                self._recorded = []
+            else:
+                self._replay, self._recorded = self._recorded, None
+                self._replay.reverse()  # popped from the end, in block order
+
+    @property
+    def replaying(self) -> bool:
+        return self._replay is not None
 
     def keep_where_below(self, delta: Tensor, probability: float | Tensor) -> None:
         """δ ⊙ [u < probability], u uniform float32 draws (compared in float32, on the CPU)."""
+        if self._replay is not None:
+            bits = np.unpackbits(self._replay.pop(), count=delta.numel())
+            delta.mul_(torch.from_numpy(bits).reshape(delta.shape).to(delta.device))
+            return
         draws = torch.rand(delta.shape, generator=self.generator, dtype=torch.float32, device="cpu")
         if isinstance(probability, Tensor):
             probability = probability.to(device="cpu", dtype=torch.float32)
-        delta.mul_(torch.lt(draws, probability, out=draws).to(device=delta.device, dtype=delta.dtype))
+        mask = torch.lt(draws, probability, out=draws)
+        if self._recorded is not None:
+            self._recorded.append(np.packbits(mask.numpy().reshape(-1).astype(bool)))
+        delta.mul_(mask.to(device=delta.device, dtype=delta.dtype))
 
     def sparsify_(self, delta: Tensor) -> float | Tensor:
         self.keep_where_below(delta, self.density)
@@ -298,6 +323,9 @@ class DellaKeep(RandomKeep):
         self.epsilon = epsilon
 
     def sparsify_(self, delta: Tensor) -> float | Tensor:
+        if self.replaying:  # the l1 rescale's output pass: the recorded masks, no ranking needed
+            self.keep_where_below(delta, self.density)
+            return self.density
         probability = della_keep_probability(delta, self.density, self.epsilon)
         self.keep_where_below(delta, probability)
         return probability.to(delta.dtype)
@@ -395,6 +423,9 @@ class TaskVectorMerge(BlockMerge):
         self.weight, self.lambda_, self.consensus, self.normalize, self.rescale = weight, lambda_, consensus, normalize, rescale
         self.statistics_passes = max(s.passes for s in self.sparsifiers)
         self.l1 = rescale == "l1" and sparsifier is not None
+        for s in self.sparsifiers:
+            if isinstance(s, RandomKeep):
+                s.reuse_masks = self.l1
         self.passes = self.statistics_passes + self.l1  # the l1 rescale needs ‖δ‖₁ before and after the mask
         self.scale = [1.0] * count
 
