@@ -16,6 +16,7 @@ comes out the same for every block size.
 
 from __future__ import annotations
 
+from abc import ABC, abstractmethod
 from dataclasses import dataclass
 
 import torch
@@ -61,7 +62,7 @@ class Block:
     base: Tensor | None
 
 
-class BlockMerge:
+class BlockMerge(ABC):
     """One output tensor's merge: `passes` statistics passes, then the output pass.
 
     The engine calls `start(step)` before each pass (step == passes: the output pass), then
@@ -72,13 +73,15 @@ class BlockMerge:
     passes: int = 0
 
     def start(self, step: int) -> None:
-        pass
+        """Before each pass; the default has nothing to prepare."""
 
     def observe(self, block: Block) -> None:
-        raise NotImplementedError
+        """One block of a statistics pass; a merge that declares passes must say what it gathers."""
+        raise TypeError(f"{type(self).__name__} declares {self.passes} statistics passes but does not observe blocks")
 
+    @abstractmethod
     def output(self, block: Block) -> Tensor:
-        raise NotImplementedError
+        """This block of the merged tensor (rows × row_length, the compute dtype)."""
 
 
 def as_rows(x: Tensor, spec: TensorSpec) -> Tensor:
