@@ -128,17 +128,12 @@ class _InputHasher:
         with self._lock:
             return tensor in self._digests.get(model, {})
 
-    @staticmethod
-    def new():
-        """A hash object for one tensor's bytes, fed in order (`update`), then `put`."""
-        return new_digest()
-
     def put(self, model: str, tensor: str, digest: str) -> None:
         with self._lock:
             self._digests.setdefault(model, {})[tensor] = digest
 
     def add(self, model: str, tensor: str, value: torch.Tensor) -> None:
-        h = self.new()
+        h = new_digest()
         h.update(memoryview(value.contiguous().reshape(-1).view(torch.uint8).numpy()))  # releases the GIL on large buffers
         self.put(model, tensor, h.hexdigest())
 
@@ -235,11 +230,12 @@ def stream_tensor(recipe: TensorRecipe, read: InputReader, plan: Plan, writer: S
     except MergeError as e:
         raise MergeError(f"{recipe.name}: {e}") from None
     sources = list(dict.fromkeys(recipe.sources()))
-    hashes = {s: read.hasher.new() for s in sources if read.hasher is not None and not read.hasher.known(s.model, s.tensor)}
-    buffers: dict[TensorSource, torch.Tensor | None] = dict.fromkeys(sources)  # raw bytes, reused
+    hashes = {s: new_digest() for s in sources if read.hasher is not None and not read.hasher.known(s.model, s.tensor)}
     rows = block_rows(spec)
+    stored = {s: read.checkpoints[s.model].tensors[s.tensor].dtype for s in sources}
+    buffers = {s: torch.empty(rows * spec.row_length * stored[s].itemsize, dtype=torch.uint8) for s in sources}  # raw bytes, reused
     # Inputs already in the config's dtype (or without one) are converted into reused buffers.
-    converted = {s: torch.empty(rows * spec.row_length, dtype=plan.compute_dtype) for s in sources if plan.input_dtype in (None, read.checkpoints[s.model].tensors[s.tensor].dtype)}
+    converted = {s: torch.empty(rows * spec.row_length, dtype=plan.compute_dtype) for s in sources if plan.input_dtype in (None, stored[s])}
     for step in range(merge.passes + 1):
         merge.start(step)
         for first_row in range(0, spec.rows, rows):
@@ -247,7 +243,6 @@ def stream_tensor(recipe: TensorRecipe, read: InputReader, plan: Plan, writer: S
             values = {}
             for s in sources:
                 raw = read.checkpoints[s.model].read_entries(s.tensor, start, stop, buffers[s])
-                buffers[s] = raw.view(torch.uint8) if buffers[s] is None else buffers[s]
                 if step == 0:
                     read.nonfinite.check(s.model, s.tensor, raw)
                     if s in hashes:
@@ -258,10 +253,11 @@ def stream_tensor(recipe: TensorRecipe, read: InputReader, plan: Plan, writer: S
             try:
                 if step < merge.passes:
                     merge.observe(block)
-                else:
-                    writer.write_range(recipe.name, start, checked_output(recipe, merge.output(block)))
-            except MergeError as e:
-                raise MergeError(e.args[0] if e.args[0].startswith(recipe.name) else f"{recipe.name}: {e}") from None
+                    continue
+                out = merge.output(block)
+            except MergeError as e:  # a method refusing degenerate inputs does not know the tensor's name
+                raise MergeError(f"{recipe.name}: {e}") from None
+            writer.write_range(recipe.name, start, checked_output(recipe, out))
         if step == 0:
             for s, h in hashes.items():
                 read.hasher.put(s.model, s.tensor, h.hexdigest())

@@ -53,15 +53,12 @@ class Checkpoint:
         loc = self.tensors.get(name)
         return type(self).read is Checkpoint.read and loc is not None and not loc.file.endswith(".bin")
 
-    def read_entries(self, name: str, start: int, stop: int, buffer: torch.Tensor | None = None) -> torch.Tensor:
-        """Entries [start, stop) of tensor `name` in flat order, typed, read into `buffer` (a uint8
-        tensor reused from block to block; a fresh one when it is None or too small)."""
+    def read_entries(self, name: str, start: int, stop: int, buffer: torch.Tensor) -> torch.Tensor:
+        """Entries [start, stop) of tensor `name` in flat order, typed, read into the front of
+        `buffer` (a uint8 tensor large enough, reused from block to block)."""
         loc = self.tensors[name]
         size = itemsize(loc.dtype)
-        nbytes = (stop - start) * size
-        if buffer is None or buffer.numel() < nbytes:
-            buffer = torch.empty(nbytes, dtype=torch.uint8)
-        buf = buffer[:nbytes]
+        buf = buffer[: (stop - start) * size]
         read_exactly(self._fd(loc.file), loc, loc.start + start * size, buf)
         return buf.view(loc.dtype)
 

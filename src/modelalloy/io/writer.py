@@ -23,7 +23,7 @@ from typing import Any
 import torch
 
 from modelalloy.errors import ConfigError
-from modelalloy.io.manifest import combine_digests, digest_shard, new_digest
+from modelalloy.io.manifest import combine_digests, new_digest
 from modelalloy.io.safetensors_format import encode_header, itemsize
 
 
@@ -81,8 +81,8 @@ class ShardedWriter:
     Shards named in `finished` (by an earlier, interrupted run) are left untouched. When the last
     tensor of a shard is written, the shard is fsynced and closed, and `on_shard_done(file, size,
     digest)` is called from the writing thread (to record it as finished). The digest
-    (`manifest.combine_digests`) comes from hashing each tensor's bytes as they are written, in
-    order; a tensor written out of order is hashed from the file instead.
+    (`manifest.combine_digests`) comes from hashing each tensor's bytes as they are written: a
+    tensor's pieces come in order (tensors of a shard may finish in any order).
     """
 
     def __init__(
@@ -106,7 +106,7 @@ class ShardedWriter:
         self._sizes: dict[str, int] = {}
         self._headers: dict[str, bytes] = {}
         self._hashes: dict[str, tuple[Any, int]] = {}  # tensor -> (hash of the bytes written so far, their count)
-        self._digests: dict[str, bytes | None] = {}  # finished tensor -> digest (None: written out of order)
+        self._digests: dict[str, bytes] = {}  # finished tensor -> digest of its bytes
         self._lock = threading.Lock()
         for file, shard in zip(self.files, self.shards):
             header, offsets = encode_header([(t.name, t.dtype, t.shape) for t in shard], self.metadata)
@@ -146,28 +146,25 @@ class ShardedWriter:
             raise AssertionError(f"{name}: planned {spec.dtype}, got {values.dtype}")
         data = memoryview(values.detach().cpu().contiguous().reshape(-1).view(torch.uint8).numpy())
         at = offset + start * values.element_size()
-        if at + len(data) > offset + spec.nbytes:
-            raise AssertionError(f"{name}: a write past the tensor's planned end")
+        hashed, written = self._hashes.get(name) or (new_digest(), 0)
+        if at - offset != written or written + len(data) > spec.nbytes:  # a bug of ours: pieces come in order
+            raise AssertionError(f"{name}: bytes {at - offset}..{at - offset + len(data)} written after {written} of {spec.nbytes}")
         done = 0
         while done < len(data):
             done += os.pwrite(fd, data[done:], at + done)
         if len(data):
             start_writeback(fd, at, len(data))
-        hashed = self._hashes.get(name)
-        if hashed is None and start == 0:
-            hashed = (new_digest(), 0)
-        if hashed is not None and hashed[1] == at - offset:  # in order: hash these bytes too
-            hashed[0].update(data)
-            self._hashes[name] = (hashed[0], hashed[1] + len(data))
-        else:
-            self._hashes[name] = (None, -1)
+        hashed.update(data)
+        self._hashes[name] = (hashed, written + len(data))
 
     def finish(self, name: str) -> None:
         """Every entry of `name` is written; the last tensor of a shard makes it durable and recorded."""
         fd, _, spec, file = self._where[name]
-        hashed, count = self._hashes.pop(name, (new_digest(), 0))
+        hashed, written = self._hashes.pop(name, (new_digest(), 0))
+        if written != spec.nbytes:
+            raise AssertionError(f"{name}: finished after {written} of {spec.nbytes} bytes")
         with self._lock:
-            self._digests[name] = hashed.digest() if hashed is not None and count == spec.nbytes else None
+            self._digests[name] = hashed.digest()
             self._remaining[file] -= 1
             complete = self._remaining[file] == 0
             if complete:
@@ -182,8 +179,6 @@ class ShardedWriter:
         shard = self.shards[self.files.index(file)]
         with self._lock:
             digests = [self._digests.pop(t.name) for t in shard]
-        if any(d is None for d in digests):
-            return digest_shard(self.out_dir / file)
         return combine_digests(self._headers[file], digests)
 
     def finalize(self) -> list[str]:
