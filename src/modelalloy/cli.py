@@ -6,6 +6,7 @@ bug of ours (or `--debug`).
 
 from __future__ import annotations
 
+import gc
 import json
 import signal
 import sys
@@ -68,6 +69,10 @@ def _main(debug: Annotated[bool, typer.Option("--debug", help="show tracebacks f
     from modelalloy.execute import keep_freed_buffers
 
     keep_freed_buffers()
+    # The hundreds of thousands of objects torch's import made live as long as the process: out
+    # of the collector's way, its full passes stop walking them during a merge (1.1B linear merge:
+    # 0.4 s of 4.8 s).
+    gc.freeze()
 
 
 @app.command()
