@@ -240,11 +240,12 @@ def stream_tensor(recipe: TensorRecipe, read: InputReader, plan: Plan, writer: S
         merge.start(step)
         for first_row in range(0, spec.rows, rows):
             start, stop = first_row * spec.row_length, min(spec.rows, first_row + rows) * spec.row_length
-            values = {}
+            raws, values = {}, {}
             for s in sources:
-                raw = read.checkpoints[s.model].read_entries(s.tensor, start, stop, buffers[s])
+                raws[s] = raw = read.checkpoints[s.model].read_entries(s.tensor, start, stop, buffers[s])
                 if step == 0:
-                    read.nonfinite.check(s.model, s.tensor, raw)
+                    if not merge.spreads_nonfinite:
+                        read.nonfinite.check(s.model, s.tensor, raw)
                     if s in hashes:
                         hashes[s].update(memoryview(raw.view(torch.uint8).numpy()))
                 value = converted[s][: raw.numel()].copy_(raw) if s in converted else to_compute_dtype(raw, plan)
@@ -257,7 +258,14 @@ def stream_tensor(recipe: TensorRecipe, read: InputReader, plan: Plan, writer: S
                 out = merge.output(block)
             except MergeError as e:  # a method refusing degenerate inputs does not know the tensor's name
                 raise MergeError(f"{recipe.name}: {e}") from None
-            writer.write_range(recipe.name, start, checked_output(recipe, out))
+            try:
+                result = checked_output(recipe, out)
+            except MergeError:
+                if merge.spreads_nonfinite:  # the inputs were not checked: name those at fault
+                    for s, raw in raws.items():
+                        read.nonfinite.check(s.model, s.tensor, raw)
+                raise
+            writer.write_range(recipe.name, start, result)
         if step == 0:
             for s, h in hashes.items():
                 read.hasher.put(s.model, s.tensor, h.hexdigest())

@@ -71,6 +71,10 @@ class BlockMerge(ABC):
     """
 
     passes: int = 0
+    # True when a NaN or Inf in any input always reaches the output (a weighted sum: 0·NaN is
+    # NaN too). The engine then skips its NaN check of the inputs, since the output's check fails
+    # anyway, and checks a block's inputs only then, to name them.
+    spreads_nonfinite: bool = False
 
     def start(self, step: int) -> None:
         """Before each pass; the default has nothing to prepare."""

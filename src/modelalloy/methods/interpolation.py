@@ -16,6 +16,8 @@ _EPS = 1e-8
 
 
 class LinearMerge(BlockMerge):
+    spreads_nonfinite = True
+
     def __init__(self, weight: list[float], normalize: bool) -> None:
         self.weight, self.normalize = weight, normalize
 
