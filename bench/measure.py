@@ -1,4 +1,4 @@
-"""Timing a command: wall, CPU and peak RSS of its whole process tree; the raw-read bound.
+"""Timing a command: wall, CPU and peak RSS of its whole process tree; the raw-read and write bounds.
 
 Peak RSS is the largest *sum* over the tree, polled (a merge tool may fork workers, and mergekit's
 mapped shards count as resident once touched), or the largest single process's own high-water
@@ -114,6 +114,26 @@ def raw_read(paths: list[Path], chunk: int = 64 << 20) -> tuple[float, int]:
         finally:
             os.close(fd)
     return time.perf_counter() - start, total
+
+
+def raw_write(directory: Path, nbytes: int, chunk: int = 64 << 20) -> float:
+    """Seconds to write `nbytes` of random bytes (nothing a disk could compress or skip) to a new
+    file in `directory` and fsync it, as a merge makes its output durable; the file is removed."""
+    block = memoryview(os.urandom(chunk))
+    path = directory / ".raw-write-bound"
+    start = time.perf_counter()
+    fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
+    try:
+        left = nbytes
+        while left:
+            left -= os.write(fd, block[: min(left, chunk)])
+        os.fsync(fd)
+        elapsed = time.perf_counter() - start
+    finally:
+        os.close(fd)
+        path.unlink()
+    os.sync()
+    return elapsed
 
 
 def weight_files(model_dir: Path) -> list[Path]:
