@@ -202,16 +202,19 @@ def run_method(method: str, models: dict[str, Path], work: Path, mergekit_exe: P
             if tool == "alloy":
                 # The raw-read bound in the same conditions, right before the run it bounds: this
                 # VM's disk reads the same files in 2.6 s or in 10 s from one minute to the next.
-                # Then the time to write an output's worth of bytes durably: reading the inputs
-                # and writing the output share one disk here, and the two together are the floor.
-                write_s = raw_write(work, output_estimate)
                 prepare_cache(inputs)
                 raw_s, raw_bytes = raw_read(inputs)
-                log(f"{method}: raw read {raw_bytes / 1e9:.2f} GB in {raw_s:.2f}s ({raw_bytes / raw_s / 1e9:.2f} GB/s), write {output_estimate / 1e9:.2f} GB in {write_s:.2f}s")
+                log(f"{method}: raw read {raw_bytes / 1e9:.2f} GB in {raw_s:.2f}s ({raw_bytes / raw_s / 1e9:.2f} GB/s)")
             out = work / f"out-{tool}-{method}"
             stats = run_one(tool, method, config_file, inputs, out, mergekit_exe, threads, work)
             run = {"wall_s": stats.wall_s, "cpu_s": stats.cpu_s, "peak_rss_bytes": stats.peak_rss_bytes, "ok": stats.returncode == 0}
             if raw_s is not None:
+                # Then, after the run (writing before it slowed the run down: the file system
+                # discards deleted blocks), the time to write an output's worth of bytes durably:
+                # reading the inputs and writing the output share one disk here, and the two
+                # together are the floor.
+                write_s = raw_write(work, output_estimate)
+                log(f"{method}: raw write {output_estimate / 1e9:.2f} GB in {write_s:.2f}s")
                 run["raw_read_s"], run["raw_write_s"] = raw_s, write_s
             run["output_bytes"] = output_bytes(out) if stats.returncode == 0 else 0
             result["runs"][tool].append(run)
