@@ -137,7 +137,11 @@ def prepare_cache(inputs: list[Path]) -> None:
 
 def run_one(tool: str, method: str, config_file: Path, inputs: list[Path], out: Path, mergekit_exe: Path, threads: int, logs: Path) -> RunStats:
     shutil.rmtree(out, ignore_errors=True)
-    prepare_cache(inputs)  # every run starts from the same page-cache state
+    # Every run starts from the same state: the page cache as the mode says, and nothing left to
+    # write back (mergekit leaves its 2.2 GB output to the kernel, which would otherwise flush it
+    # to the disk during the next tool's run).
+    os.sync()
+    prepare_cache(inputs)
     stats = run_measured(tool_command(tool, config_file, out, mergekit_exe, threads), log_file=logs / f"{tool}-{method}.log")
     if stats.returncode != 0:
         log(f"{tool} {method} failed (exit {stats.returncode}):\n{stats.stderr_tail}")
