@@ -1,6 +1,6 @@
 """Merging in row blocks gives the numbers of merging whole tensors.
 
-The blockwise methods (linear and the task-vector family) are one implementation for both paths
+The blockwise methods (linear, the SLERPs, model stock and the task-vector family) are one implementation for both paths
 (`merge_whole` runs the block merge on one block); these tests check that cutting a tensor into
 many blocks changes nothing: exact-k trimming with ties at the threshold counted across blocks,
 random draws continuing from block to block, the l1 rescale's sums taken over every block, and
@@ -49,7 +49,7 @@ def _params(method, count, **overrides):
 
 
 def test_the_blockwise_methods():
-    assert {"linear", "slerp", "task_arithmetic", "ties", "dare_ties", "dare_linear", "breadcrumbs", "breadcrumbs_ties", "della", "della_linear"} <= set(BLOCKWISE)
+    assert {"linear", "slerp", "nuslerp", "multislerp", "model_stock", "task_arithmetic", "ties", "dare_ties", "dare_linear", "breadcrumbs", "breadcrumbs_ties", "della", "della_linear"} <= set(BLOCKWISE)
 
 
 @pytest.mark.parametrize("name", BLOCKWISE)
@@ -68,10 +68,48 @@ def test_blocks_give_the_whole_tensor_result(name, rows_per_block):
     with_base = method.base != "unused"
     whole = method(tensors, base=base if with_base else None, seed=5, **params)
     blocks = _in_blocks(method, tensors, base if with_base else None, rows_per_block, seed=5, **params)
-    # The l1 rescale's ‖δ‖₁ and SLERP's norms and dot are summed block by block (float64): the
-    # factors may move in the last bits.
-    exact = params.get("rescale") != "l1" and name != "slerp"
+    # The l1 rescale's ‖δ‖₁ and the spherical methods' norms and dots are summed block by block
+    # (float64): the factors may move in the last bits.
+    exact = params.get("rescale") != "l1" and name not in SUMS_NORMS
     torch.testing.assert_close(blocks, whole, rtol=0 if exact else 1e-6, atol=0)
+
+
+SUMS_NORMS = {"slerp", "nuslerp", "multislerp", "model_stock"}
+
+
+@pytest.mark.parametrize(
+    ("name", "params", "with_base"),
+    [
+        ("model_stock", {"filter_wise": True}, True),
+        ("nuslerp", {"weight": [1.0, 3.0], "nuslerp_flatten": False, "nuslerp_row_wise": False}, True),
+        ("nuslerp", {"weight": [1.0, 3.0], "nuslerp_flatten": False, "nuslerp_row_wise": True}, True),
+        ("nuslerp", {"weight": [2.0, 1.0], "nuslerp_flatten": False, "nuslerp_row_wise": True}, False),
+        ("multislerp", {"weight": [0.5, 0.2, 0.3], "normalize_weights": True, "eps": 1e-8}, True),
+        ("multislerp", {"weight": [0.5, 0.2, 0.3], "normalize_weights": False, "eps": 1e-8}, False),
+    ],
+)
+@pytest.mark.parametrize("rows_per_block", [1, 4])
+def test_blocks_give_the_whole_tensor_result_for_per_vector_variants(name, params, with_base, rows_per_block):
+    """Per-row and per-column vectors (dim 0 of a 3-d tensor: every block mixes columns of many
+    vectors), with and without a base."""
+    g = torch.Generator().manual_seed(5)
+    base = torch.randn(4, 3, 5, generator=g)
+    tensors = [base + 0.3 * torch.randn(4, 3, 5, generator=g) for _ in range(len(params.get("weight", [0] * 3)))]
+    method = get_method(name)
+    whole = method(tensors, base=base if with_base else None, **params)
+    blocks = _in_blocks(method, tensors, base if with_base else None, rows_per_block, **params)
+    torch.testing.assert_close(blocks, whole, rtol=1e-6, atol=1e-7)
+
+
+def test_multislerp_cancelling_directions_fall_back_or_fail_in_blocks():
+    x = torch.randn(6, 4, generator=torch.Generator().manual_seed(1))
+    method = get_method("multislerp")
+    two = _in_blocks(method, [x, -x], None, 2, weight=[0.5, 0.5], normalize_weights=True, eps=1e-8)
+    torch.testing.assert_close(two, torch.zeros_like(x), rtol=0, atol=1e-7)  # the linear mix of x and -x
+    from modelalloy.errors import MergeError
+
+    with pytest.raises(MergeError, match="cancel out"):
+        _in_blocks(method, [x, -x, x.clone(), -x], None, 2, weight=[0.25] * 4, normalize_weights=True, eps=1e-8)
 
 
 def test_streamed_radix_select_matches_sort_and_counts_ties():
@@ -108,10 +146,15 @@ def _config(llama, method):
         config = {"merge_method": "linear", "models": [{"model": m["model"], "parameters": {"weight": 1.0}} for m in models]}
     if method == "slerp":
         config = {"merge_method": "slerp", "base_model": str(llama["base"]), "models": [{"model": str(llama["base"])}, {"model": str(llama["ft_dense"])}], "parameters": {"t": 0.3}, "dtype": "bfloat16"}
+    if method == "model_stock":
+        config["models"] = [{"model": m["model"]} for m in models]
+    if method == "nuslerp":
+        models = [{"model": str(llama[ft]), "parameters": {"weight": w}} for ft, w in (("ft_dense", 1.0), ("ft_flip", 2.0))]
+        config = {"merge_method": "nuslerp", "base_model": str(llama["base"]), "models": models, "parameters": {"nuslerp_flatten": False, "nuslerp_row_wise": True}, "dtype": "bfloat16"}
     return modelalloy.parse_config(yaml.safe_dump(config))
 
 
-@pytest.mark.parametrize("method", ["linear", "ties", "dare_ties", "breadcrumbs", "task_arithmetic", "slerp"])
+@pytest.mark.parametrize("method", ["linear", "ties", "dare_ties", "breadcrumbs", "task_arithmetic", "slerp", "model_stock", "multislerp", "nuslerp"])
 def test_streamed_merge_is_the_whole_tensor_merge(tmp_path, llama, method, monkeypatch):
     """The engine streams these methods in blocks (here of 64 entries, so every tensor is cut);
     forcing the whole-tensor path must give the same tensors."""
@@ -127,7 +170,7 @@ def test_streamed_merge_is_the_whole_tensor_merge(tmp_path, llama, method, monke
     a, b = open_checkpoint(str(tmp_path / "streamed")), open_checkpoint(str(tmp_path / "whole"))
     assert set(a.tensors) == set(b.tensors)
     for name in a.tensors:
-        if method in ("dare_ties", "slerp"):  # sums in another order: at most a bf16 rounding apart
+        if method == "dare_ties" or method in SUMS_NORMS:  # sums in another order: at most a bf16 rounding apart
             torch.testing.assert_close(a.read(name).float(), b.read(name).float(), rtol=2**-7, atol=0)
         else:
             assert torch.equal(a.read(name), b.read(name)), name

@@ -183,6 +183,15 @@ def _method_params(recipe: TensorRecipe) -> dict:
     return {k: list(v) if isinstance(v, tuple) else v for k, v in recipe.params.items()}
 
 
+@contextlib.contextmanager
+def _naming(recipe: TensorRecipe):
+    """A method refusing degenerate inputs does not know the tensor's name: add it."""
+    try:
+        yield
+    except MergeError as e:
+        raise MergeError(f"{recipe.name}: {e}") from None
+
+
 def merge_tensor(recipe: TensorRecipe, read: Callable[[str, str], torch.Tensor], plan: Plan, device: torch.device) -> torch.Tensor:
     """Compute one output tensor (in the output dtype, on the CPU)."""
     method = get_method(recipe.method)
@@ -202,10 +211,8 @@ def merge_tensor(recipe: TensorRecipe, read: Callable[[str, str], torch.Tensor],
     base = load(recipe.base.model, recipe.base.tensor) if recipe.base else None
     # Statistics are not rounded to the config's `dtype`: they are weights, not model tensors.
     stats = [read(s.model, s.tensor).to(device=device, dtype=plan.compute_dtype) for s in recipe.stats] or None
-    try:
+    with _naming(recipe):
         out = method(inputs, base=base, seed=recipe.seed, stats=stats, **_method_params(recipe))
-    except MergeError as e:  # a method refusing degenerate inputs does not know the tensor's name
-        raise MergeError(f"{recipe.name}: {e}") from None
     del inputs, base, stats  # the inputs are the bulk of this recipe's memory
     return checked_output(recipe, out)
 
@@ -225,10 +232,8 @@ def stream_tensor(recipe: TensorRecipe, read: InputReader, plan: Plan, writer: S
     others from the page cache), so memory holds a few blocks whatever the tensor's size. The
     first pass also hashes the inputs and checks them for NaN/Inf, as whole-tensor reads do."""
     spec = TensorSpec(recipe.shape, plan.compute_dtype, torch.device("cpu"))
-    try:
+    with _naming(recipe):
         merge = get_method(recipe.method).block_merge(spec, seed=recipe.seed, **_method_params(recipe))
-    except MergeError as e:
-        raise MergeError(f"{recipe.name}: {e}") from None
     sources = list(dict.fromkeys(recipe.sources()))
     hashes = {s: new_digest() for s in sources if read.hasher is not None and not read.hasher.known(s.model, s.tensor)}
     rows = block_rows(spec)
@@ -237,7 +242,8 @@ def stream_tensor(recipe: TensorRecipe, read: InputReader, plan: Plan, writer: S
     # Inputs already in the config's dtype (or without one) are converted into reused buffers.
     converted = {s: torch.empty(rows * spec.row_length, dtype=plan.compute_dtype) for s in sources if plan.input_dtype in (None, stored[s])}
     for step in range(merge.passes + 1):
-        merge.start(step)
+        with _naming(recipe):  # e.g. statistics that leave the method no answer
+            merge.start(step)
         for first_row in range(0, spec.rows, rows):
             start, stop = first_row * spec.row_length, min(spec.rows, first_row + rows) * spec.row_length
             raws, values = {}, {}
@@ -251,13 +257,11 @@ def stream_tensor(recipe: TensorRecipe, read: InputReader, plan: Plan, writer: S
                 value = converted[s][: raw.numel()].copy_(raw) if s in converted else to_compute_dtype(raw, plan)
                 values[s] = value.reshape(-1, spec.row_length)
             block = Block(start, [values[s] for s in recipe.inputs], values[recipe.base] if recipe.base else None)
-            try:
+            with _naming(recipe):
                 if step < merge.passes:
                     merge.observe(block)
                     continue
                 out = merge.output(block)
-            except MergeError as e:  # a method refusing degenerate inputs does not know the tensor's name
-                raise MergeError(f"{recipe.name}: {e}") from None
             try:
                 result = checked_output(recipe, out)
             except MergeError:

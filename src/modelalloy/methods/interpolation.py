@@ -133,22 +133,72 @@ def _rowwise_slerp(t: float, a: Tensor, b: Tensor) -> Tensor:
     max_models=2,
     reference="https://github.com/arcee-ai/mergekit/blob/main/docs/merge_methods.md",
     vs_mergekit="Rows whose norm is ~0 fall back to lerp instead of producing NaN.",
+    blockwise=True,
 )
-def nuslerp(tensors: list[Tensor], *, base: Tensor | None, weight: list[float], nuslerp_flatten: bool, nuslerp_row_wise: bool) -> Tensor:
+def nuslerp(spec: TensorSpec, *, weight: list[float], nuslerp_flatten: bool, nuslerp_row_wise: bool) -> NuslerpMerge:
     """SLERP between two models (or their task vectors from a base) with weights instead of t."""
     total = weight[0] + weight[1]
     t = weight[1] / total if abs(total) >= 1e-6 else 0.5
-    a, b = tensors
-    if base is not None:
-        a, b = a - base, b - base
-    shape = a.shape
-    if nuslerp_flatten or a.dim() < 2:
-        res = _rowwise_slerp(t, a.reshape(1, -1), b.reshape(1, -1)).reshape(shape)
-    elif nuslerp_row_wise:
-        res = _rowwise_slerp(t, a.transpose(0, -1), b.transpose(0, -1)).transpose(0, -1)
-    else:
-        res = _rowwise_slerp(t, a, b)
-    return res + base if base is not None else res
+    if nuslerp_flatten or len(spec.shape) < 2:
+        return NuslerpMerge(spec, t, "tensor")
+    return NuslerpMerge(spec, t, "columns" if nuslerp_row_wise else "rows")
+
+
+class NuslerpMerge(BlockMerge):
+    """SLERP of two vectors per group of entries: the whole tensor, each row (the last dim), or
+    each vector along dim 0 ("columns", `nuslerp_row_wise`). Rows come whole in a block, so row
+    SLERP needs no statistics; the other two sum ‖a‖², ‖b‖² and a·b per vector in one pass
+    (float64), then combine each block with its vectors' two coefficients."""
+
+    def __init__(self, spec: TensorSpec, t: float, vectors: str) -> None:
+        self.spec, self.t, self.vectors = spec, t, vectors
+        self.passes = 0 if vectors == "rows" else 1
+        # "columns": row r of the (rows, last dim) layout holds entries (r // period, r % period, :)
+        self.period = max(1, spec.rows // spec.shape[0]) if vectors == "columns" and spec.shape[0] else 1
+        self.sums = torch.zeros(3, self.period, spec.row_length if vectors == "columns" else 1, dtype=torch.float64, device=spec.device)
+
+    def _inputs(self, block: Block) -> tuple[Tensor, Tensor]:
+        a, b = block.inputs
+        return (a - block.base, b - block.base) if block.base is not None else (a, b)
+
+    def _groups(self, block: Block) -> Tensor | slice:
+        """Which vector each of the block's rows belongs to (an index into the sums' rows)."""
+        if self.vectors == "tensor":
+            return slice(0, 1)
+        first = block.start // self.spec.row_length
+        return torch.arange(first, first + block.inputs[0].shape[0], device=self.sums.device) % self.period
+
+    def observe(self, block: Block) -> None:
+        a, b = self._inputs(block)
+        for i, product in enumerate((a * a, b * b, a * b)):
+            if self.vectors == "tensor":
+                self.sums[i] += product.sum(dtype=torch.float64)
+            else:
+                self.sums[i].index_add_(0, self._groups(block), product.to(torch.float64))
+
+    def start(self, step: int) -> None:
+        if self.passes == 0 or step != self.passes:
+            return
+        t = self.t
+        na, nb = self.sums[0].sqrt(), self.sums[1].sqrt()
+        cos = (self.sums[2] / (na.clamp_min(_EPS) * nb.clamp_min(_EPS))).clamp(-1.0, 1.0)
+        omega = torch.arccos(cos)
+        sin_omega = torch.sin(omega)
+        # Vectors that are parallel or zero have no plane to rotate in: lerp there (never NaN).
+        degenerate = (sin_omega.abs() < _EPS) | (na < _EPS) | (nb < _EPS)
+        s0 = torch.where(degenerate, 1 - t, torch.sin((1 - t) * omega) / sin_omega)
+        s1 = torch.where(degenerate, t, torch.sin(t * omega) / sin_omega)
+        self.coefficients = (s0.to(self.spec.dtype), s1.to(self.spec.dtype))
+
+    def output(self, block: Block) -> Tensor:
+        a, b = self._inputs(block)
+        if self.vectors == "rows":
+            res = _rowwise_slerp(self.t, a, b)
+        else:
+            groups = self._groups(block)
+            s0, s1 = (c[groups] for c in self.coefficients)
+            res = s0 * a + s1 * b
+        return res + block.base if block.base is not None else res
 
 
 @merge_method(

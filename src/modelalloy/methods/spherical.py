@@ -2,8 +2,9 @@
 
 Both treat each tensor as one flat vector x_i, split it into a direction u_i = x_i/‖x_i‖ and a
 length ‖x_i‖, average the directions on the unit sphere and give the result the weighted mean
-length. Neither stacks the N inputs into one N× tensor: directions are accumulated one model at
-a time, so memory is the inputs plus two tensor-sized buffers.
+length. `multislerp` is blockwise (two statistics passes for the norms, then the output), so the
+engine streams it; `karcher` iterates on whole tensors (each iteration would be another pass),
+accumulating directions one model at a time: memory is the inputs plus two tensor-sized buffers.
 """
 
 from __future__ import annotations
@@ -16,6 +17,7 @@ import torch
 from torch import Tensor
 
 from modelalloy.errors import MergeError
+from modelalloy.methods.blockwise import Block, BlockMerge, TensorSpec
 from modelalloy.methods.registry import Param, merge_method
 
 
@@ -49,6 +51,7 @@ def _multislerp_check(params: dict[str, Any], models: Sequence[str]) -> str | No
     min_models=1,
     reference="https://goddard.blog/posts/multislerp-wow-what-a-cool-idea",
     check=_multislerp_check,
+    blockwise=True,
     vs_mergekit=(
         "mergekit also projects onto the tangent space at the mean and back with the exponential map; "
         "that step is a mathematical no-op (the weighted tangent vectors sum to 0), so we skip it; the "
@@ -59,7 +62,7 @@ def _multislerp_check(params: dict[str, Any], models: Sequence[str]) -> str | No
         "that cancel up to float rounding are not given a direction made of rounding noise."
     ),
 )
-def multislerp(tensors: list[Tensor], *, base: Tensor | None, weight: list[float], normalize_weights: bool, eps: float) -> Tensor:
+def multislerp(spec: TensorSpec, *, weight: list[float], normalize_weights: bool, eps: float) -> MultislerpMerge:
     """Weighted mean of many models on the hypersphere (Goddard 2025, "Multi-SLERP").
 
     With x_i = θ_i (or δ_i = θ_i − θ_0 when a base is given, added back at the end) and ŵ the
@@ -70,40 +73,77 @@ def multislerp(tensors: list[Tensor], *, base: Tensor | None, weight: list[float
     If ‖m‖ < max(eps, 16 ulp)·Σ|ŵ_i|‖u_i‖ the directions cancel: two models fall back to the linear mix
     Σ ŵ_i x_i, more is an error. All x_i = 0 gives 0 (θ_0). One model is returned as is.
     """
-    if len(tensors) == 1:
-        return tensors[0]
     if normalize_weights:
         total = sum(weight)
         weight = [w / total for w in weight]
+    return MultislerpMerge(spec, weight, eps)
 
-    def vector(i: int) -> Tensor:
-        return tensors[i] - base if base is not None else tensors[i]
 
-    direction = torch.zeros_like(tensors[0])
-    length = 0.0
-    aligned = 0.0  # ‖m‖ if every ŵ_i u_i pointed the same way: what "‖m‖ ≈ 0" is measured against
-    for i, w in enumerate(weight):
-        x = vector(i)
-        n = _norm(x)
-        # u_i first, then ŵ_i·u_i: each rounding is odd in x, so exactly opposite inputs cancel
-        # exactly (a fused x·(w/n) does not, and leaves a 1e-8 "direction" of pure rounding).
-        direction.add_(x.div(n + eps).mul_(w))
-        length += w * n
-        aligned += abs(w) * n / (n + eps)
-    m_norm = _norm(direction)
-    if aligned == 0.0:  # every x_i is 0 (e.g. a tensor no fine-tune changed): so is the mean
-        out = direction
-    # Below a few units of rounding the mean direction is noise, not a direction (float32 inputs
-    # that cancel up to rounding leave ‖m‖ ~ 1e-7): treat that as cancelling too.
-    elif m_norm < max(eps, 16 * torch.finfo(direction.dtype).eps) * aligned:
-        if len(tensors) != 2:
-            raise MergeError(
-                f"multislerp: the weighted directions of the {len(tensors)} models cancel out (antipodal inputs); change the weights"
-            )
-        out = vector(0).mul_(weight[0]).add_(vector(1), alpha=weight[1]) if base is not None else tensors[0] * weight[0] + tensors[1] * weight[1]
-    else:
-        out = direction.mul_(length / m_norm)
-    return out.add_(base) if base is not None else out
+class MultislerpMerge(BlockMerge):
+    """Two statistics passes (float64 sums): the ‖x_i‖, then ‖m‖ of the direction m built from
+    them; the output pass builds m again, block by block, and scales it."""
+
+    passes = 2
+
+    def __init__(self, spec: TensorSpec, weight: list[float], eps: float) -> None:
+        self.spec, self.weight, self.eps = spec, weight, eps
+        self.squares = [0.0] * len(weight)  # Σ x_i², then ‖x_i‖
+        self.direction_square = 0.0  # ‖m‖²
+        self.step = 0
+        self.linear_mix = False  # the directions cancel: two models are mixed linearly
+        self.scale = 1.0
+
+    def _vectors(self, block: Block) -> list[Tensor]:
+        return [x - block.base for x in block.inputs] if block.base is not None else block.inputs
+
+    def _direction(self, vectors: list[Tensor]) -> Tensor:
+        direction = torch.zeros_like(vectors[0])
+        for x, w, n in zip(vectors, self.weight, self.norms):
+            # u_i first, then ŵ_i·u_i: each rounding is odd in x, so exactly opposite inputs cancel
+            # exactly (a fused x·(w/n) does not, and leaves a 1e-8 "direction" of pure rounding).
+            direction.add_(x.div(n + self.eps).mul_(w))
+        return direction
+
+    def start(self, step: int) -> None:
+        self.step = step
+        if step == 1:
+            self.norms = [math.sqrt(q) for q in self.squares]
+        elif step == 2:
+            eps, norms = self.eps, self.norms
+            length = sum(w * n for w, n in zip(self.weight, norms))
+            # ‖m‖ if every ŵ_i u_i pointed the same way: what "‖m‖ ≈ 0" is measured against
+            aligned = sum(abs(w) * n / (n + eps) for w, n in zip(self.weight, norms))
+            m_norm = math.sqrt(self.direction_square)
+            if aligned == 0.0:  # every x_i is 0 (e.g. a tensor no fine-tune changed): so is the mean
+                return
+            # Below a few units of rounding the mean direction is noise, not a direction (float32
+            # inputs that cancel up to rounding leave ‖m‖ ~ 1e-7): treat that as cancelling too.
+            elif m_norm < max(eps, 16 * torch.finfo(self.spec.dtype).eps) * aligned:
+                if len(self.weight) != 2:
+                    raise MergeError(
+                        f"multislerp: the weighted directions of the {len(self.weight)} models cancel out (antipodal inputs); change the weights"
+                    )
+                self.linear_mix = True
+            else:
+                self.scale = length / m_norm
+
+    def observe(self, block: Block) -> None:
+        vectors = self._vectors(block)
+        if self.step == 0:
+            for i, x in enumerate(vectors):
+                self.squares[i] += float(x.square().sum(dtype=torch.float64))
+        else:
+            self.direction_square += float(self._direction(vectors).square().sum(dtype=torch.float64))
+
+    def output(self, block: Block) -> Tensor:
+        if len(block.inputs) == 1:
+            return block.inputs[0].clone()
+        vectors = self._vectors(block)
+        if self.linear_mix:
+            out = torch.mul(vectors[0], self.weight[0]).add_(vectors[1], alpha=self.weight[1])
+        else:
+            out = self._direction(vectors).mul_(self.scale)
+        return out.add_(block.base) if block.base is not None else out
 
 
 def _karcher_weights_check(params: dict[str, Any], models: Sequence[str]) -> str | None:
