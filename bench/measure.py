@@ -88,6 +88,29 @@ def run_measured(cmd: list[str], *, env: dict[str, str] | None = None, log_file:
     return RunStats(wall, usage.ru_utime + usage.ru_stime, peak, popen.returncode, tail)
 
 
+def _cpu_times() -> tuple[int, int]:
+    """(busy, total) jiffies of every CPU since boot (Linux /proc/stat)."""
+    with open("/proc/stat") as f:
+        values = [int(v) for v in f.readline().split()[1:]]
+    idle = values[3] + values[4]  # idle + iowait
+    return sum(values) - idle, sum(values)
+
+
+def wait_until_idle(busy_below: float = 0.1, window_s: float = 0.5, timeout_s: float = 30.0) -> float:
+    """Wait until the machine is idle (under `busy_below` of its CPUs busy over two consecutive
+    windows), at most `timeout_s`; returns the seconds waited. Deleting the previous run's output
+    and flushing it keep a kernel thread busy for seconds after the call returns (measured: one
+    core at 100 % system time for up to 10 s), which would be charged to whichever run comes next."""
+    start = time.perf_counter()
+    quiet = 0
+    while quiet < 2 and time.perf_counter() - start < timeout_s:
+        busy0, total0 = _cpu_times()
+        time.sleep(window_s)
+        busy1, total1 = _cpu_times()
+        quiet = quiet + 1 if (busy1 - busy0) < busy_below * max(1, total1 - total0) else 0
+    return time.perf_counter() - start
+
+
 def evict(paths: list[Path]) -> None:
     """Ask the kernel to drop these files' clean pages from the page cache (no root needed)."""
     for path in paths:

@@ -24,7 +24,7 @@ import yaml
 from safetensors import safe_open
 
 sys.path.insert(0, str(Path(__file__).parent))
-from measure import RunStats, evict, raw_read, raw_write, run_measured, weight_files  # noqa: E402
+from measure import RunStats, evict, raw_read, raw_write, run_measured, wait_until_idle, weight_files  # noqa: E402
 from synth import SIZES, ensure_models  # noqa: E402
 
 REPO = Path(__file__).resolve().parent.parent
@@ -142,6 +142,9 @@ def run_one(tool: str, method: str, config_file: Path, inputs: list[Path], out: 
     # to the disk during the next tool's run).
     os.sync()
     prepare_cache(inputs)
+    waited = wait_until_idle()
+    if waited > 5:
+        log(f"{tool} {method}: waited {waited:.0f}s for the machine to be idle")
     stats = run_measured(tool_command(tool, config_file, out, mergekit_exe, threads), log_file=logs / f"{tool}-{method}.log")
     if stats.returncode != 0:
         log(f"{tool} {method} failed (exit {stats.returncode}):\n{stats.stderr_tail}")
@@ -207,6 +210,7 @@ def run_method(method: str, models: dict[str, Path], work: Path, mergekit_exe: P
                 # The raw-read bound in the same conditions, right before the run it bounds: this
                 # VM's disk reads the same files in 2.6 s or in 10 s from one minute to the next.
                 prepare_cache(inputs)
+                wait_until_idle()
                 raw_s, raw_bytes = raw_read(inputs)
                 log(f"{method}: raw read {raw_bytes / 1e9:.2f} GB in {raw_s:.2f}s ({raw_bytes / raw_s / 1e9:.2f} GB/s)")
             out = work / f"out-{tool}-{method}"
