@@ -87,7 +87,8 @@ class MultislerpMerge(BlockMerge):
 
     def __init__(self, spec: TensorSpec, weight: list[float], eps: float) -> None:
         self.spec, self.weight, self.eps = spec, weight, eps
-        self.squares = [0.0] * len(weight)  # Σ x_i², then ‖x_i‖
+        self.passes = 2 if len(weight) > 1 else 0  # one model is returned as is
+        self.squares = [0.0] * len(weight)  # Σ x_i² (pass 0)
         self.direction_square = 0.0  # ‖m‖²
         self.step = 0
         self.linear_mix = False  # the directions cancel: two models are mixed linearly
@@ -118,7 +119,7 @@ class MultislerpMerge(BlockMerge):
                 return
             # Below a few units of rounding the mean direction is noise, not a direction (float32
             # inputs that cancel up to rounding leave ‖m‖ ~ 1e-7): treat that as cancelling too.
-            elif m_norm < max(eps, 16 * torch.finfo(self.spec.dtype).eps) * aligned:
+            if m_norm < max(eps, 16 * torch.finfo(self.spec.dtype).eps) * aligned:
                 if len(self.weight) != 2:
                     raise MergeError(
                         f"multislerp: the weighted directions of the {len(self.weight)} models cancel out (antipodal inputs); change the weights"
@@ -136,7 +137,7 @@ class MultislerpMerge(BlockMerge):
             self.direction_square += float(self._direction(vectors).square().sum(dtype=torch.float64))
 
     def output(self, block: Block) -> Tensor:
-        if len(block.inputs) == 1:
+        if self.passes == 0:
             return block.inputs[0].clone()
         vectors = self._vectors(block)
         if self.linear_mix:
