@@ -39,7 +39,8 @@ from modelalloy.io.manifest import Manifest, new_digest, open_partial
 from modelalloy.io.output import write_model_card, write_tokenizer_files
 from modelalloy.io.writer import OutputTensor, ShardedWriter, layout_shards, parse_size, shard_names, write_text_durably
 from modelalloy.methods import get_method
-from modelalloy.methods.blockwise import Block, TensorSpec, block_rows
+from modelalloy.io.spans import SpanReader, SpanSource
+from modelalloy.methods.blockwise import Block, BlockMerge, TensorSpec, block_rows
 from modelalloy.plan import Plan, TensorRecipe, TensorSource
 from modelalloy.readahead import ReadAhead
 
@@ -226,18 +227,40 @@ def streams(recipe: TensorRecipe, plan: Plan, checkpoints: Mapping[str, Checkpoi
     return all(checkpoints[s.model].streams(s.tensor) and checkpoints[s.model].tensors[s.tensor].dtype.is_floating_point for s in recipe.sources())
 
 
-def stream_tensor(recipe: TensorRecipe, read: InputReader, plan: Plan, writer: ShardedWriter) -> None:
-    """Merge one tensor in row blocks (`methods/blockwise.py`) and write each output block at its
-    offset: every pass reads the inputs' rows from the files (the first pass from disk, the
-    others from the page cache), so memory holds a few blocks whatever the tensor's size. The
-    first pass also hashes the inputs and checks them for NaN/Inf, as whole-tensor reads do."""
+def _block_merge(recipe: TensorRecipe, plan: Plan) -> tuple[BlockMerge, TensorSpec]:
     spec = TensorSpec(recipe.shape, plan.compute_dtype, torch.device("cpu"))
     with _naming(recipe):
-        merge = get_method(recipe.method).block_merge(spec, seed=recipe.seed, **_method_params(recipe))
+        return get_method(recipe.method).block_merge(spec, seed=recipe.seed, **_method_params(recipe)), spec
+
+
+def span_sources(recipe: TensorRecipe, plan: Plan, checkpoints: Mapping[str, Checkpoint]) -> list[tuple[tuple[int, TensorSource], SpanSource]]:
+    """What a streamed recipe reads, for the `SpanReader`, when its merge reads every input once
+    (direct reads fill no page cache for a second pass); [] otherwise."""
+    merge, spec = _block_merge(recipe, plan)
+    if merge.passes:
+        return []
+    granule_entries = block_rows(spec) * spec.row_length
+    out = []
+    for s in dict.fromkeys(recipe.sources()):
+        loc = checkpoints[s.model].tensors[s.tensor]
+        if loc.start % loc.dtype.itemsize:  # a typed view of the bytes needs an aligned start
+            return []
+        out.append(((id(recipe), s), SpanSource(loc.file, loc.start, loc.nbytes, granule_entries * loc.dtype.itemsize)))
+    return out
+
+
+def stream_tensor(recipe: TensorRecipe, read: InputReader, plan: Plan, writer: ShardedWriter, spans: SpanReader | None = None) -> None:
+    """Merge one tensor in row blocks (`methods/blockwise.py`) and write each output block at its
+    offset: every pass reads the inputs' rows (from `spans` when it holds them, read ahead; else
+    from the files, the first pass from disk and the others from the page cache), so memory holds
+    a few blocks whatever the tensor's size. The first pass also hashes the inputs and checks
+    them for NaN/Inf, as whole-tensor reads do."""
+    merge, spec = _block_merge(recipe, plan)
     sources = list(dict.fromkeys(recipe.sources()))
     hashes = {s: new_digest() for s in sources if read.hasher is not None and not read.hasher.known(s.model, s.tensor)}
     rows = block_rows(spec)
     stored = {s: read.checkpoints[s.model].tensors[s.tensor].dtype for s in sources}
+    spanned = {s: (id(recipe), s) for s in sources if spans is not None and (id(recipe), s) in spans}
     buffers = {s: torch.empty(rows * spec.row_length * stored[s].itemsize, dtype=torch.uint8) for s in sources}  # raw bytes, reused
     # Inputs already in the config's dtype (or without one) are converted into reused buffers.
     converted = {s: torch.empty(rows * spec.row_length, dtype=plan.compute_dtype) for s in sources if plan.input_dtype in (None, stored[s])}
@@ -248,7 +271,11 @@ def stream_tensor(recipe: TensorRecipe, read: InputReader, plan: Plan, writer: S
             start, stop = first_row * spec.row_length, min(spec.rows, first_row + rows) * spec.row_length
             raws, values = {}, {}
             for s in sources:
-                raws[s] = raw = read.checkpoints[s.model].read_entries(s.tensor, start, stop, buffers[s])
+                size = stored[s].itemsize
+                raw = spans.read(spanned[s], start * size, stop * size) if s in spanned else None
+                if raw is None:  # not read ahead, or in the page cache
+                    raw = read.checkpoints[s.model].read_entries(s.tensor, start, stop, buffers[s])
+                raws[s] = raw = raw.view(stored[s])
                 if step == 0:
                     if not merge.spreads_nonfinite:
                         read.nonfinite.check(s.model, s.tensor, raw)
@@ -273,6 +300,8 @@ def stream_tensor(recipe: TensorRecipe, read: InputReader, plan: Plan, writer: S
         if step == 0:
             for s, h in hashes.items():
                 read.hasher.put(s.model, s.tensor, h.hexdigest())
+    for key in spanned.values():
+        spans.release(key)
     writer.finish(recipe.name)
 
 
@@ -417,12 +446,16 @@ def write_recipes(
         pin_memory=device.type == "cuda",
     )
     index = {id(r): i for i, r in enumerate(whole)}
-    hint = _PrefetchWindow(recipes, read)
+    # Streamed recipes that read each input once are read ahead in spans (`io/spans.py`); the
+    # kernel is asked to fetch the others' inputs into the page cache ahead of the workers.
+    spanned = [span_sources(r, plan, read.checkpoints) if id(r) in streamed else [] for r in recipes]
+    spans = SpanReader([s for s in spanned if s])
+    hint = _PrefetchWindow([r for r, s in zip(recipes, spanned) if not s], read)
 
     def run(recipe: TensorRecipe) -> None:
         hint.started(recipe)
         if id(recipe) in streamed:
-            stream_tensor(recipe, read, plan, writer)
+            stream_tensor(recipe, read, plan, writer, spans)
         else:
             merge_whole_recipe(recipe)
         if debug_delay:
@@ -452,6 +485,7 @@ def write_recipes(
             _run_bounded(recipes, run, threads)
     finally:
         reader.close()
+        spans.close()
 
 
 class _PrefetchWindow:
@@ -472,7 +506,9 @@ class _PrefetchWindow:
             self.started(recipes[0])
 
     def started(self, recipe: TensorRecipe) -> None:
-        i = self.position[id(recipe)]
+        i = self.position.get(id(recipe))
+        if i is None:  # read by other means
+            return
         with self.lock:
             todo = []
             while self.hinted < len(self.recipes) and self.start_bytes[self.hinted] <= self.start_bytes[i] + self.window:

@@ -1,0 +1,192 @@
+"""The span reader: streamed inputs read ahead in spans, directly from the disk where the page
+cache does not hold them; every byte checked against the file."""
+
+from __future__ import annotations
+
+import os
+import threading
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+from modelalloy.errors import CheckpointError
+from modelalloy.io import spans as spans_module
+from modelalloy.io.spans import ALIGN, SpanReader, SpanSource, cached_fraction
+
+GRANULE = 1000  # bytes per block: spans of whole blocks, at offsets that are not aligned
+
+
+def write_uncached(path: Path, data: bytes) -> None:
+    """Write `data` durably, then drop its pages from the page cache (clean pages only)."""
+    with open(path, "wb") as f:
+        f.write(data)
+        f.flush()
+        os.fsync(f.fileno())
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        os.posix_fadvise(fd, 0, 0, os.POSIX_FADV_DONTNEED)
+    finally:
+        os.close(fd)
+
+
+def direct_io_works(path: Path) -> bool:
+    try:
+        os.close(os.open(path, os.O_RDONLY | getattr(os, "O_DIRECT", 0)))
+    except OSError:
+        return False
+    return hasattr(os, "O_DIRECT")
+
+
+@pytest.fixture
+def two_files(tmp_path):
+    """Two 'checkpoints' of random bytes; tensors at odd offsets, one ending exactly at EOF."""
+    rng = np.random.default_rng(0)
+    data = {name: rng.integers(0, 256, size, dtype=np.uint8).tobytes() for name, size in (("a", 300_123), ("b", 210_517))}
+    paths = {}
+    for name, blob in data.items():
+        paths[name] = tmp_path / f"{name}.bin"
+        write_uncached(paths[name], blob)
+    return paths, data
+
+
+def recipes_of(paths, data, count=6):
+    """`count` recipes, each reading a slice of both files (different lengths, odd offsets)."""
+    recipes = []
+    for i in range(count):
+        recipe = []
+        for name in ("a", "b"):
+            offset = 17 + 4099 * i
+            nbytes = len(data[name]) - offset if i == count - 1 and name == "a" else 9_000 + 7_777 * i
+            recipe.append(((i, name), SpanSource(str(paths[name]), offset, nbytes, GRANULE)))
+        recipes.append(recipe)
+    return recipes
+
+
+def consume(reader: SpanReader, recipe, data) -> int:
+    """Read a recipe's blocks the way `stream_tensor` does (block by block, every input in turn),
+    checking each against the file's bytes; returns how many blocks came from the reader."""
+    served = 0
+    longest = max(src.nbytes for _, src in recipe)
+    for start in range(0, longest, GRANULE):
+        for key, src in recipe:
+            if start >= src.nbytes:
+                continue
+            stop = min(src.nbytes, start + GRANULE)
+            got = reader.read(key, start, stop)
+            if got is not None:
+                served += 1
+                expected = data[key[1]][src.offset + start : src.offset + stop]
+                assert got.numpy().tobytes() == expected, (key, start)
+    for key, _ in recipe:
+        reader.release(key)
+    return served
+
+
+def test_cold_spans_are_read_directly_and_exactly(two_files):
+    paths, data = two_files
+    if not direct_io_works(paths["a"]):
+        pytest.skip("no O_DIRECT on this file system")
+    recipes = recipes_of(paths, data)
+    # Small buffers: many spans per tensor, and fewer buffers than spans in flight.
+    reader = SpanReader(recipes, budget=8 * 16 * ALIGN, readers=3)
+    try:
+        served = sum(consume(reader, r, data) for r in recipes)
+    finally:
+        reader.close()
+    blocks = sum(-(-src.nbytes // GRANULE) for r in recipes for _, src in r)
+    assert served == blocks
+    assert reader.peak_bytes <= 8 * (16 * ALIGN + 3 * ALIGN)
+    # Direct reads bypass the page cache: had they been plain reads, the files would now be cached.
+    for path in paths.values():
+        fd = os.open(path, os.O_RDONLY)
+        try:
+            assert cached_fraction(fd, 0, os.path.getsize(path)) < 0.2
+        finally:
+            os.close(fd)
+
+
+def test_without_direct_io_plain_reads_give_the_same_bytes(two_files, monkeypatch):
+    paths, data = two_files
+    monkeypatch.setattr(spans_module, "_O_DIRECT", 0)
+    recipes = recipes_of(paths, data)
+    reader = SpanReader(recipes, budget=8 * 16 * ALIGN, readers=2)
+    try:
+        served = sum(consume(reader, r, data) for r in recipes)
+    finally:
+        reader.close()
+    # Plain reads fill the page cache (with the kernel's read-ahead): later spans found cached
+    # are left to the caller, whose blocks `consume` does not count.
+    assert served > 0
+
+
+def test_cached_spans_are_left_to_the_caller(two_files):
+    paths, data = two_files
+    for path in paths.values():
+        path.read_bytes()  # into the page cache
+    recipes = recipes_of(paths, data, count=2)
+    reader = SpanReader(recipes, budget=8 * 16 * ALIGN)
+    try:
+        assert [consume(reader, r, data) for r in recipes] == [0, 0]
+    finally:
+        reader.close()
+    assert reader.peak_bytes == 0  # no buffer was needed
+
+
+def test_cached_fraction_counts_pages(tmp_path):
+    path = tmp_path / "f.bin"
+    write_uncached(path, bytes(1024 * ALIGN))
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        os.posix_fadvise(fd, 0, 0, os.POSIX_FADV_RANDOM)  # no read-ahead: only what is read is cached
+        assert cached_fraction(fd, 0, 1024 * ALIGN) == 0.0
+        os.pread(fd, 16 * ALIGN, 512 * ALIGN)
+        assert cached_fraction(fd, 512 * ALIGN + 5, 528 * ALIGN) == 1.0  # unaligned start: its page counts
+        assert cached_fraction(fd, 0, 1024 * ALIGN) == pytest.approx(16 / 1024)
+    finally:
+        os.close(fd)
+
+
+def test_concurrent_workers_in_plan_order_never_wait_on_each_other(two_files):
+    """Two workers take recipes in plan order, as the engine's pool does, with as few buffers as
+    a recipe needs (one span per input plus one): every span is still read, exactly."""
+    paths, data = two_files
+    recipes = recipes_of(paths, data, count=12)
+    reader = SpanReader(recipes, budget=8 * 4 * ALIGN, readers=4)
+    todo = list(range(len(recipes)))
+    lock = threading.Lock()
+    failures = []
+
+    def worker():
+        while True:
+            with lock:
+                if not todo:
+                    return
+                i = todo.pop(0)
+            try:
+                consume(reader, recipes[i], data)
+            except BaseException as e:  # noqa: BLE001 - reported below
+                failures.append(e)
+                return
+
+    threads = [threading.Thread(target=worker) for _ in range(2)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join(timeout=60)
+    alive = any(t.is_alive() for t in threads)
+    reader.close()
+    assert not alive, "workers deadlocked on the span reader"
+    assert not failures, failures
+
+
+def test_a_truncated_file_is_an_error_naming_it(tmp_path):
+    path = tmp_path / "short.bin"
+    write_uncached(path, bytes(5000))
+    reader = SpanReader([[("k", SpanSource(str(path), 100, 9000, GRANULE))]], budget=8 * 4 * ALIGN)
+    try:
+        with pytest.raises(CheckpointError, match="short.bin.*truncated"):
+            for start in range(0, 9000, GRANULE):
+                reader.read("k", start, min(9000, start + GRANULE))
+    finally:
+        reader.close()
