@@ -11,8 +11,9 @@ import numpy as np
 import pytest
 
 from modelalloy.errors import CheckpointError
-from modelalloy.io import spans as spans_module
-from modelalloy.io.spans import ALIGN, SpanReader, SpanSource, cached_fraction
+from modelalloy.io import direct
+from modelalloy.io.direct import ALIGN, open_direct
+from modelalloy.io.spans import SpanReader, SpanSource, cached_fraction
 
 GRANULE = 1000  # bytes per block: spans of whole blocks, at offsets that are not aligned
 
@@ -31,11 +32,10 @@ def write_uncached(path: Path, data: bytes) -> None:
 
 
 def direct_io_works(path: Path) -> bool:
-    try:
-        os.close(os.open(path, os.O_RDONLY | getattr(os, "O_DIRECT", 0)))
-    except OSError:
-        return False
-    return hasattr(os, "O_DIRECT")
+    fd = open_direct(path, os.O_RDONLY)
+    if fd is not None:
+        os.close(fd)
+    return fd is not None
 
 
 @pytest.fixture
@@ -108,7 +108,7 @@ def test_cold_spans_are_read_directly_and_exactly(two_files):
 
 def test_without_direct_io_plain_reads_give_the_same_bytes(two_files, monkeypatch):
     paths, data = two_files
-    monkeypatch.setattr(spans_module, "_O_DIRECT", 0)
+    monkeypatch.setattr(direct, "O_DIRECT", 0)
     recipes = recipes_of(paths, data)
     reader = SpanReader(recipes, budget=8 * 16 * ALIGN, readers=2)
     try:

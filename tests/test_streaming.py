@@ -19,7 +19,8 @@ import yaml
 import modelalloy
 from modelalloy import execute
 from modelalloy.io.checkpoint import open_checkpoint
-from modelalloy.io.spans import ALIGN, SpanReader
+from modelalloy.io.direct import ALIGN
+from modelalloy.io.spans import SpanReader
 from modelalloy.methods import REGISTRY, get_method
 from modelalloy.methods.blockwise import Block, TensorSpec, as_rows
 from modelalloy.methods.task_vectors import RadixSelect

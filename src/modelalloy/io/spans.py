@@ -1,14 +1,12 @@
 """Reading streamed tensors ahead of the workers, in large spans, with direct I/O where the page
 cache does not already hold the bytes.
 
-Why: a cold read through the page cache costs the kernel a copy out of freshly filled cache
-pages, and on virtual machines that first touch is slow. Measured on the 2-core VM this project is
-built on, reading 6.6 GB of cold safetensors: one buffered reader took 3.8-10.5 s, all of it
-kernel CPU (`_copy_to_iter`), and a linear merge spent 7 of its 13 CPU-seconds there; eight
-`O_DIRECT` readers of 64 MiB took 3.1-3.3 s (2.0-2.1 GB/s) and 0.7 s of CPU, since the disk writes
-straight into our reused buffers. So each span is first read from the page cache without waiting
-(`RWF_NOWAIT`: what is cached costs one fast copy, a warm merge stays warm) and the rest with
-`O_DIRECT` (on file systems without it, with plain reads).
+Why (`io/direct.py`): a cold read through the page cache costs the kernel a copy out of freshly
+filled cache pages, slow on virtual machines; a cold 1.1B linear merge spent 7 of its 13
+CPU-seconds there. Spans the page cache holds (most of their pages, asked with `mincore`) are
+left to the workers, who copy them into their small, cache-hot block buffers as before: a warm
+merge stays warm. The others are read with `O_DIRECT` (plain reads where the file system has no
+direct I/O), eight requests of up to 64 MiB in flight (measured: 2.0-2.1 GB/s, 16 MiB 1.4-1.7).
 
 Direct reads fill no page cache, so only recipes that read each input once (one pass over the
 blocks) are served from here; methods with statistics passes re-read the page cache instead.
@@ -28,12 +26,11 @@ from dataclasses import dataclass
 import torch
 
 from modelalloy.errors import CheckpointError
+from modelalloy.io.direct import ALIGN, align_down, align_up, aligned_buffer, open_direct
 
-ALIGN = 4096  # direct I/O: buffer address, file offset and length in multiples of the block size
 SPAN_BYTES = 64 << 20  # measured: 64 MiB requests 2.0-2.1 GB/s, 16 MiB 1.4-1.7, 4 MiB 1.1-1.4
 READERS = 8  # requests in flight
 MIN_SPANS = 8
-_O_DIRECT = getattr(os, "O_DIRECT", 0)  # Linux, FreeBSD; elsewhere every read is a plain one
 
 
 @dataclass(frozen=True)
@@ -44,14 +41,6 @@ class SpanSource:
     offset: int  # the tensor's first byte in the file
     nbytes: int
     granule: int
-
-
-def _align_down(n: int) -> int:
-    return n - n % ALIGN
-
-
-def _align_up(n: int) -> int:
-    return _align_down(n + ALIGN - 1)
 
 
 class SpanReader:
@@ -66,7 +55,7 @@ class SpanReader:
         widest = max((len(r) for r in recipes), default=1)
         # Enough buffers for a recipe to hold one span of every input while the next ones are read.
         count = max(MIN_SPANS, 2 * widest + 1)
-        self._span_bytes = max(ALIGN, _align_down(min(SPAN_BYTES, budget // count)))
+        self._span_bytes = max(ALIGN, align_down(min(SPAN_BYTES, budget // count)))
         self._capacity = count
         self._sources: dict[Hashable, SpanSource] = {}
         self._span_len: dict[Hashable, int] = {}
@@ -202,17 +191,15 @@ class SpanReader:
         return begin, begin + min(span_len, source.nbytes - k * span_len)
 
     def _new_buffer(self) -> torch.Tensor:  # with self._cond held
-        raw = torch.empty(self._buffer_bytes + ALIGN, dtype=torch.uint8)
-        shift = -raw.data_ptr() % ALIGN
         self._allocated += 1
-        self.peak_bytes = self._allocated * raw.numel()
-        return raw[shift : shift + self._buffer_bytes]
+        self.peak_bytes = self._allocated * (self._buffer_bytes + ALIGN)
+        return aligned_buffer(self._buffer_bytes)
 
     def _read_span(self, source: SpanSource, begin: int, end: int, buf: torch.Tensor) -> None:
         """File bytes [begin, end) into `buf` from index `begin % ALIGN`, so that aligned file
         offsets land on aligned addresses (direct I/O), with direct reads where the file allows."""
         view = memoryview(buf.numpy())
-        origin = _align_down(begin)  # the file offset at buf[0]
+        origin = align_down(begin)  # the file offset at buf[0]
         if self._fd(source.path, direct=True) is not None:
             try:
                 self._fill(source.path, True, view, origin, end, origin)
@@ -227,7 +214,7 @@ class SpanReader:
         """Read file bytes [at, end) (at least: direct reads are rounded out to whole blocks) into
         `view`, whose index 0 holds file offset `view_origin`."""
         fd = self._fd(path, direct=direct)
-        stop = _align_up(end) if direct else end
+        stop = align_up(end) if direct else end
         while at < end:
             n = os.preadv(fd, [view[at - view_origin : stop - view_origin]], at)
             if n <= 0:
@@ -238,12 +225,7 @@ class SpanReader:
         """This file's descriptor, opened once; None for direct I/O where the file system refuses it."""
         with self._fd_lock:
             if (path, direct) not in self._fds:
-                try:
-                    self._fds[(path, direct)] = os.open(path, os.O_RDONLY | (_O_DIRECT if direct else 0)) if _O_DIRECT or not direct else None
-                except OSError:
-                    if not direct:
-                        raise
-                    self._fds[(path, direct)] = None  # no direct I/O here (tmpfs, some network file systems)
+                self._fds[(path, direct)] = open_direct(path, os.O_RDONLY) if direct else os.open(path, os.O_RDONLY)
             return self._fds[(path, direct)]
 
     def _no_direct(self, path: str) -> None:
