@@ -435,6 +435,9 @@ def write_recipes(
     streamed = {id(r) for r in recipes if isinstance(writer, ShardedWriter) and streams(r, plan, read.checkpoints, device)}
     whole = [r for r in recipes if id(r) not in streamed]
     jobs = [r.sources() for r in whole]
+    # Streamed recipes that read each input once are read ahead in spans (`io/spans.py`); the
+    # kernel is asked to fetch the others' inputs into the page cache ahead of the workers.
+    spanned = [span_sources(r, plan, read.checkpoints) if id(r) in streamed else [] for r in recipes]
     # One recipe's inputs ahead of the workers (at least 256 MiB, so small tensors stream freely).
     budget = max(256 * 2**20, max((sum(read.nbytes(s) for s in job) for job in jobs), default=0))
     reader = ReadAhead(
@@ -445,11 +448,8 @@ def write_recipes(
         prefetch=read.prefetch,
         pin_memory=device.type == "cuda",
     )
-    index = {id(r): i for i, r in enumerate(whole)}
-    # Streamed recipes that read each input once are read ahead in spans (`io/spans.py`); the
-    # kernel is asked to fetch the others' inputs into the page cache ahead of the workers.
-    spanned = [span_sources(r, plan, read.checkpoints) if id(r) in streamed else [] for r in recipes]
     spans = SpanReader([s for s in spanned if s])
+    index = {id(r): i for i, r in enumerate(whole)}
     hint = _PrefetchWindow([r for r, s in zip(recipes, spanned) if not s], read)
 
     def run(recipe: TensorRecipe) -> None:
