@@ -83,17 +83,23 @@ def consume(reader: SpanReader, recipe, data) -> int:
     return served
 
 
+def read_all(recipes, data, readers: int) -> tuple[SpanReader, list[int]]:
+    """Every recipe consumed in order through one reader with small buffers (many spans per
+    tensor, fewer buffers than spans); the reader (closed) and the blocks it served per recipe."""
+    reader = SpanReader(recipes, budget=8 * 16 * ALIGN, readers=readers)
+    try:
+        return reader, [consume(reader, r, data) for r in recipes]
+    finally:
+        reader.close()
+
+
 def test_cold_spans_are_read_directly_and_exactly(two_files):
     paths, data = two_files
     if not direct_io_works(paths["a"]):
         pytest.skip("no O_DIRECT on this file system")
     recipes = recipes_of(paths, data)
-    # Small buffers: many spans per tensor, and fewer buffers than spans in flight.
-    reader = SpanReader(recipes, budget=8 * 16 * ALIGN, readers=3)
-    try:
-        served = sum(consume(reader, r, data) for r in recipes)
-    finally:
-        reader.close()
+    reader, served = read_all(recipes, data, readers=3)
+    served = sum(served)
     blocks = sum(-(-src.nbytes // GRANULE) for r in recipes for _, src in r)
     assert served == blocks
     assert reader.peak_bytes <= 8 * (16 * ALIGN + 3 * ALIGN)
@@ -109,27 +115,18 @@ def test_cold_spans_are_read_directly_and_exactly(two_files):
 def test_without_direct_io_plain_reads_give_the_same_bytes(two_files, monkeypatch):
     paths, data = two_files
     monkeypatch.setattr(direct, "O_DIRECT", 0)
-    recipes = recipes_of(paths, data)
-    reader = SpanReader(recipes, budget=8 * 16 * ALIGN, readers=2)
-    try:
-        served = sum(consume(reader, r, data) for r in recipes)
-    finally:
-        reader.close()
+    _, served = read_all(recipes_of(paths, data), data, readers=2)
     # Plain reads fill the page cache (with the kernel's read-ahead): later spans found cached
     # are left to the caller, whose blocks `consume` does not count.
-    assert served > 0
+    assert sum(served) > 0
 
 
 def test_cached_spans_are_left_to_the_caller(two_files):
     paths, data = two_files
     for path in paths.values():
         path.read_bytes()  # into the page cache
-    recipes = recipes_of(paths, data, count=2)
-    reader = SpanReader(recipes, budget=8 * 16 * ALIGN)
-    try:
-        assert [consume(reader, r, data) for r in recipes] == [0, 0]
-    finally:
-        reader.close()
+    reader, served = read_all(recipes_of(paths, data, count=2), data, readers=8)
+    assert served == [0, 0]
     assert reader.peak_bytes == 0  # no buffer was needed
 
 
