@@ -1,12 +1,12 @@
-"""Direct I/O (`O_DIRECT`): the disk reads into and writes from our buffers, past the page cache.
+"""Direct I/O (`O_DIRECT`): the disk reads into our buffers, past the page cache.
 
-Why we bother: on the VM this project is built on, a copy into or out of freshly allocated
-page-cache pages runs at ~1 GB/s of a core's time (the first touch of those pages is slow), and
-that copy was most of a cold merge's CPU. Measured with 6.6 GB read and 2.2 GB written: one plain
-reader 3.8-10.5 s, eight direct readers of 64 MiB 3.1-3.4 s with 0.7 s of CPU; a durable plain
-write 3.8-4.5 s of kernel CPU, a direct one 0.9-1.0 s with 0.1 s. Direct I/O wants the buffer's
-address, the file offset and the length in multiples of the device's block size; ALIGN (4096)
-covers the usual 512 and 4096.
+Why we bother: on the VM this project is built on, a copy out of freshly filled page-cache pages
+runs at ~1 GB/s of a core's time (the first touch of those pages is slow), and that copy was
+most of a cold merge's CPU. Reading 6.6 GB of cold inputs: one plain reader 3.0-10.8 s, almost
+all of it kernel time; eight direct readers of 64 MiB 3.1-3.4 s with 0.7 s of CPU. (The output
+is still written through the page cache: direct writes were measured too, and made cold merges
+slower; see bench/README.md.) Direct I/O wants the buffer's address, the file offset and the
+length in multiples of the device's block size; ALIGN (4096) covers the usual 512 and 4096.
 """
 
 from __future__ import annotations
