@@ -3,6 +3,7 @@ cache does not hold them; every byte checked against the file."""
 
 from __future__ import annotations
 
+import dataclasses
 import os
 import threading
 from pathlib import Path
@@ -63,21 +64,23 @@ def recipes_of(paths, data, count=6):
     return recipes
 
 
-def consume(reader: SpanReader, recipe, data) -> int:
-    """Read a recipe's blocks the way `stream_tensor` does (block by block, every input in turn),
-    checking each against the file's bytes; returns how many blocks came from the reader."""
+def consume(reader: SpanReader, recipe, data, passes: int = 1) -> int:
+    """Read a recipe's blocks the way `stream_tensor` does (block by block, every input in turn,
+    `passes` times), checking each against the file's bytes; returns how many blocks came from
+    the reader."""
     served = 0
     longest = max(src.nbytes for _, src in recipe)
-    for start in range(0, longest, GRANULE):
-        for key, src in recipe:
-            if start >= src.nbytes:
-                continue
-            stop = min(src.nbytes, start + GRANULE)
-            got = reader.read(key, start, stop)
-            if got is not None:
-                served += 1
-                expected = data[key[1]][src.offset + start : src.offset + stop]
-                assert got.numpy().tobytes() == expected, (key, start)
+    for _ in range(passes):
+        for start in range(0, longest, GRANULE):
+            for key, src in recipe:
+                if start >= src.nbytes:
+                    continue
+                stop = min(src.nbytes, start + GRANULE)
+                got = reader.read(key, start, stop)
+                if got is not None:
+                    served += 1
+                    expected = data[key[1]][src.offset + start : src.offset + stop]
+                    assert got.numpy().tobytes() == expected, (key, start)
     for key, _ in recipe:
         reader.release(key)
     return served
@@ -130,6 +133,20 @@ def test_cached_spans_are_left_to_the_caller(two_files):
     assert reader.peak_bytes == 0  # no buffer was needed
 
 
+def test_cached_spans_of_a_tensor_read_in_several_passes_are_copied_in_once(two_files):
+    paths, data = two_files
+    for path in paths.values():
+        path.read_bytes()  # into the page cache
+    recipes = read_in_passes(recipes_of(paths, data, count=2))
+    reader = SpanReader(recipes, budget=8 * 64 * ALIGN, readers=8)  # spans of 256 KiB: each recipe fits
+    try:
+        for recipe in recipes:
+            blocks = sum(-(-src.nbytes // GRANULE) for _, src in recipe)
+            assert consume(reader, recipe, data, passes=2) == 2 * blocks
+    finally:
+        reader.close()
+
+
 def test_cached_fraction_counts_pages(tmp_path):
     path = tmp_path / "f.bin"
     write_uncached(path, bytes(1024 * ALIGN))
@@ -144,12 +161,45 @@ def test_cached_fraction_counts_pages(tmp_path):
         os.close(fd)
 
 
-def test_concurrent_workers_in_plan_order_never_wait_on_each_other(two_files):
+def read_in_passes(recipes):
+    """The same recipes, for a merge that reads its inputs twice (statistics passes)."""
+    return [[(key, dataclasses.replace(src, reread=True)) for key, src in recipe] for recipe in recipes]
+
+
+def test_a_tensor_read_in_several_passes_keeps_its_spans_until_released(two_files):
+    paths, data = two_files
+    if not direct_io_works(paths["a"]):
+        pytest.skip("no O_DIRECT on this file system")
+    recipes = read_in_passes(recipes_of(paths, data, count=12))
+    budget = 8 * 4 * ALIGN  # 8 buffers (two inputs), spans of 16 KiB: 16 blocks of 1000 bytes
+    span_len = budget // 8 // GRANULE * GRANULE
+    # Held whole, a recipe may take half the buffers, so that two workers can each hold one.
+    fits = [sum(-(-src.nbytes // span_len) for _, src in recipe) <= 4 for recipe in recipes]
+    assert any(fits) and not all(fits)
+    assert any(src.nbytes > span_len for recipe, fit in zip(recipes, fits) if fit for _, src in recipe)  # several spans
+    reader = SpanReader(recipes, budget=budget, readers=4)
+    try:
+        assert [recipe[0][0] in reader for recipe in recipes] == fits
+        for recipe, fit in zip(recipes, fits):
+            blocks = sum(-(-src.nbytes // GRANULE) for _, src in recipe)
+            if fit:  # the second pass re-reads the spans of the first: every block served, twice
+                assert consume(reader, recipe, data, passes=2) == 2 * blocks
+        assert reader.peak_bytes <= 8 * (span_len + 3 * ALIGN)
+    finally:
+        reader.close()
+
+
+@pytest.mark.parametrize("passes", [1, 2])
+def test_concurrent_workers_in_plan_order_never_wait_on_each_other(two_files, passes):
     """Two workers take recipes in plan order, as the engine's pool does, with as few buffers as
-    a recipe needs (one span per input plus one): every span is still read, exactly."""
+    a recipe needs (one span per input plus one; for two passes, a recipe's spans held whole):
+    every span is still read, exactly."""
     paths, data = two_files
     recipes = recipes_of(paths, data, count=12)
+    if passes > 1:
+        recipes = read_in_passes(recipes)
     reader = SpanReader(recipes, budget=8 * 4 * ALIGN, readers=4)
+    recipes = [r for r in recipes if r[0][0] in reader]
     todo = list(range(len(recipes)))
     lock = threading.Lock()
     failures = []
@@ -161,7 +211,7 @@ def test_concurrent_workers_in_plan_order_never_wait_on_each_other(two_files):
                     return
                 i = todo.pop(0)
             try:
-                consume(reader, recipes[i], data)
+                consume(reader, recipes[i], data, passes)
             except BaseException as e:  # noqa: BLE001 - reported below
                 failures.append(e)
                 return

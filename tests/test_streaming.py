@@ -238,13 +238,14 @@ def _evict(model_dirs):
                 os.close(fd)
 
 
-@pytest.mark.parametrize("method", ["linear", "task_arithmetic"])
+@pytest.mark.parametrize("method", ["linear", "task_arithmetic", "ties", "dare_ties", "slerp"])
 def test_inputs_read_ahead_from_disk_or_from_the_page_cache_merge_alike(tmp_path, llama, method, monkeypatch):
-    """One-pass methods read cold inputs ahead in spans (directly from the disk where it allows);
-    with the inputs in the page cache each block is read as before. Same output, same digests."""
+    """Streamed merges read cold inputs ahead in spans (directly from the disk where it allows;
+    methods with statistics passes re-read the spans they keep); with the inputs in the page
+    cache each block is read as before. Same output, same digests."""
     config = _config(llama, method)
     monkeypatch.setattr(execute, "block_rows", lambda spec: max(1, 64 // spec.row_length))
-    monkeypatch.setattr(execute, "SpanReader", functools.partial(execute.SpanReader, budget=8 * 8 * ALIGN, readers=3))
+    monkeypatch.setattr(execute, "SpanReader", functools.partial(execute.SpanReader, budget=8 * ALIGN, readers=3))
     served = []
     real_read = SpanReader.read
     monkeypatch.setattr(SpanReader, "read", lambda self, *a: (b := real_read(self, *a), served.append(b is not None))[0])
@@ -259,7 +260,9 @@ def test_inputs_read_ahead_from_disk_or_from_the_page_cache_merge_alike(tmp_path
             path.read_bytes()  # into the page cache
     served.clear()
     warm = modelalloy.merge(config, tmp_path / "warm")
-    assert served and not any(served), "cached inputs were read into spans"
+    # Cached inputs are read block by block as before, except for methods that read them in
+    # several passes: copied into spans once, those are re-read from there.
+    assert served and any(served) == (method in ("ties", "dare_ties", "slerp")), served
     assert cold.input_hashes == warm.input_hashes
     a, b = open_checkpoint(str(tmp_path / "cold")), open_checkpoint(str(tmp_path / "warm"))
     for name in a.tensors:

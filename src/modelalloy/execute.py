@@ -234,18 +234,16 @@ def _block_merge(recipe: TensorRecipe, plan: Plan) -> tuple[BlockMerge, TensorSp
 
 
 def span_sources(recipe: TensorRecipe, plan: Plan, checkpoints: Mapping[str, Checkpoint]) -> list[tuple[tuple[int, TensorSource], SpanSource]]:
-    """What a streamed recipe reads, for the `SpanReader`, when its merge reads every input once
-    (direct reads fill no page cache for a second pass); [] otherwise."""
+    """What a streamed recipe reads, for the `SpanReader` (which keeps the spans of a merge with
+    statistics passes until the recipe is done: direct reads fill no page cache to re-read)."""
     merge, spec = _block_merge(recipe, plan)
-    if merge.passes:
-        return []
     granule_entries = block_rows(spec) * spec.row_length
     out = []
     for s in dict.fromkeys(recipe.sources()):
         loc = checkpoints[s.model].tensors[s.tensor]
         if loc.start % loc.dtype.itemsize:  # a typed view of the bytes needs an aligned start
             return []
-        out.append(((id(recipe), s), SpanSource(loc.file, loc.start, loc.nbytes, granule_entries * loc.dtype.itemsize)))
+        out.append(((id(recipe), s), SpanSource(loc.file, loc.start, loc.nbytes, granule_entries * loc.dtype.itemsize, reread=merge.passes > 0)))
     return out
 
 
@@ -253,7 +251,7 @@ def stream_tensor(recipe: TensorRecipe, read: InputReader, plan: Plan, writer: S
     """Merge one tensor in row blocks (`methods/blockwise.py`) and write each output block at its
     offset: every pass reads the inputs' rows (from `spans` when it holds them, read ahead; else
     from the files, the first pass from disk and the others from the page cache), so memory holds
-    a few blocks whatever the tensor's size. The first pass also hashes the inputs and checks
+    a few blocks (or, from `spans`, the recipe's spans) whatever the tensor's size. The first pass also hashes the inputs and checks
     them for NaN/Inf, as whole-tensor reads do."""
     merge, spec = _block_merge(recipe, plan)
     sources = list(dict.fromkeys(recipe.sources()))
@@ -435,8 +433,8 @@ def write_recipes(
     streamed = {id(r) for r in recipes if isinstance(writer, ShardedWriter) and streams(r, plan, read.checkpoints, device)}
     whole = [r for r in recipes if id(r) not in streamed]
     jobs = [r.sources() for r in whole]
-    # Streamed recipes that read each input once are read ahead in spans (`io/spans.py`); the
-    # kernel is asked to fetch the others' inputs into the page cache ahead of the workers.
+    # Streamed recipes are read ahead in spans (`io/spans.py`) where the span reader takes them;
+    # the kernel is asked to fetch the others' inputs into the page cache ahead of the workers.
     spanned = [span_sources(r, plan, read.checkpoints) if id(r) in streamed else [] for r in recipes]
     # One recipe's inputs ahead of the workers (at least 256 MiB, so small tensors stream freely).
     budget = max(256 * 2**20, max((sum(read.nbytes(s) for s in job) for job in jobs), default=0))
@@ -450,7 +448,7 @@ def write_recipes(
     )
     spans = SpanReader([s for s in spanned if s])
     index = {id(r): i for i, r in enumerate(whole)}
-    hint = _PrefetchWindow([r for r, s in zip(recipes, spanned) if not s], read)
+    hint = _PrefetchWindow([r for r, s in zip(recipes, spanned) if not any(key in spans for key, _ in s)], read)
 
     def run(recipe: TensorRecipe) -> None:
         hint.started(recipe)
