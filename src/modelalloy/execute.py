@@ -243,7 +243,7 @@ def span_sources(recipe: TensorRecipe, plan: Plan, checkpoints: Mapping[str, Che
         loc = checkpoints[s.model].tensors[s.tensor]
         if loc.start % loc.dtype.itemsize:  # a typed view of the bytes needs an aligned start
             return []
-        out.append(((id(recipe), s), SpanSource(loc.file, loc.start, loc.nbytes, granule_entries * loc.dtype.itemsize, reread=merge.passes > 0)))
+        out.append(((id(recipe), s), SpanSource(loc.file, loc.start, loc.nbytes, granule_entries * loc.dtype.itemsize, reads=merge.passes + 1)))
     return out
 
 

@@ -9,11 +9,12 @@ merge stays warm. The others are read with `O_DIRECT` (plain reads where the fil
 direct I/O), eight requests of up to 64 MiB in flight (measured: 2.0-2.1 GB/s, 16 MiB 1.4-1.7).
 
 Direct reads fill no page cache for a second look, so a merge with statistics passes (TIES,
-SLERP, ...) keeps every span of its recipe until the recipe is done, and re-reads the spans;
-its cached spans are copied in too (once, by a reading thread, instead of once per pass by the
-worker). 1.1B TIES, cold: 22.3-23.3 s -> 16.7-17.1 s (38 -> 27 CPU-seconds); warm: 16.3-16.8 s
--> 15.3-15.6 s. A recipe too large for half the buffers is left to the page cache (two workers
-must each be able to hold one).
+SLERP, ...) keeps every span of its recipe until the recipe is done, and re-reads the spans
+(1.1B TIES, cold: 22.3-23.3 s -> 16.7-17.1 s, 38 -> 27 CPU-seconds). A recipe too large for half
+the buffers is left to the page cache (two workers must each be able to hold one). Where the
+inputs are read three times or more, their cached spans are copied in too: once, by a reading
+thread, instead of once per pass by the worker (warm TIES 16.3-16.8 s -> 15.3-15.6 s; for two
+reads it does not pay, warm SLERP 5.8-6.5 s -> 6.3-6.7 s).
 The spans of a recipe are read in the order its blocks are consumed (span k of every input, then
 span k+1) and recipes in plan order, so the earliest recipe in flight always gets its spans.
 """
@@ -45,7 +46,7 @@ class SpanSource:
     offset: int  # the tensor's first byte in the file
     nbytes: int
     granule: int
-    reread: bool = False  # read in more than one pass: its spans stay until the recipe releases it
+    reads: int = 1  # passes over the tensor; read more than once, its spans stay until the recipe releases it
 
 
 class SpanReader:
@@ -53,8 +54,8 @@ class SpanReader:
     most `budget` bytes of reused, aligned buffers; `read(key, start, stop)` hands out a block.
 
     A block never straddles two spans (spans are whole blocks). A span is given back when its
-    key's next span is read, or at `release(key)` when the recipe is done with the key; a
-    `reread` source keeps all its spans until then. A recipe with a `reread` source whose spans
+    key's next span is read, or at `release(key)` when the recipe is done with the key; a source
+    read more than once keeps all its spans until then. A recipe with such a source whose spans
     need more than half the buffers is not served (`key in reader` is false for its keys).
     """
 
@@ -70,7 +71,7 @@ class SpanReader:
         for recipe in recipes:
             span_len = {key: max(1, self._span_bytes // source.granule) * source.granule for key, source in recipe}
             spans = {key: -(-source.nbytes // span_len[key]) for key, source in recipe}
-            if any(source.reread for _, source in recipe) and sum(spans.values()) > count // 2:
+            if any(source.reads > 1 for _, source in recipe) and sum(spans.values()) > count // 2:
                 continue  # held whole, it could keep the other worker from any buffer
             for key, source in recipe:
                 self._sources[key] = source
@@ -105,15 +106,15 @@ class SpanReader:
     def read(self, key: Hashable, start: int, stop: int) -> torch.Tensor | None:
         """Bytes [start, stop) of `key`'s tensor (one block), as a uint8 tensor valid until the
         next `read` of this key or its `release`; None where the page cache held that span and
-        the tensor is read once (the caller reads the block itself: a copy straight into its
-        small, cache-hot buffer beats a copy into a span and another out of it)."""
+        the tensor is read at most twice (the caller reads the block itself: a copy straight into
+        its small, cache-hot buffer beats a copy into a span and another out of it)."""
         span_len = self._span_len[key]
         k = start // span_len
         if stop > (k + 1) * span_len:  # a bug of ours: blocks are whole within spans
             raise AssertionError(f"bytes {start}..{stop} straddle spans of {span_len}")
         with self._cond:
             handed = self._handed.setdefault(key, set())
-            if not self._sources[key].reread:
+            if self._sources[key].reads == 1:
                 for previous in handed - {k}:
                     self._give_back((key, previous))
                 handed.intersection_update({k})
@@ -173,8 +174,8 @@ class SpanReader:
                 in_cache = cached_fraction(self._fd(source.path, direct=False), begin, end) >= 0.5
             except OSError:  # the file is gone: reading the span says so, to the worker waiting for it
                 in_cache = False
-            # Read in several passes, a cached span is still copied in: once, here, not per pass.
-            left_to_worker = in_cache and not source.reread
+            # Read three times or more, a cached span is still copied in: once, here, not per pass.
+            left_to_worker = in_cache and source.reads < 3
             with self._cond:
                 # Buffers go to jobs in order: the earliest span a worker waits for is never
                 # starved by later ones holding every buffer.
