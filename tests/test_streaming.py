@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import functools
 import os
+import shutil
 
 import pytest
 import torch
@@ -243,6 +244,8 @@ def test_inputs_read_ahead_from_disk_or_from_the_page_cache_merge_alike(tmp_path
     """Streamed merges read cold inputs ahead in spans (directly from the disk where it allows;
     methods with statistics passes re-read the spans they keep); with the inputs in the page
     cache each block is read as before. Same output, same digests."""
+    # Fresh copies: pages of the shared fixture that an earlier test keeps mapped cannot be evicted.
+    llama = {name: shutil.copytree(llama[name], tmp_path / "inputs" / name) for name in ("base", "ft_dense", "ft_flip")}
     config = _config(llama, method)
     monkeypatch.setattr(execute, "block_rows", lambda spec: max(1, 64 // spec.row_length))
     monkeypatch.setattr(execute, "SpanReader", functools.partial(execute.SpanReader, budget=8 * ALIGN, readers=3))
