@@ -14,6 +14,7 @@ from safetensors.torch import load_file, save_file
 from typer.testing import CliRunner
 
 from modelalloy.cli import app
+from modelalloy.io.spans import BUFFER_BUDGET
 
 runner = CliRunner()
 
@@ -47,7 +48,9 @@ def test_plan_reports_counts_and_writes_nothing(tmp_path, llama):
     summary = json.loads(result.stdout)
     assert summary["tensors"] == len(load_file(llama["base"] / "model.safetensors"))
     assert summary["output_bytes"] == sum(t.numel() * t.element_size() for t in load_file(llama["base"] / "model.safetensors").values())
-    assert summary["peak_memory_bytes"] > 0 and summary["layers"] == 4
+    assert summary["layers"] == 4
+    # TIES streams: a few blocks per worker, and the buffers cold inputs are read ahead into.
+    assert summary["peak_memory_bytes"] >= 400 * 2**20 + BUFFER_BUDGET
     assert sorted(p.name for p in tmp_path.iterdir()) == ["merge.yaml"]
 
 

@@ -24,6 +24,7 @@ from modelalloy.config import MergeConfig, check_setting, evaluate_setting
 from modelalloy.errors import ConfigError, PlanError, did_you_mean
 from modelalloy.io.checkpoint import Checkpoint
 from modelalloy.io.safetensors_format import TensorLocation, itemsize
+from modelalloy.io.spans import BUFFER_BUDGET
 from modelalloy.io.stats_file import stat_key
 from modelalloy.methods import MergeMethod, Param, get_method
 from modelalloy.methods.blockwise import BLOCK_ENTRIES
@@ -95,7 +96,8 @@ class Plan:
         """Bytes: the largest recipes' working sets in flight at once, plus the interpreter.
 
         With `streaming` (what `alloy merge` does on the CPU), a blockwise method's working set is
-        a block's, whatever the tensor's size."""
+        a block's, whatever the tensor's size, and inputs not in the page cache are read ahead
+        into the span reader's buffers (`io/spans.py`)."""
         compute = itemsize(self.compute_dtype)
         block = BLOCK_ENTRIES if streaming and self.method.blockwise else None
         consensus = self.method.name in ("ties", "dare_ties") or "consensus_method" in self.method.param_names
@@ -109,7 +111,7 @@ class Plan:
             return entries * compute * live + _matrix_extra(r, compute)
 
         largest = sorted((working_set(r) for r in self.recipes), reverse=True)[:concurrency]
-        return sum(largest) + 400 * 2**20
+        return sum(largest) + (BUFFER_BUDGET if block else 0) + 400 * 2**20
 
 
 def _matrix_extra(r: TensorRecipe, compute: int) -> int:
