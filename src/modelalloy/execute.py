@@ -251,8 +251,8 @@ def stream_tensor(recipe: TensorRecipe, read: InputReader, plan: Plan, writer: S
     """Merge one tensor in row blocks (`methods/blockwise.py`) and write each output block at its
     offset: every pass reads the inputs' rows (from `spans` when it holds them, read ahead; else
     from the files, the first pass from disk and the others from the page cache), so memory holds
-    a few blocks (or, from `spans`, the recipe's spans) whatever the tensor's size. The first pass also hashes the inputs and checks
-    them for NaN/Inf, as whole-tensor reads do."""
+    a few blocks (or, from `spans`, the recipe's spans) whatever the tensor's size. The first
+    pass also hashes the inputs and checks them for NaN/Inf, as whole-tensor reads do."""
     merge, spec = _block_merge(recipe, plan)
     sources = list(dict.fromkeys(recipe.sources()))
     hashes = {s: new_digest() for s in sources if read.hasher is not None and not read.hasher.known(s.model, s.tensor)}
