@@ -119,9 +119,9 @@ def peft_deltas(pm) -> dict[str, torch.Tensor]:
 
 
 def main() -> None:
-    from modelalloy.lora import apply_adapter, combine_adapters, extract_adapter
-    from modelalloy.moe import build_moe, parse_moe_config
-    from modelalloy.stack import graft, parse_stack_config, stack
+    from modelalloy.compose.lora import apply_adapter, combine_adapters, extract_adapter
+    from modelalloy.compose.moe import build_moe, parse_moe_config
+    from modelalloy.compose.stack import graft, parse_stack_config, stack
 
     ap = argparse.ArgumentParser()
     ap.add_argument("workdir", type=Path)

@@ -15,7 +15,7 @@ from modelalloy.cli import app
 from modelalloy.config import MergeConfig
 from modelalloy.errors import CheckpointError, ConfigError
 from modelalloy.io.adapter import open_adapter
-from modelalloy.lora import apply_adapter, combine_adapters, extract_adapter
+from modelalloy.compose.lora import apply_adapter, combine_adapters, extract_adapter
 
 IDS = torch.tensor([[1, 5, 9, 33, 70, 101, 127, 2, 64, 17]])
 

@@ -13,7 +13,7 @@ from typer.testing import CliRunner
 
 from modelalloy.cli import app
 from modelalloy.errors import ConfigError, PlanError
-from modelalloy.stack import compile_stack, graft, parse_stack_config, stack, stack_layers
+from modelalloy.compose.stack import compile_stack, graft, parse_stack_config, stack, stack_layers
 
 IDS = torch.tensor([[1, 5, 9, 33, 70, 101, 127, 2, 64]])
 

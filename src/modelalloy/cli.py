@@ -333,7 +333,7 @@ def moe(
     force: Annotated[bool, typer.Option("--force", help=_help("force"))] = False,
 ) -> None:
     """Build a mixture of experts (Mixtral or Qwen2-MoE) from dense models."""
-    from modelalloy.moe import build_moe
+    from modelalloy.compose.moe import build_moe
 
     with warnings.catch_warnings(record=True) as caught:
         warnings.simplefilter("always")
@@ -359,7 +359,7 @@ def stack_cmd(
     """Depth up-scaling / progressive stacking of one model, as passthrough slices."""
     import yaml
 
-    from modelalloy.stack import compiled_stack, stack
+    from modelalloy.compose.stack import compiled_stack, stack
 
     try:
         if show:
@@ -384,7 +384,7 @@ def graft_cmd(
     threads: Annotated[int, typer.Option("--threads", "-j", help=_help("threads"))] = _DEFAULTS.threads,
 ) -> None:
     """Take the selected modules from DONOR into RECIPIENT (shapes must match)."""
-    from modelalloy.stack import graft
+    from modelalloy.compose.stack import graft
 
     try:
         span = None
@@ -430,7 +430,7 @@ def lora_apply(
     threads: Annotated[int, typer.Option("--threads", "-j", help=_help("threads"))] = _DEFAULTS.threads,
 ) -> None:
     """Fold ADAPTER into BASE's weights (W + scale·B·A), streaming, into OUT_DIR."""
-    from modelalloy.lora import apply_adapter
+    from modelalloy.compose.lora import apply_adapter
 
     try:
         result = apply_adapter(base, adapter, out_dir, force=force, threads=threads)
@@ -451,7 +451,7 @@ def lora_combine(
     as_json: Annotated[bool, typer.Option("--json", help="print the per-module report as JSON")] = False,
 ) -> None:
     """Combine LoRA adapters in adapter space: ADAPTER... OUT_DIR."""
-    from modelalloy.lora import combine_adapters
+    from modelalloy.compose.lora import combine_adapters
 
     try:
         if len(paths) < 2:
@@ -478,7 +478,7 @@ def lora_extract(
     as_json: Annotated[bool, typer.Option("--json", help="print the per-module report as JSON")] = False,
 ) -> None:
     """Extract a LoRA adapter from FINETUNE − BASE by truncated SVD, reporting the energy kept."""
-    from modelalloy.lora import extract_adapter
+    from modelalloy.compose.lora import extract_adapter
 
     try:
         result = extract_adapter(base, finetune, out_dir, rank=rank, energy=energy, save_other_modules=save_modules, force=force)
@@ -738,7 +738,7 @@ def demo(
     """
     import time as _time
 
-    from modelalloy.demo import DemoSettings, run_demo
+    from modelalloy.apps.demo import DemoSettings, run_demo
 
     start = _time.perf_counter()
     bar, on_progress = _eval_progress()
@@ -781,7 +781,7 @@ def demo_search(
     as_json: _JsonOpt = False,
 ) -> None:
     """Search TIES/DARE-TIES weights and densities on the demo's specialists; compare on held-out text."""
-    from modelalloy.demo_search import DemoSearchSettings, run_demo_search
+    from modelalloy.apps.demo_search import DemoSearchSettings, run_demo_search
 
     settings = DemoSearchSettings(method=method, trials=trials, sampler=sampler, layer_groups=layer_groups, search_tokens=tokens, heldout_tokens=tokens)
 

@@ -7,7 +7,7 @@ import torch
 import transformers
 from safetensors.torch import load_file
 
-from modelalloy import demo
+from modelalloy.apps import demo
 from modelalloy.errors import ModelAlloyError
 
 from .conftest import char_tokenizer, tiny_llama

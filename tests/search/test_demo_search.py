@@ -8,7 +8,7 @@ import pytest
 import torch
 
 from modelalloy.config import load_config
-from modelalloy.demo_search import (
+from modelalloy.apps.demo_search import (
     DemoSearchSettings,
     compare_heldout,
     fixed_config,

@@ -19,7 +19,7 @@ from pathlib import Path
 
 import yaml
 
-from modelalloy.demo import CORPORA, METHODS, DemoSettings, Laps, StepProgress, base_checkpoint, fine_tune
+from modelalloy.apps.demo import CORPORA, METHODS, DemoSettings, Laps, StepProgress, base_checkpoint, fine_tune
 
 SEARCH_PREFIX = "search_"
 HELDOUT_PREFIX = "heldout_"
