@@ -16,10 +16,10 @@ import yaml
 from safetensors.torch import load_file
 
 import modelalloy
-from modelalloy.execute import _all_finite
+from modelalloy.engine.inputs import all_finite as _all_finite
 from modelalloy.io.checkpoint import open_checkpoint
 from modelalloy.methods.task_vectors import kth_largest_magnitude, magnitude_mask
-from modelalloy.readahead import ReadAhead
+from modelalloy.engine.readahead import ReadAhead
 
 
 def _cases(dtype: torch.dtype, count: int = 120):

@@ -18,7 +18,7 @@ import torch
 import yaml
 
 import modelalloy
-from modelalloy import execute
+from modelalloy.engine import tensors, worker
 from modelalloy.io.checkpoint import open_checkpoint
 from modelalloy.io.direct import ALIGN
 from modelalloy.io.spans import SpanReader
@@ -165,13 +165,13 @@ def test_streamed_merge_is_the_whole_tensor_merge(tmp_path, llama, method, monke
     """The engine streams these methods in blocks (here of 64 entries, so every tensor is cut);
     forcing the whole-tensor path must give the same tensors."""
     config = _config(llama, method)
-    monkeypatch.setattr(execute, "block_rows", lambda spec: max(1, 64 // spec.row_length))
+    monkeypatch.setattr(tensors, "block_rows", lambda spec: max(1, 64 // spec.row_length))
     streamed = []
-    real = execute.stream_tensor
-    monkeypatch.setattr(execute, "stream_tensor", lambda recipe, *a: (streamed.append(recipe.name), real(recipe, *a)))
+    real = worker.stream_tensor
+    monkeypatch.setattr(worker, "stream_tensor", lambda recipe, *a: (streamed.append(recipe.name), real(recipe, *a)))
     modelalloy.merge(config, tmp_path / "streamed", write_model_card=False)
     assert streamed, "nothing was streamed"
-    monkeypatch.setattr(execute, "streams", lambda *a: False)
+    monkeypatch.setattr(worker, "streams", lambda *a: False)
     modelalloy.merge(config, tmp_path / "whole", write_model_card=False)
     a, b = open_checkpoint(str(tmp_path / "streamed")), open_checkpoint(str(tmp_path / "whole"))
     assert set(a.tensors) == set(b.tensors)
@@ -185,9 +185,9 @@ def test_streamed_merge_is_the_whole_tensor_merge(tmp_path, llama, method, monke
 def test_streaming_hashes_and_checks_inputs_like_whole_reads(tmp_path, llama, monkeypatch):
     """The model card's input digests do not depend on the path that read the tensors."""
     config = _config(llama, "ties")
-    monkeypatch.setattr(execute, "block_rows", lambda spec: max(1, 64 // spec.row_length))
+    monkeypatch.setattr(tensors, "block_rows", lambda spec: max(1, 64 // spec.row_length))
     streamed = modelalloy.merge(config, tmp_path / "streamed").input_hashes
-    monkeypatch.setattr(execute, "streams", lambda *a: False)
+    monkeypatch.setattr(worker, "streams", lambda *a: False)
     whole = modelalloy.merge(config, tmp_path / "whole").input_hashes
     assert streamed == whole and len(streamed) == 3
 
@@ -217,9 +217,9 @@ def test_streaming_odd_shapes_and_dtypes(tmp_path, method, monkeypatch):
         config["parameters"] = {"t": 0.4}
         config["models"][1].pop("parameters")
     parsed = modelalloy.parse_config(yaml.safe_dump(config))
-    monkeypatch.setattr(execute, "block_rows", lambda spec: 2)
+    monkeypatch.setattr(tensors, "block_rows", lambda spec: 2)
     modelalloy.merge(parsed, tmp_path / "streamed", write_model_card=False, copy_tokenizer=False)
-    monkeypatch.setattr(execute, "streams", lambda *a: False)
+    monkeypatch.setattr(worker, "streams", lambda *a: False)
     modelalloy.merge(parsed, tmp_path / "whole", write_model_card=False, copy_tokenizer=False)
     a, b = open_checkpoint(str(tmp_path / "streamed")), open_checkpoint(str(tmp_path / "whole"))
     for name, shape in shapes.items():
@@ -247,8 +247,8 @@ def test_inputs_read_ahead_from_disk_or_from_the_page_cache_merge_alike(tmp_path
     # Fresh copies: pages of the shared fixture that an earlier test keeps mapped cannot be evicted.
     llama = {name: shutil.copytree(llama[name], tmp_path / "inputs" / name) for name in ("base", "ft_dense", "ft_flip")}
     config = _config(llama, method)
-    monkeypatch.setattr(execute, "block_rows", lambda spec: max(1, 64 // spec.row_length))
-    monkeypatch.setattr(execute, "SpanReader", functools.partial(execute.SpanReader, budget=8 * ALIGN, readers=3))
+    monkeypatch.setattr(tensors, "block_rows", lambda spec: max(1, 64 // spec.row_length))
+    monkeypatch.setattr(worker, "SpanReader", functools.partial(worker.SpanReader, budget=8 * ALIGN, readers=3))
     served = []
     real_read = SpanReader.read
     monkeypatch.setattr(SpanReader, "read", lambda self, *a: (b := real_read(self, *a), served.append(b is not None))[0])

@@ -11,11 +11,11 @@ _os.environ.setdefault("THP_MEM_ALLOC_ENABLE", "1")
 from modelalloy.api import merge, open_models, plan_merge
 from modelalloy.config import MergeConfig, load_config, parse_config
 from modelalloy.errors import ModelAlloyError
-from modelalloy.execute import MergeOptions, MergeResult
-
-__version__ = "0.1.0"
+from modelalloy.engine import MergeOptions, MergeResult
+from modelalloy.version import __version__
 
 __all__ = [
+    "__version__",
     "MergeConfig",
     "MergeOptions",
     "MergeResult",

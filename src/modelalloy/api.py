@@ -7,14 +7,15 @@ from contextlib import ExitStack
 from pathlib import Path
 
 from modelalloy.config import MergeConfig, load_config
-from modelalloy.execute import MergeOptions, MergeResult, Progress, execute
+from modelalloy.engine import MergeOptions, MergeResult, Progress, execute
 from modelalloy.errors import ConfigError
 from modelalloy.io.checkpoint import Checkpoint, open_checkpoint
 from modelalloy.io.stats_file import open_stats
 from modelalloy.plan import Plan, make_plan
 
 
-def _as_config(config: str | Path | MergeConfig) -> MergeConfig:
+def as_config(config: str | Path | MergeConfig) -> MergeConfig:
+    """A config object, or the one a YAML file at that path holds."""
     return config if isinstance(config, MergeConfig) else load_config(config)
 
 
@@ -45,7 +46,7 @@ def open_models(config: MergeConfig, *, allow_pickle: bool = False, stack: ExitS
 
 def plan_merge(config: str | Path | MergeConfig, *, options: MergeOptions = MergeOptions()) -> tuple[Plan, dict[str, Checkpoint]]:
     """Everything `merge` checks, without computing or writing; returns the plan and open models."""
-    cfg = _as_config(config)
+    cfg = as_config(config)
     models = open_models(cfg, allow_pickle=options.allow_pickle)
     return make_plan(cfg, models, allow_crimes=options.allow_crimes), models
 
@@ -67,7 +68,7 @@ def merge(
         >>> modelalloy.merge("merge.yaml", "./merged")  # doctest: +SKIP
     """
     opts = options or MergeOptions(**option_fields)
-    cfg = _as_config(config)
+    cfg = as_config(config)
     with ExitStack() as stack:
         models = open_models(cfg, allow_pickle=opts.allow_pickle, stack=stack)
         plan = make_plan(cfg, models, allow_crimes=opts.allow_crimes)

@@ -21,7 +21,7 @@ from rich.progress import BarColumn, Progress, TextColumn, TimeElapsedColumn, Ti
 from rich.table import Table
 
 from modelalloy.errors import ModelAlloyError
-from modelalloy.execute import MergeOptions
+from modelalloy.engine import MergeOptions
 
 app = typer.Typer(
     name="alloy",
@@ -66,7 +66,7 @@ def _interrupt(signum, frame) -> None:
 @app.callback()
 def _main(debug: Annotated[bool, typer.Option("--debug", help="show tracebacks for errors")] = False) -> None:
     _State.debug = debug
-    from modelalloy.execute import keep_freed_buffers
+    from modelalloy.engine import keep_freed_buffers
 
     keep_freed_buffers()
     # The hundreds of thousands of objects torch's import made live as long as the process: out
@@ -196,7 +196,7 @@ def plan(
 ) -> None:
     """Dry run: every check `merge` makes, with tensor count, peak RAM and output size; writes nothing."""
     from modelalloy.api import plan_merge
-    from modelalloy.execute import check_output
+    from modelalloy.engine import check_output
 
     with warnings.catch_warnings(record=True) as caught:
         warnings.simplefilter("always")

@@ -1,6 +1,6 @@
 """Merging into memory instead of onto disk: for evaluating a config, or a search trial, cheaply.
 
-`merge_state_dict` runs the same plan and the same per-tensor code (`execute.merge_tensor`) as
+`merge_state_dict` runs the same plan and the same per-tensor code (`engine.merge_tensor`) as
 `merge`, so the tensors are bit-identical to what `alloy merge` writes; `load_merged_model` puts
 them into a transformers model without a file in between. Memory: the whole merged model is held,
 so it must fit in RAM (checked before any tensor is read).
@@ -15,10 +15,10 @@ from pathlib import Path
 import psutil
 import torch
 
-from modelalloy.api import _as_config, open_models
+from modelalloy.api import as_config, open_models
 from modelalloy.config import MergeConfig
 from modelalloy.errors import OutputError
-from modelalloy.execute import MergeOptions, merge_tensor, resolve_device
+from modelalloy.engine import MergeOptions, merge_tensor, resolve_device
 from modelalloy.plan import Plan, make_plan
 
 
@@ -29,7 +29,7 @@ def merge_state_dict(
     progress: Callable[[int, int], None] | None = None,
 ) -> tuple[dict[str, torch.Tensor], Plan, dict[str, Path]]:
     """The merged tensors as a state dict; also the plan and each input model's directory."""
-    cfg = _as_config(config)
+    cfg = as_config(config)
     device = resolve_device(options.device)
     with ExitStack() as stack:
         models = open_models(cfg, allow_pickle=options.allow_pickle, stack=stack)

@@ -157,7 +157,7 @@ def compute_stats(
         raise OutputError(f"{out}: already exists; pass --force to replace it")
     if out.is_dir():
         raise OutputError(f"{out}: is a directory; give the statistics file's name, e.g. {out / 'stats.safetensors'}")
-    from modelalloy.execute import resolve_device
+    from modelalloy.engine import resolve_device
 
     dev = resolve_device(device)
     path, _ = resolve_model_path(str(model))

@@ -220,7 +220,7 @@ def _check_finite(tensors: dict[str, TensorLocation], problems: list[str]) -> No
 
 def _check_planned(config: str | Path, tensors: dict[str, TensorLocation], problems: list[str], allow_pickle: bool) -> int:
     from modelalloy.api import plan_merge
-    from modelalloy.execute import MergeOptions
+    from modelalloy.engine import MergeOptions
 
     plan, models = plan_merge(config, options=MergeOptions(allow_pickle=allow_pickle))
     try:

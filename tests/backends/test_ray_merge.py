@@ -19,7 +19,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "safety"))
 from alloy_helpers import assert_one_line_error, run_alloy, write_config  # noqa: E402
 
 import modelalloy  # noqa: E402
-import modelalloy.execute  # noqa: E402
+from modelalloy.engine.backends.local import LocalBackend  # noqa: E402
 from modelalloy.cli import app  # noqa: E402
 from modelalloy.errors import ConfigError, MergeError  # noqa: E402
 from modelalloy.io.manifest import MANIFEST, Manifest  # noqa: E402
@@ -40,7 +40,7 @@ def forbid_local_backend(monkeypatch) -> None:
     def refuse(*args, **kwargs):
         raise AssertionError("the local backend ran")
 
-    monkeypatch.setattr(modelalloy.execute, "_write_shards_locally", refuse)
+    monkeypatch.setattr(LocalBackend, "write_shards", refuse)
 
 
 def files_of(directory: Path) -> dict[str, bytes]:
@@ -141,7 +141,7 @@ def test_unknown_backend_is_one_line(tmp_path, llama):
     cfg = write_config(tmp_path / "merge.yaml", dare_ties(llama))
     result = CliRunner().invoke(app, ["merge", str(cfg), str(tmp_path / "out"), "--backend", "spark"])
     assert result.exit_code == 2
-    assert result.output == "error: --backend: Input should be 'local' or 'ray'\n"
+    assert result.output == "error: --backend spark: unknown backend; available: local, ray\n"
     assert not (tmp_path / "out").exists()
 
 

@@ -199,7 +199,7 @@ def graft_plan(recipient: str, donor: str, checkpoints, *, modules: list[str], l
 
 def graft(recipient: str, donor: str, out_dir: str | Path, *, modules: list[str], layers: tuple[int, int] | None = None, **options):
     """Write `recipient` with the selected modules taken from `donor` (shapes checked first)."""
-    from modelalloy.execute import MergeOptions, execute
+    from modelalloy.engine import MergeOptions, execute
 
     opts = MergeOptions(**options)
     with ExitStack() as stack_:

@@ -3,7 +3,7 @@
 Trials differ only in their parameters, so everything else is done once per worker: the input
 checkpoints are opened once and each input tensor is read from disk once (kept in memory, in
 its stored dtype), and one transformers model is built once; each trial computes the merged
-tensors with the same per-tensor code as `alloy merge` (`execute.merge_tensor`) and loads them
+tensors with the same per-tensor code as `alloy merge` (`engine.merge_tensor`) and loads them
 into that model's parameters. No file is written.
 """
 
@@ -17,7 +17,7 @@ import torch
 
 from modelalloy.config import MergeConfig
 from modelalloy.errors import ConfigError
-from modelalloy.execute import merge_tensor, resolve_device
+from modelalloy.engine import merge_tensor, resolve_device
 from modelalloy.io.checkpoint import open_checkpoint
 from modelalloy.methods.task_vectors import FAMILY
 from modelalloy.plan import make_plan

@@ -19,16 +19,12 @@ import time
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 
+from modelalloy.engine.backends import ShardsWritten, ShardWork
+from modelalloy.engine.inputs import InputHasher, InputReader, NonFiniteInputs
+from modelalloy.engine.options import MergeOptions, Progress
+from modelalloy.engine.output import OutputJob
+from modelalloy.engine.worker import write_recipes
 from modelalloy.errors import CheckpointError, ConfigError, ModelAlloyError
-from modelalloy.execute import (
-    InputReader,
-    MergeOptions,
-    OutputJob,
-    Progress,
-    _InputHasher,
-    _NonFiniteInputs,
-    write_recipes,
-)
 from modelalloy.io.checkpoint import Checkpoint, open_checkpoint
 from modelalloy.io.stats_file import open_stats
 from modelalloy.plan import Plan
@@ -84,8 +80,8 @@ def merge_shard(job: OutputJob, plan: Plan, file: str, inputs: Mapping[str, Inpu
     try:
         for ref in sorted({s.model for r in recipes for s in r.sources()}):
             checkpoints[ref] = inputs[ref].open(allow_pickle=options.allow_pickle)
-        nonfinite = _NonFiniteInputs()
-        read = InputReader(checkpoints, nonfinite, _InputHasher() if options.hash_inputs else None)
+        nonfinite = NonFiniteInputs()
+        read = InputReader(checkpoints, nonfinite, InputHasher() if options.hash_inputs else None)
         done: dict[str, tuple[int, str]] = {}
         writer = job.writer(finished=[f for f in job.files if f != file], on_shard_done=lambda f, size, digest: done.update({f: (size, digest)}))
         try:
@@ -101,59 +97,58 @@ def merge_shard(job: OutputJob, plan: Plan, file: str, inputs: Mapping[str, Inpu
             ckpt.close()
 
 
-def write_shards_on_ray(
-    job: OutputJob,
-    plan: Plan,
-    checkpoints: Mapping[str, Checkpoint],
-    options: MergeOptions,
-    nonfinite: _NonFiniteInputs,
-    progress: Callable[[Progress], None] | None,
-) -> tuple[list[str], dict[str, str]]:
-    """Every unfinished shard as a Ray task; each finished one recorded in the manifest as it arrives.
+class RayBackend:
+    def check(self, options: MergeOptions) -> None:
+        if options.out_format != "safetensors":
+            raise ConfigError(f"--backend ray writes safetensors shards; --out-format {options.out_format} (one file) needs --backend local")
 
-    Returns (files, input hashes) like the local backend. Uses the Ray connection this process has
-    if any; otherwise joins `options.ray_address`, or starts a local instance and stops it after.
-    """
-    ray = _import_ray()
-    started = _connect(ray, options)
-    try:
-        grouped = job.recipes_by_shard(plan)
-        todo = [f for f in job.files if grouped[f] and f not in job.reused]
-        task = ray.remote(merge_shard).options(
-            num_cpus=options.threads,  # the task runs `threads` recipes at once, as the local pool does
-            num_gpus=1 if job.device.type == "cuda" else 0,
-        )
-        # Put once: every task reads the same plan and job from the object store.
-        job_ref = ray.put(dataclasses.replace(job, manifest=None))
-        plan_ref = ray.put(plan)
-        inputs_ref = ray.put({ref: InputFiles.of(ckpt) for ref, ckpt in checkpoints.items()})
-        pending = {task.remote(job_ref, plan_ref, file, inputs_ref, options): file for file in todo}
-        done = sum(len(grouped[f]) for f in job.reused)
-        written = sum(r.out_nbytes for f in job.reused for r in grouped[f])
-        start = time.perf_counter()
+    def write_shards(self, work: ShardWork, progress: Callable[[Progress], None] | None) -> ShardsWritten:
+        """Every unfinished shard as a Ray task; each finished one recorded in the manifest as it arrives.
+
+        Uses the Ray connection this process has if any; otherwise joins `options.ray_address`,
+        or starts a local instance and stops it after.
+        """
+        job, plan, checkpoints, options, nonfinite = work.job, work.plan, work.checkpoints, work.options, work.nonfinite
+        ray = _import_ray()
+        started = _connect(ray, options)
         try:
-            while pending:
-                ready, _ = ray.wait(list(pending), num_returns=1)
-                for ref in ready:
-                    del pending[ref]
-                    shard = _result(ray, ref)
-                    job.manifest.add(shard.file, shard.digest, shard.nbytes, shard.inputs)
-                    nonfinite.found.update(shard.nonfinite_inputs)
-                    done += len(grouped[shard.file])
-                    written += sum(r.out_nbytes for r in grouped[shard.file])
-                    if progress is not None:
-                        progress(Progress(done, len(plan.recipes), written, plan.output_bytes, grouped[shard.file][-1].name, time.perf_counter() - start))
-        except BaseException:
-            for ref in pending:
-                ray.cancel(ref, force=True)
-            ray.wait(list(pending), num_returns=len(pending), timeout=_CANCEL_WAIT_SECONDS)
-            raise
-    finally:
-        if started:
-            ray.shutdown()
-    files = job.writer(finished=job.files).finalize()  # every shard is done: this writes the index only
-    input_hashes = _InputHasher(job.manifest.input_digests()).result() if options.hash_inputs else {}
-    return files, input_hashes
+            grouped = job.recipes_by_shard(plan)
+            todo = [f for f in job.files if grouped[f] and f not in job.reused]
+            task = ray.remote(merge_shard).options(
+                num_cpus=options.threads,  # the task runs `threads` recipes at once, as the local pool does
+                num_gpus=1 if job.device.type == "cuda" else 0,
+            )
+            # Put once: every task reads the same plan and job from the object store.
+            job_ref = ray.put(dataclasses.replace(job, manifest=None))
+            plan_ref = ray.put(plan)
+            inputs_ref = ray.put({ref: InputFiles.of(ckpt) for ref, ckpt in checkpoints.items()})
+            pending = {task.remote(job_ref, plan_ref, file, inputs_ref, options): file for file in todo}
+            done = sum(len(grouped[f]) for f in job.reused)
+            written = sum(r.out_nbytes for f in job.reused for r in grouped[f])
+            start = time.perf_counter()
+            try:
+                while pending:
+                    ready, _ = ray.wait(list(pending), num_returns=1)
+                    for ref in ready:
+                        del pending[ref]
+                        shard = _result(ray, ref)
+                        job.manifest.add(shard.file, shard.digest, shard.nbytes, shard.inputs)
+                        nonfinite.found.update(shard.nonfinite_inputs)
+                        done += len(grouped[shard.file])
+                        written += sum(r.out_nbytes for r in grouped[shard.file])
+                        if progress is not None:
+                            progress(Progress(done, len(plan.recipes), written, plan.output_bytes, grouped[shard.file][-1].name, time.perf_counter() - start))
+            except BaseException:
+                for ref in pending:
+                    ray.cancel(ref, force=True)
+                ray.wait(list(pending), num_returns=len(pending), timeout=_CANCEL_WAIT_SECONDS)
+                raise
+        finally:
+            if started:
+                ray.shutdown()
+        files = job.writer(finished=job.files).finalize()  # every shard is done: this writes the index only
+        input_hashes = InputHasher(job.manifest.input_digests()).result() if options.hash_inputs else {}
+        return ShardsWritten(files, input_hashes)
 
 
 def _import_ray():
