@@ -21,7 +21,7 @@ from modelalloy import api
 from modelalloy.cli import app
 from modelalloy.config import MergeConfig
 from modelalloy.errors import CheckpointError
-from modelalloy.io.checkpoint import open_checkpoint
+from modelalloy.io.opener import open_checkpoint
 
 Q = gguf.GGMLQuantizationType
 

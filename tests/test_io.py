@@ -12,7 +12,7 @@ import torch
 from safetensors.torch import load_file, save_file
 
 from modelalloy.errors import CheckpointError
-from modelalloy.io.checkpoint import open_checkpoint
+from modelalloy.io.opener import open_checkpoint
 from modelalloy.io.safetensors_format import read_header
 from modelalloy.io.writer import OutputTensor, ShardedWriter, layout_shards, parse_size
 

@@ -19,7 +19,7 @@ import yaml
 
 import modelalloy
 from modelalloy.engine import tensors, worker
-from modelalloy.io.checkpoint import open_checkpoint
+from modelalloy.io.opener import open_checkpoint
 from modelalloy.io.direct import ALIGN
 from modelalloy.io.spans import SpanReader
 from modelalloy.methods import REGISTRY, get_method

@@ -9,7 +9,8 @@ from pathlib import Path
 from modelalloy.config import MergeConfig, load_config
 from modelalloy.engine import MergeOptions, MergeResult, Progress, execute
 from modelalloy.errors import ConfigError
-from modelalloy.io.checkpoint import Checkpoint, open_checkpoint
+from modelalloy.io.checkpoint import Checkpoint
+from modelalloy.io.opener import open_checkpoint
 from modelalloy.io.stats_file import open_stats
 from modelalloy.plan import Plan, make_plan
 

@@ -11,7 +11,7 @@ from alloy_helpers import copy_model, rewrite_weights, write_config
 import modelalloy
 from modelalloy.api import plan_merge
 from modelalloy.errors import CheckpointError, ConfigError, MergeError
-from modelalloy.io.checkpoint import open_checkpoint
+from modelalloy.io.opener import open_checkpoint
 from modelalloy.io.safetensors_format import read_header
 from modelalloy.methods import REGISTRY
 

@@ -28,7 +28,7 @@ import torch
 
 from modelalloy import arch
 from modelalloy.errors import PlanError
-from modelalloy.io.checkpoint import open_checkpoint
+from modelalloy.io.opener import open_checkpoint
 
 TOP_SHARES = (0.01, 0.10, 0.20)
 

@@ -31,7 +31,7 @@ from modelalloy import arch
 from modelalloy.config import MergeConfig
 from modelalloy.errors import CheckpointError, ConfigError, OutputError, PlanError
 from modelalloy.io.adapter import ADAPTER_CONFIG, ADAPTER_WEIGHTS, PEFT_PREFIX, Adapter, open_adapter
-from modelalloy.io.checkpoint import open_checkpoint
+from modelalloy.io.opener import open_checkpoint
 from modelalloy.io.writer import write_text_durably
 
 COMBINE_METHODS = ("cat", "linear", "svd", "ties", "dare_ties")

@@ -43,7 +43,8 @@ from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_valida
 from modelalloy import arch
 from modelalloy.config import DTYPE_NAMES, read_yaml_file, validation_line
 from modelalloy.errors import ConfigError, PlanError, did_you_mean
-from modelalloy.io.checkpoint import Checkpoint, open_checkpoint
+from modelalloy.io.checkpoint import Checkpoint
+from modelalloy.io.opener import open_checkpoint
 from modelalloy.io.output import copy_support_files
 from modelalloy.io.writer import OutputTensor, ShardedWriter, parse_size, write_text_durably
 

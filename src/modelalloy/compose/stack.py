@@ -32,7 +32,7 @@ from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_valida
 from modelalloy import arch
 from modelalloy.config import MergeConfig, read_yaml_file, validation_line
 from modelalloy.errors import ConfigError, PlanError
-from modelalloy.io.checkpoint import open_checkpoint
+from modelalloy.io.opener import open_checkpoint
 
 DEFAULT_SCALE_FILTER = ("o_proj", "down_proj", "c_proj")
 

@@ -23,6 +23,7 @@ import json
 import math
 import os
 import re
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -221,3 +222,13 @@ def with_adapter(base: Checkpoint, adapter: Adapter, ref: str) -> AdapterCheckpo
         if tuple(loc.shape) != tuple(adapter.tensors[name].shape):
             raise CheckpointError(f"{adapter.ref}: {target!r} is {list(adapter.tensors[name].shape)} in the adapter but {list(loc.shape)} in {base.ref}")
     return AdapterCheckpoint(ref=ref, path=base.path, config=base.config, tensors=base.tensors, revision=base.revision, adapter=adapter, base=base)
+
+
+def open_base_plus_adapter(ref: str, *, allow_pickle: bool, open_any: Callable[..., Checkpoint]) -> AdapterCheckpoint | None:
+    """The input format ``base+adapter`` (mergekit's syntax): the base, opened by `open_any` (any
+    format), with the adapter folded in on read. None for any other reference (a path that
+    exists, '+' and all, is a path)."""
+    base_ref, plus, adapter_ref = ref.partition("+")
+    if not (plus and base_ref and adapter_ref) or Path(ref).expanduser().exists():
+        return None
+    return with_adapter(open_any(base_ref, allow_pickle=allow_pickle), open_adapter(adapter_ref), ref)

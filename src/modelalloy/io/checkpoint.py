@@ -130,22 +130,9 @@ def resolve_model_path(ref: str) -> tuple[Path, str | None]:
     raise CheckpointError(f"{ref}: model directory not found")
 
 
-def open_checkpoint(ref: str, *, allow_pickle: bool = False) -> Checkpoint:
-    """Open `ref` lazily: config and every tensor header are read and validated; no tensor data.
-
-    ``base+adapter`` (mergekit's syntax) opens the base with a PEFT LoRA adapter folded in on read.
-    A `.gguf` file, or a directory whose only weights are one, opens as a `GGUFCheckpoint`.
-    """
-    base_ref, plus, adapter_ref = ref.partition("+")
-    if plus and base_ref and adapter_ref and not Path(ref).expanduser().exists():
-        from modelalloy.io.adapter import open_adapter, with_adapter
-
-        return with_adapter(open_checkpoint(base_ref, allow_pickle=allow_pickle), open_adapter(adapter_ref), ref)
-    from modelalloy.io.gguf import find_gguf, open_gguf  # gguf.py builds on this module
-
-    gguf_file = find_gguf(ref)
-    if gguf_file is not None:
-        return open_gguf(ref, gguf_file)
+def open_hf_directory(ref: str, *, allow_pickle: bool = False) -> Checkpoint:
+    """A Hugging Face model directory (or a model id in the local cache): config and every tensor
+    header are read and validated; no tensor data. The opener's last resort (`io/opener.py`)."""
     path, revision = resolve_model_path(ref)
     if not os.access(path, os.R_OK | os.X_OK):
         raise CheckpointError(f"{ref}: permission denied reading the directory")

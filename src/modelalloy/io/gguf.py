@@ -20,6 +20,7 @@ import os
 import re
 import threading
 from struct import error as struct_error
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -222,6 +223,12 @@ def _config(metadata: dict[str, Any], arch: str, names: set[str], rows: int | No
     config["tie_word_embeddings"] = "lm_head.weight" not in names
     config["vocab_size"] = rows if rows is not None else metadata.get(f"{arch}.vocab_size")
     return config
+
+
+def open_gguf_reference(ref: str, *, allow_pickle: bool, open_any: Callable[..., Checkpoint]) -> GGUFCheckpoint | None:
+    """The input format GGUF: a .gguf file, or a directory whose only weights are one; else None."""
+    file = find_gguf(ref)
+    return open_gguf(ref, file) if file is not None else None
 
 
 def open_gguf(ref: str, file: Path) -> GGUFCheckpoint:

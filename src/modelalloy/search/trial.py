@@ -18,7 +18,7 @@ import torch
 from modelalloy.config import MergeConfig
 from modelalloy.errors import ConfigError
 from modelalloy.engine import merge_tensor, resolve_device
-from modelalloy.io.checkpoint import open_checkpoint
+from modelalloy.io.opener import open_checkpoint
 from modelalloy.methods.task_vectors import FAMILY
 from modelalloy.plan import make_plan
 

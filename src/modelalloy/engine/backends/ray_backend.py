@@ -25,7 +25,8 @@ from modelalloy.engine.options import MergeOptions, Progress
 from modelalloy.engine.output import OutputJob
 from modelalloy.engine.worker import write_recipes
 from modelalloy.errors import CheckpointError, ConfigError, ModelAlloyError
-from modelalloy.io.checkpoint import Checkpoint, open_checkpoint
+from modelalloy.io.checkpoint import Checkpoint
+from modelalloy.io.opener import open_checkpoint
 from modelalloy.io.stats_file import open_stats
 from modelalloy.plan import Plan
 
