@@ -547,50 +547,6 @@ def _eval_progress(label: str = "scoring"):
     return bar, on_progress
 
 
-def _fmt(x, digits: int = 3) -> str:
-    return "—" if x is None else f"{x:.{digits}f}"
-
-
-def print_scores(table: dict[str, dict[str, float]], sets, title: str = "scores") -> None:
-    t = Table(title=title)
-    t.add_column("model")
-    for s in sets:
-        t.add_column(f"{s.name}\n{'ppl ↓' if s.metric == 'perplexity' else 'acc ↑' if s.metric == 'accuracy' else 'score ↑'}" + (f"\n(expert: {s.expert})" if s.expert else "\n(control)"), justify="right")
-    for model, row in table.items():
-        t.add_row(model, *(_fmt(row[s.name], 2 if s.metric == "perplexity" else 3) for s in sets))
-    out.print(t)
-
-
-def print_rates(result) -> None:
-    print_scores(result.evaluation.table(), result.evaluation.sets, title=f"per-set scores (base: {result.base})")
-    t = Table(title="merge rate, best first (NAI: share of each expert's gain over the base the merge kept)")
-    for col in ("rank", "merge", "mean NAI", "norm. score", "gain vs best parent", "forgetting (control)", "P[merged > base]"):
-        t.add_column(col, justify="right" if col not in ("merge",) else "left")
-    expert_sets = [s for s in result.evaluation.sets if s.expert]
-    for s in expert_sets:
-        t.add_column(f"NAI {s.name}", justify="right")
-    for i, r in enumerate(result.rates, 1):
-        by = {x.set: x for x in r.sets}
-        pct = lambda v: "—" if v is None else f"{100 * v:+.1f}%"  # noqa: E731
-        t.add_row(str(i), r.model, _fmt(r.mean_nai), _fmt(r.mean_normalized_score), pct(r.mean_gain_over_best), pct(r.mean_forgetting), f"{r.p_beats_base:.2f}", *(_fmt(by[s.name].nai) for s in expert_sets))
-    out.print(t)
-    for r in result.rates[:1]:
-        for note in r.notes:
-            err.print(f"[yellow]note:[/] {note}", highlight=False)
-
-
-def _save_outputs(payload: dict, save: Optional[Path], report: Optional[Path], as_json: bool) -> None:
-    if save is not None:
-        save.write_text(json.dumps(payload, indent=1, default=str))
-    if report is not None:
-        from modelalloy.report import write_report
-
-        write_report([payload], report)
-        err.print(f"report: {report}", highlight=False)
-    if as_json:
-        out.print_json(json.dumps(payload, default=str))
-
-
 _SaveOpt = Annotated[Optional[Path], typer.Option("--save", help="write the results as JSON (for `alloy report`)")]
 _ReportOpt = Annotated[Optional[Path], typer.Option("--report", help="write a self-contained HTML report")]
 _JsonOpt = Annotated[bool, typer.Option("--json", help="print the results as JSON")]
@@ -608,6 +564,7 @@ def eval_(
 ) -> None:
     """Score models on eval sets: perplexity on text, accuracy on multiple choice."""
     from modelalloy.evaluate import evaluate, load_evals
+    from modelalloy.report.terminal import print_scores, save_outputs
 
     bar, on_progress = _eval_progress()
     try:
@@ -617,8 +574,8 @@ def eval_(
     except ModelAlloyError as e:
         _fail(e)
     if not as_json:
-        print_scores(result.table(), sets)
-    _save_outputs(result.to_json(), save, report, as_json)
+        print_scores(out, result.table(), sets)
+    save_outputs(out, err, result.to_json(), save, report, as_json)
 
 
 @app.command()
@@ -634,6 +591,7 @@ def rate(
 ) -> None:
     """The merge-rate table: base vs each parent vs the merge (or one merge per method), per set."""
     from modelalloy.evaluate import load_evals, rate as run_rate
+    from modelalloy.report.terminal import print_rates, save_outputs
 
     bar, on_progress = _eval_progress()
     method_list = [m.strip() for m in methods.split(",") if m.strip()] if methods else None
@@ -647,8 +605,8 @@ def rate(
             _fail(e)
     _show_warnings(caught, as_json)
     if not as_json:
-        print_rates(result)
-    _save_outputs(result.to_json(), save, report, as_json)
+        print_rates(out, err, result)
+    save_outputs(out, err, result.to_json(), save, report, as_json)
 
 
 @app.command()
@@ -663,6 +621,7 @@ def analyze(
 ) -> None:
     """Weight diagnostics, no evaluation: task-vector norms, cosine, sign conflicts, concentration."""
     from modelalloy.analyze import analyze as run_analyze
+    from modelalloy.report.terminal import fmt, save_outputs
 
     bar = Progress(TextColumn("[bold]analyzing"), BarColumn(), TextColumn("{task.completed}/{task.total} tensors"), TimeElapsedColumn(), console=err, disable=as_json)
     task = bar.add_task("analyze", total=None)
@@ -679,24 +638,24 @@ def analyze(
             t.add_column(col, justify="right" if col != "model" else "left")
         for n in result.models:
             c = o["concentration"][n] or {}
-            t.add_row(n, _fmt(o["norm"][n], 4), _fmt(o["relative_norm"][n], 4), _fmt(c.get("top1%")), _fmt(c.get("top10%")), _fmt(c.get("top20%")))
+            t.add_row(n, fmt(o["norm"][n], 4), fmt(o["relative_norm"][n], 4), fmt(c.get("top1%")), fmt(c.get("top10%")), fmt(c.get("top20%")))
         out.print(t)
         if len(result.models) >= 2:
             t = Table(title="agreement between task vectors")
             for col in ("pair", "cosine", "subspace overlap"):
                 t.add_column(col, justify="right" if col != "pair" else "left")
             for p, v in o["cosine"].items():
-                t.add_row(p, _fmt(v), _fmt(o["subspace_overlap"].get(p)))
+                t.add_row(p, fmt(v), fmt(o["subspace_overlap"].get(p)))
             out.print(t)
-            out.print(f"sign-conflict rate (entries where two or more task vectors are nonzero): {_fmt(o['sign_conflict'])}")
+            out.print(f"sign-conflict rate (entries where two or more task vectors are nonzero): {fmt(o['sign_conflict'])}")
         if layers:
             t = Table(title="per layer")
             for col in ["layer", *(f"‖δ‖ {n}" for n in result.models), *o["cosine"], "sign conflict"]:
                 t.add_column(col, justify="right")
             for r in result.layers:
-                t.add_row(str(r["layer"]), *(_fmt(r["norm"][n], 4) for n in result.models), *(_fmt(r["cosine"][p]) for p in o["cosine"]), _fmt(r["sign_conflict"]))
+                t.add_row(str(r["layer"]), *(fmt(r["norm"][n], 4) for n in result.models), *(fmt(r["cosine"][p]) for p in o["cosine"]), fmt(r["sign_conflict"]))
             out.print(t)
-    _save_outputs(payload, save, report, as_json)
+    save_outputs(out, err, payload, save, report, as_json)
 
 
 @app.command(name="report")
@@ -739,6 +698,7 @@ def demo(
     import time as _time
 
     from modelalloy.apps.demo import DemoSettings, run_demo
+    from modelalloy.report.terminal import print_rates, save_outputs
 
     start = _time.perf_counter()
     bar, on_progress = _eval_progress()
@@ -759,12 +719,12 @@ def demo(
         for s in result.specialists:
             t.add_row(s["name"], s["set"], f"{s['base']:.2f}", f"{s['specialist']:.2f}", f"{100 * (s['specialist'] / s['base'] - 1):+.1f}%", "yes" if s["better"] else "[red]NO[/]")
         out.print(t)
-        print_rates(result.rate)
+        print_rates(out, err, result.rate)
         out.print("timings: " + ", ".join(f"{k} {v:.1f}s" for k, v in payload["timings"].items()), highlight=False)
     for s in result.specialists:
         if not s["better"]:
             err.print(f"[yellow]warning:[/] the {s['name']} specialist is not measurably better than the base on {s['set']}", highlight=False)
-    _save_outputs(payload, save, report or cache / "report.html", as_json)
+    save_outputs(out, err, payload, save, report or cache / "report.html", as_json)
 
 
 @app.command("demo-search")
@@ -782,6 +742,7 @@ def demo_search(
 ) -> None:
     """Search TIES/DARE-TIES weights and densities on the demo's specialists; compare on held-out text."""
     from modelalloy.apps.demo_search import DemoSearchSettings, run_demo_search
+    from modelalloy.report.terminal import fmt
 
     settings = DemoSearchSettings(method=method, trials=trials, sampler=sampler, layer_groups=layer_groups, search_tokens=tokens, heldout_tokens=tokens)
 
@@ -808,7 +769,7 @@ def demo_search(
     rows = {r["model"]: r for r in result.rows}
     for model, scores in result.table.items():
         r = rows.get(model, {})
-        t.add_row(model, *[_fmt(scores[s], 2) for s in sets], _fmt(r.get("mean_log_ppl"), 4), _fmt(r.get("mean_nai")), _fmt(r.get("forgetting")))
+        t.add_row(model, *[fmt(scores[s], 2) for s in sets], fmt(r.get("mean_log_ppl"), 4), fmt(r.get("mean_nai")), fmt(r.get("forgetting")))
     out.print(t)
     verdict = "beats" if result.searched_beats_fixed else "does NOT beat"
     out.print(f"the searched best {verdict} the best fixed method ({result.best_fixed}) on held-out mean log-perplexity; "
