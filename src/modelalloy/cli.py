@@ -195,7 +195,7 @@ def plan(
     show_tensors: Annotated[bool, typer.Option("--tensors", help="list every output tensor")] = False,
 ) -> None:
     """Dry run: every check `merge` makes, with tensor count, peak RAM and output size; writes nothing."""
-    from modelalloy.api import plan_merge
+    from modelalloy.api import plan_merge, plan_summary
     from modelalloy.execute import check_output
 
     with warnings.catch_warnings(record=True) as caught:
@@ -212,24 +212,7 @@ def plan(
             _show_warnings(caught, False)
             _fail(e)
     _show_warnings(caught, as_json)
-    summary = {
-        "method": the_plan.method.name,
-        "models": list(models),
-        "base_model": the_plan.config.base_model,
-        "tensors": len(the_plan.recipes),
-        "output_bytes": the_plan.output_bytes,
-        "input_bytes": the_plan.input_bytes(models),
-        "peak_memory_bytes": the_plan.peak_memory_estimate(threads),
-        "layers": the_plan.output_config.get("num_hidden_layers", the_plan.output_config.get("n_layer")),
-        "notes": the_plan.notes,
-    }
-    if the_plan.vocab is not None:
-        summary["vocabulary"] = the_plan.vocab.report
-    if show_tensors:
-        summary["recipes"] = [
-            {"name": r.name, "method": r.method, "inputs": [f"{s.model}:{s.tensor}" for s in r.sources()], "shape": list(r.shape), "dtype": str(r.out_dtype).removeprefix("torch."), "params": r.params}
-            for r in the_plan.recipes
-        ]
+    summary = plan_summary(the_plan, models, threads=threads, tensors=show_tensors)
     if as_json:
         out.print_json(json.dumps(summary, default=str))
         return
