@@ -10,7 +10,6 @@ The commands live by group (`merging`, `compose`, `evaluation`, `studies`; what 
 from __future__ import annotations
 
 import sys
-import types
 
 import typer
 
@@ -58,26 +57,3 @@ def main() -> None:
         common.err.print("interrupted; nothing was renamed into place (the partial output is in OUT.partial/)")
         sys.exit(130)
 
-
-class _CliModule(types.ModuleType):
-    """`modelalloy.cli.out` and `.err` are the consoles in `common`: reading or replacing them here
-    (a test widening `out`, say) is reading or replacing the one every command prints through."""
-
-    @property
-    def out(self):
-        return common.out
-
-    @out.setter
-    def out(self, console) -> None:
-        common.out = console
-
-    @property
-    def err(self):
-        return common.err
-
-    @err.setter
-    def err(self, console) -> None:
-        common.err = console
-
-
-sys.modules[__name__].__class__ = _CliModule

@@ -1,8 +1,8 @@
 """What every `alloy` command shares: the two consoles, errors as exit codes, warnings, option help.
 
 The consoles are read as attributes of this module at print time (`common.out.print(...)`, never
-`from modelalloy.cli.common import out`): there is one of each, and replacing it here (or as
-`modelalloy.cli.out`, which forwards here) reaches every command.
+`from modelalloy.cli.common import out`): there is one of each, and replacing it here (a test
+widening `out`, say) reaches every command.
 """
 
 from __future__ import annotations
