@@ -28,7 +28,8 @@ from modelalloy.io.spans import BUFFER_BUDGET
 from modelalloy.io.stats_file import stat_key
 from modelalloy.methods import MergeMethod, Param, get_method
 from modelalloy.methods.blockwise import BLOCK_ENTRIES
-from modelalloy.vocab import VocabPlan, build_vocab, load_tokenizer, resolve_chat_template, tokenizer_config
+from modelalloy.tokenizer import load_tokenizer, resolve_chat_template
+from modelalloy.vocab import VocabPlan, build_vocab, tokenizer_config
 
 DTYPES = {"bfloat16": torch.bfloat16, "float16": torch.float16, "float32": torch.float32, "float64": torch.float64, "int64": torch.int64}
 
