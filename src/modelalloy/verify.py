@@ -23,7 +23,8 @@ from pathlib import Path
 import torch
 
 from modelalloy.errors import CheckpointError
-from modelalloy.io.checkpoint import SAFETENSORS_INDEX
+from modelalloy.io.checkpoint import MAX_JSON_BYTES, SAFETENSORS_INDEX
+from modelalloy.io.files import is_regular, not_regular, open_regular, read_regular
 from modelalloy.io.manifest import MANIFEST, Manifest, digest_shard
 from modelalloy.io.safetensors_format import TensorLocation, read_header, read_tensor
 
@@ -113,12 +114,15 @@ def verify_checkpoint(path: str | Path, *, config: str | Path | None = None, rea
 
 
 def _check_config_json(root: Path, problems: list[str]) -> None:
-    try:
-        config = json.loads((root / "config.json").read_text(encoding="utf-8"))
-    except FileNotFoundError:
+    if not (root / "config.json").exists():
         problems.append(f"{root}: config.json is missing; transformers cannot load the model without it")
         return
-    except (OSError, UnicodeDecodeError, ValueError) as e:
+    try:
+        config = json.loads(read_regular(root / "config.json", limit=MAX_JSON_BYTES).decode("utf-8"))
+    except CheckpointError as e:
+        problems.append(str(e))
+        return
+    except (UnicodeDecodeError, ValueError, RecursionError) as e:
         problems.append(f"{root / 'config.json'}: unreadable ({e})")
         return
     if not isinstance(config, dict):
@@ -134,10 +138,13 @@ def _weight_files(root: Path, problems: list[str]) -> tuple[list[str], dict[str,
             problems.append(f"{root}: no *.safetensors weight files")
         return files, None
     try:
-        weight_map = json.loads(index.read_text(encoding="utf-8"))["weight_map"]
+        weight_map = json.loads(read_regular(index, limit=MAX_JSON_BYTES).decode("utf-8"))["weight_map"]
         if not isinstance(weight_map, dict) or not all(isinstance(k, str) and isinstance(v, str) for k, v in weight_map.items()):
             raise TypeError
-    except (OSError, UnicodeDecodeError, ValueError, KeyError, TypeError):
+    except CheckpointError as e:
+        problems.append(str(e))
+        return [], None
+    except (UnicodeDecodeError, ValueError, KeyError, TypeError, RecursionError):
         problems.append(f"{index}: not a valid index (needs a 'weight_map' object of tensor -> file)")
         return sorted(p.name for p in root.glob("*.safetensors")), None
     files = []
@@ -145,8 +152,10 @@ def _weight_files(root: Path, problems: list[str]) -> tuple[list[str], dict[str,
         target = (root / file).resolve()
         if not target.is_relative_to(root.resolve()):
             problems.append(f"{index}: shard name {file!r} points outside the model directory")
-        elif not target.is_file():
+        elif not target.exists():
             problems.append(f"{index}: lists shard {file!r}, which is missing")
+        elif not is_regular(target):
+            problems.append(str(not_regular(target, target.stat().st_mode)))
         else:
             files.append(file)
     return files, weight_map
@@ -154,8 +163,8 @@ def _weight_files(root: Path, problems: list[str]) -> tuple[list[str], dict[str,
 
 def _index_total_size(root: Path) -> object:
     try:
-        return json.loads((root / SAFETENSORS_INDEX).read_text(encoding="utf-8")).get("metadata", {}).get("total_size")
-    except (OSError, ValueError, AttributeError):
+        return json.loads(read_regular(root / SAFETENSORS_INDEX, limit=MAX_JSON_BYTES)).get("metadata", {}).get("total_size")
+    except (CheckpointError, ValueError, AttributeError, RecursionError):
         return None
 
 
@@ -204,7 +213,11 @@ def _check_finite(tensors: dict[str, TensorLocation], problems: list[str]) -> No
         by_file.setdefault(loc.file, []).append(loc)
     bad = []
     for file, locs in by_file.items():
-        fd = os.open(file, os.O_RDONLY)
+        try:
+            fd = open_regular(file)
+        except CheckpointError as e:
+            problems.append(str(e))
+            continue
         try:
             for loc in sorted(locs, key=lambda t: t.start):
                 if loc.dtype.is_floating_point and not bool(torch.isfinite(read_tensor(fd, loc).float()).all()):

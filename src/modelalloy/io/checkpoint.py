@@ -18,10 +18,13 @@ from pathlib import Path
 import torch
 
 from modelalloy.errors import CheckpointError
+from modelalloy.io.files import check_regular, open_regular, read_regular
 from modelalloy.io.safetensors_format import TensorLocation, itemsize, read_exactly, read_header, read_tensor
 
 SAFETENSORS_INDEX = "model.safetensors.index.json"
 PICKLE_INDEX = "pytorch_model.bin.index.json"
+# config.json and index files are kilobytes; one of gigabytes is refused rather than parsed.
+MAX_JSON_BYTES = 64 * 2**20
 
 
 @dataclass
@@ -75,7 +78,7 @@ class Checkpoint:
             with self._lock:  # two threads may ask for the same shard at once
                 fd = self._fds.get(file)
                 if fd is None:
-                    fd = os.open(file, os.O_RDONLY)
+                    fd = open_regular(file)
                     self._fds[file] = fd
         return fd
 
@@ -140,9 +143,11 @@ def open_hf_directory(ref: str, *, allow_pickle: bool = False) -> Checkpoint:
     config: dict = {}
     if config_file.exists():
         try:
-            config = json.loads(config_file.read_text())
-        except (OSError, UnicodeDecodeError, json.JSONDecodeError) as e:
+            config = json.loads(read_regular(config_file, limit=MAX_JSON_BYTES))
+        except (UnicodeDecodeError, json.JSONDecodeError) as e:
             raise CheckpointError(f"{config_file}: unreadable config.json ({e})") from None
+        except RecursionError:
+            raise CheckpointError(f"{config_file}: unreadable config.json (nested too deeply)") from None
         if not isinstance(config, dict):
             raise CheckpointError(f"{config_file}: config.json is not a JSON object")
     tensors = _safetensors_tensors(path, ref)
@@ -166,18 +171,22 @@ def _inside(path: Path, file: str, ref: str, index: Path) -> str:
     target = (path / file).resolve()
     if not target.is_relative_to(path.resolve()):
         raise CheckpointError(f"{index}: shard name {file!r} points outside the model directory; refusing it")
-    if not target.is_file():
+    if not target.exists():
         raise CheckpointError(f"{index}: lists shard {file!r}, which is missing from {path}")
+    check_regular(target)
     return str(target)
 
 
 def _safetensors_tensors(path: Path, ref: str) -> dict[str, TensorLocation]:
     index = path / SAFETENSORS_INDEX
+    weight_map = None
     if index.exists():
         try:
-            weight_map = json.loads(index.read_text())["weight_map"]
-            assert isinstance(weight_map, dict)
-        except (OSError, ValueError, KeyError, TypeError, AssertionError):
+            weight_map = json.loads(read_regular(index, limit=MAX_JSON_BYTES))["weight_map"]
+            assert isinstance(weight_map, dict) and all(isinstance(v, str) for v in weight_map.values())
+        except CheckpointError:
+            raise
+        except (ValueError, KeyError, TypeError, AssertionError, RecursionError):
             raise CheckpointError(f"{index}: not a valid index (needs a 'weight_map' object)") from None
         files = sorted({_inside(path, f, ref, index) for f in weight_map.values()})
     else:
@@ -198,8 +207,8 @@ def _pickle_files(path: Path) -> list[Path]:
     index = path / PICKLE_INDEX
     if index.exists():
         try:
-            names = set(json.loads(index.read_text())["weight_map"].values())
-        except (OSError, ValueError, KeyError, TypeError, AttributeError):
+            names = set(json.loads(read_regular(index, limit=MAX_JSON_BYTES))["weight_map"].values())
+        except (ValueError, KeyError, TypeError, AttributeError, RecursionError):
             raise CheckpointError(f"{index}: not a valid index (needs a 'weight_map' object)") from None
         return [Path(_inside(path, n, str(path), index)) for n in sorted(names)]
     return sorted(path.glob("pytorch_model*.bin"))

@@ -18,6 +18,7 @@ from dataclasses import dataclass
 import torch
 
 from modelalloy.errors import CheckpointError
+from modelalloy.io.files import open_regular
 
 # safetensors dtype names <-> torch dtypes (the subset torch can hold).
 DTYPES: dict[str, torch.dtype] = {
@@ -84,9 +85,10 @@ def read_header(path: str) -> tuple[dict[str, TensorLocation], dict[str, str]]:
     Every inconsistency (truncation, bad JSON, offsets outside the data, byte length not matching
     dtype and shape, overlapping tensors) is a `CheckpointError` naming the file and tensor.
     """
+    fd = open_regular(path)  # a FIFO or a device is refused here, before a byte is read
     try:
-        size = os.path.getsize(path)
-        with open(path, "rb") as f:
+        with os.fdopen(fd, "rb") as f:
+            size = os.fstat(f.fileno()).st_size
             head = f.read(8)
             if len(head) < 8:
                 raise CheckpointError(f"{path}: not a safetensors file (only {size} bytes); re-download or re-save it")

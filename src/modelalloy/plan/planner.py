@@ -79,6 +79,7 @@ class _Planner:
         self.out_dtype, self.notes = out_dtype, notes
         self.vocab = vocab
         self._warned: set[str] = set()
+        self._settings: dict[tuple[int, str], Any] = {}  # (id of a parameters dict, name) -> checked setting
         self._regions: dict[str, dict[str | int, list[str]]] = {}  # model -> layer or position -> names
 
     def _template(self, sl: LayerSlice) -> SliceSource:
@@ -232,12 +233,21 @@ class _Planner:
         scopes += [sl.parameters, self.config.parameters]
         for scope in scopes:
             if p.name in scope:
-                value = evaluate_setting(check_setting(scope[p.name], p.name), tensor, t)
+                value = evaluate_setting(self._setting(scope, p.name), tensor, t)
                 if value is not None:
                     return p.coerce(value, f"{tensor}" + (f" ({model})" if model else ""))
         if p.required:
             raise ConfigError(f"missing required parameter {p.name!r} for {model + ' ' if model else ''}tensor {tensor} ({self.method.name})")
         return p.default
+
+    def _setting(self, scope: dict, name: str) -> Any:
+        """`scope[name]` checked and normalised once per plan, not once per tensor (a long gradient
+        would otherwise cost its length at every tensor)."""
+        key = (id(scope), name)
+        setting = self._settings.get(key)
+        if setting is None:
+            setting = self._settings[key] = check_setting(scope[name], name)
+        return setting
 
     def _check_values(self, tensor: str, params: dict[str, Any], sl: LayerSlice) -> None:
         name = self.method.name
