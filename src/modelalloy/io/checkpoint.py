@@ -12,14 +12,16 @@ from __future__ import annotations
 import json
 import os
 import threading
+import warnings
 from dataclasses import dataclass, field
 from pathlib import Path
 
 import torch
 
+from modelalloy.arch import check_model_config
 from modelalloy.errors import CheckpointError
 from modelalloy.io.files import check_regular, open_regular, read_regular
-from modelalloy.io.safetensors_format import TensorLocation, itemsize, read_exactly, read_header, read_tensor
+from modelalloy.io.safetensors_format import TensorLocation, itemsize, layout_problem, read_exactly, read_header, read_tensor
 
 SAFETENSORS_INDEX = "model.safetensors.index.json"
 PICKLE_INDEX = "pytorch_model.bin.index.json"
@@ -150,6 +152,8 @@ def open_hf_directory(ref: str, *, allow_pickle: bool = False) -> Checkpoint:
             raise CheckpointError(f"{config_file}: unreadable config.json (nested too deeply)") from None
         if not isinstance(config, dict):
             raise CheckpointError(f"{config_file}: config.json is not a JSON object")
+        if (problem := check_model_config(config)) is not None:
+            raise CheckpointError(f"{config_file}: {problem}")
     tensors = _safetensors_tensors(path, ref)
     ckpt = Checkpoint(ref=ref, path=path, config=config, tensors=tensors, revision=revision)
     if not tensors:
@@ -196,11 +200,39 @@ def _safetensors_tensors(path: Path, ref: str) -> dict[str, TensorLocation]:
     tensors: dict[str, TensorLocation] = {}
     for file in files:
         found, _ = read_header(file)
+        # What `alloy verify` and the safetensors library refuse, our reader can still read: say so.
+        if (problem := layout_problem(file, found)) is not None:
+            warnings.warn(f"{problem}; alloy reads it, but the safetensors library refuses to load this file: re-save it", stacklevel=2)
         for name, loc in found.items():
             if name in tensors:
                 raise CheckpointError(f"{ref}: tensor {name!r} appears in both {tensors[name].file} and {file}")
             tensors[name] = loc
+    if weight_map is not None:
+        _warn_index_mismatch(index, weight_map, tensors, path)
     return tensors
+
+
+def _warn_index_mismatch(index: Path, weight_map: dict[str, str], tensors: dict[str, TensorLocation], path: Path) -> None:
+    """Tensors the index puts in another shard than their header (or does not list, or lists
+    where they are not). We read each tensor from the header that has it, but transformers
+    follows the index, so the model does not load elsewhere: one warning with the first case."""
+    root = path.resolve()
+    wrong = []
+    for name, loc in sorted(tensors.items()):
+        listed = weight_map.get(name)
+        actual = str(Path(loc.file).relative_to(root)) if Path(loc.file).is_relative_to(root) else loc.file
+        if listed is None:
+            wrong.append(f"{name!r} is in {actual} but not listed")
+        elif (root / listed).resolve() != Path(loc.file):
+            wrong.append(f"{name!r} is in {actual}, not in {listed}")
+    wrong += [f"{name!r} is listed in {file} but in no shard" for name, file in sorted(weight_map.items()) if name not in tensors]
+    if wrong:
+        more = f" (and {len(wrong) - 1} more)" if len(wrong) > 1 else ""
+        warnings.warn(
+            f"{index}: does not match the shards: {wrong[0]}{more}; alloy reads every tensor from the shard whose header has it, "
+            "but transformers follows the index and would not load this model: fix the index",
+            stacklevel=3,
+        )
 
 
 def _pickle_files(path: Path) -> list[Path]:

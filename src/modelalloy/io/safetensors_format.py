@@ -151,6 +151,27 @@ def read_header(path: str) -> tuple[dict[str, TensorLocation], dict[str, str]]:
     return tensors, {str(k): str(v) for k, v in metadata.items()}
 
 
+def layout_problem(path: str, tensors: dict[str, TensorLocation]) -> str | None:
+    """What the reference safetensors loader would refuse in a file whose header `read_header`
+    accepted: bytes before a tensor that no tensor covers, or bytes after the last one. Our
+    reader does not need the data to be packed, so this is a warning for inputs (an error in
+    `alloy verify`)."""
+    fd = open_regular(path)
+    try:
+        data_start = 8 + int.from_bytes(os.pread(fd, 8, 0), "little")
+        size = os.fstat(fd).st_size
+    finally:
+        os.close(fd)
+    pos = data_start
+    for loc in sorted(tensors.values(), key=lambda t: (t.start, t.end)):
+        if loc.start != pos:
+            return f"{path}: {loc.start - pos} unaccounted bytes before tensor {loc.name!r}"
+        pos = loc.end
+    if pos != size:
+        return f"{path}: {size - pos} bytes after the last tensor; the file is corrupt or was appended to"
+    return None
+
+
 def read_tensor(fd: int, loc: TensorLocation, *, pin_memory: bool = False) -> torch.Tensor:
     """Read one tensor with positioned reads into a fresh buffer (no mapping, no shared pages).
 

@@ -15,6 +15,7 @@ from modelalloy import arch
 from modelalloy.config import MergeConfig, check_setting, evaluate_setting
 from modelalloy.errors import ConfigError, PlanError
 from modelalloy.io.checkpoint import Checkpoint
+from modelalloy.io.output import check_support_files
 from modelalloy.io.safetensors_format import TensorLocation
 from modelalloy.io.stats_file import stat_key
 from modelalloy.methods import MergeMethod, Param, get_method
@@ -25,8 +26,11 @@ from modelalloy.plan.vocab import VocabPlan, build_vocab, tokenizer_config
 
 
 
-def make_plan(config: MergeConfig, checkpoints: Mapping[str, Checkpoint], *, allow_crimes: bool = False) -> Plan:
-    """Resolve `config` against the opened input headers; raises on anything wrong."""
+def make_plan(config: MergeConfig, checkpoints: Mapping[str, Checkpoint], *, allow_crimes: bool = False, copy_tokenizer: bool = False) -> Plan:
+    """Resolve `config` against the opened input headers; raises on anything wrong.
+
+    `copy_tokenizer`: the donor's tokenizer files will be copied into the output, so they are
+    checked to load (`io.output.check_support_files`)."""
     method = get_method(config.merge_method)
     notes: list[str] = []
     check_parameter_names(config, method, notes)
@@ -68,6 +72,10 @@ def make_plan(config: MergeConfig, checkpoints: Mapping[str, Checkpoint], *, all
         refs = config.all_model_refs() if config.chat_template == "auto" else []
         toks = {ref: load_tokenizer(checkpoints[ref]) for ref in refs}
         chat_template = resolve_chat_template(config.chat_template, toks, refs)
+    if copy_tokenizer and vocab is None and not hasattr(checkpoints[donor], "load_tokenizer"):
+        check_support_files(checkpoints[donor].path)
+        if chat_template is not None:  # the output tokenizer is loaded and re-saved with it: load it now
+            load_tokenizer(checkpoints[donor])
     for note in notes:
         warnings.warn(note, stacklevel=2)
     return Plan(config, method, recipes, output_config, donor, input_dtype, compute_dtype, notes, vocab, chat_template)
