@@ -118,7 +118,11 @@ def resolve_model_path(ref: str) -> tuple[Path, str | None]:
             raise CheckpointError(f"{ref}: is a file; a model is a directory with config.json and *.safetensors")
     except OSError as e:  # symlink loops, permission denied on a parent
         raise CheckpointError(f"{ref}: cannot open ({e.strerror or e})") from None
-    repo_id, _, revision = ref.partition("@")
+    repo_id, _, revision = ref.rpartition("@") if "@" in ref else (ref, "", "")
+    if revision and Path(repo_id).expanduser().is_dir():
+        # mergekit's `path@revision` on a local directory: the directory is what there is (as in mergekit).
+        warnings.warn(f"{ref}: {repo_id} is a local directory; its revision {revision!r} is ignored", stacklevel=3)
+        return Path(repo_id).expanduser(), None
     if repo_id.count("/") == 1 and not repo_id.startswith((".", "/", "~")):
         # Offline by construction: a model that is not in the cache is an error, never a download.
         from huggingface_hub import snapshot_download
@@ -127,9 +131,10 @@ def resolve_model_path(ref: str) -> tuple[Path, str | None]:
         try:
             path = snapshot_download(repo_id, revision=revision or None, local_files_only=True)
         except (LocalEntryNotFoundError, FileNotFoundError, ValueError, OSError):
+            at = f" at revision {revision!r}" if revision else ""
+            get = f"huggingface-cli download {repo_id}" + (f" --revision {revision}" if revision else "")
             raise CheckpointError(
-                f"{ref}: no such directory, and not in the local Hugging Face cache; "
-                f"download it first (huggingface-cli download {repo_id}) or give a local path"
+                f"{ref}: no such directory, and not in the local Hugging Face cache{at}; download it first ({get}) or give a local path"
             ) from None
         return Path(path), Path(path).name
     raise CheckpointError(f"{ref}: model directory not found")

@@ -126,6 +126,7 @@ class MergeMethod:
     check: Callable[[dict[str, Any], Sequence[str]], str | None] | None = None
     stats: str | None = None  # the per-model statistic the method reads ("fisher", "gram"), if any
     blockwise: bool = False  # fn is a BlockMerge factory: the engine streams it in row blocks
+    compute_16bit: bool = True  # can compute in float16/bfloat16 (`compute_dtype`); False: needs float32+
 
     def param(self, name: str) -> Param | None:
         return next((p for p in self.params if p.name == name), None)
@@ -172,6 +173,7 @@ def merge_method(
     check: Callable[[dict[str, Any], Sequence[str]], str | None] | None = None,
     stats: str | None = None,
     blockwise: bool = False,
+    compute_16bit: bool = True,
 ) -> Callable[[Callable[..., Any]], MergeMethod]:
     """Decorator: declares a method; the docstring's first paragraph is its one-line doc."""
     if base not in ("required", "optional", "unused"):
@@ -185,7 +187,7 @@ def merge_method(
 
     def wrap(fn: Callable[..., Any]) -> MergeMethod:
         doc = " ".join((fn.__doc__ or "").strip().split("\n\n")[0].split())  # one line, indentation gone
-        return MergeMethod(name, fn, tuple(params), base, min_models, max_models, randomized, reference, doc, vs_mergekit, check=check, stats=stats, blockwise=blockwise)
+        return MergeMethod(name, fn, tuple(params), base, min_models, max_models, randomized, reference, doc, vs_mergekit, check=check, stats=stats, blockwise=blockwise, compute_16bit=compute_16bit)
 
     return wrap
 

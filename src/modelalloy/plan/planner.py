@@ -26,19 +26,25 @@ from modelalloy.plan.vocab import VocabPlan, build_vocab, tokenizer_config
 
 
 
-def make_plan(config: MergeConfig, checkpoints: Mapping[str, Checkpoint], *, allow_crimes: bool = False, copy_tokenizer: bool = False) -> Plan:
+def make_plan(config: MergeConfig, checkpoints: Mapping[str, Checkpoint], *, allow_crimes: bool = False, strict: bool = False, copy_tokenizer: bool = False) -> Plan:
     """Resolve `config` against the opened input headers; raises on anything wrong.
 
-    `copy_tokenizer`: the donor's tokenizer files will be copied into the output, so they are
-    checked to load (`io.output.check_support_files`)."""
+    `strict`: a parameter the method does not take is an error even when other methods take it
+    (otherwise a warning, as mergekit ignores it). `copy_tokenizer`: the donor's tokenizer files
+    will be copied into the output, so they are checked to load (`io.output.check_support_files`)."""
     method = get_method(config.merge_method)
     notes: list[str] = []
-    check_parameter_names(config, method, notes)
+    check_parameter_names(config, method, notes, strict=strict)
     check_architectures(config, checkpoints, allow_crimes)
     slices = normalise_slices(config, method, checkpoints)
     input_dtype = DTYPES[config.dtype] if config.dtype else None
     out_dtype = DTYPES[config.out_dtype] if config.out_dtype else input_dtype
-    compute_dtype = torch.float64 if input_dtype == torch.float64 else torch.float32
+    if config.compute_dtype is not None:  # asked for: mergekit computes in `dtype` (bit-parity with it)
+        compute_dtype = DTYPES[config.compute_dtype]
+        if compute_dtype.itemsize == 2 and not method.compute_16bit:
+            raise ConfigError(f"compute_dtype: {method.name} cannot compute in {config.compute_dtype} (its SVDs need float32 or wider); remove compute_dtype")
+    else:
+        compute_dtype = torch.float64 if input_dtype == torch.float64 else torch.float32
     vocab = None
     if tokenizer_config(config) is not None:
         base = config.base_model or slices[0].base or slices[0].sources[0].model
