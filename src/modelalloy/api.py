@@ -49,7 +49,7 @@ def plan_merge(config: str | Path | MergeConfig, *, options: MergeOptions = Merg
     """Everything `merge` checks, without computing or writing; returns the plan and open models."""
     cfg = as_config(config)
     models = open_models(cfg, allow_pickle=options.allow_pickle)
-    return make_plan(cfg, models, allow_crimes=options.allow_crimes), models
+    return make_plan(cfg, models, allow_crimes=options.allow_crimes, strict=options.strict, copy_tokenizer=options.copy_tokenizer), models
 
 
 def plan_summary(plan: Plan, models: Mapping[str, Checkpoint], *, threads: int, tensors: bool = False) -> dict:
@@ -96,5 +96,5 @@ def merge(
     cfg = as_config(config)
     with ExitStack() as stack:
         models = open_models(cfg, allow_pickle=opts.allow_pickle, stack=stack)
-        plan = make_plan(cfg, models, allow_crimes=opts.allow_crimes)
+        plan = make_plan(cfg, models, allow_crimes=opts.allow_crimes, strict=opts.strict, copy_tokenizer=opts.copy_tokenizer)
         return execute(plan, models, out_dir, options=opts, progress=progress)

@@ -83,6 +83,33 @@ def num_layers(config: dict, tensor_names) -> int:
     return max(indices) + 1 if indices else 0
 
 
+def _whole_number(value: object) -> bool:
+    return isinstance(value, int) and not isinstance(value, bool) and value >= 0
+
+
+def check_model_config(config: dict) -> str | None:
+    """What is wrong with the config.json keys this package reads, or None. A layer count of
+    "four" would otherwise be skipped for the tensor names' count, a "false" string read as
+    true: the model would load differently elsewhere, so it is refused by name."""
+    for scope, where in ((config, ""), (config.get("text_config"), "text_config.")):
+        if not isinstance(scope, dict):
+            continue
+        for key in (*_LAYER_COUNT_KEYS, "vocab_size"):
+            value = scope.get(key)
+            if value is not None and not _whole_number(value):
+                return f"{where}{key} is {value!r}, not a whole number; fix config.json (e.g. \"{key}\": 32)"
+        tied = scope.get("tie_word_embeddings")
+        if tied is not None and not isinstance(tied, bool):
+            return f"{where}tie_word_embeddings is {tied!r}, not true or false; fix config.json"
+    archs = config.get("architectures")
+    if archs is not None and not (isinstance(archs, list) and all(isinstance(a, str) for a in archs)):
+        return f"architectures is {archs!r}, not a list of class names; fix config.json (e.g. [\"LlamaForCausalLM\"])"
+    model_type = config.get("model_type")
+    if model_type is not None and not isinstance(model_type, str):
+        return f"model_type is {model_type!r}, not a string; fix config.json"
+    return None
+
+
 def architecture(config: dict) -> str:
     archs = config.get("architectures") or []
     return archs[0] if archs else str(config.get("model_type", "unknown"))

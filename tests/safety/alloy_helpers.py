@@ -81,3 +81,41 @@ def rewrite_weights(model_dir: Path, change) -> None:
 
 def read_json(path: Path) -> dict:
     return json.loads(path.read_text())
+
+
+# In-process runs of the real command (typer's runner): faster than a subprocess, same code path.
+
+
+def invoke(*args):
+    """`alloy ARGS` in this process; the result has exit_code, stdout, stderr."""
+    from typer.testing import CliRunner
+
+    from modelalloy.cli import app
+
+    return CliRunner().invoke(app, [str(a) for a in args])
+
+
+def one_error(result, *fragments: str, code: int = 2) -> str:
+    """An in-process result: exit `code`, no traceback, exactly one `error:` line holding every
+    fragment; returns that line."""
+    assert result.exit_code == code, (result.exit_code, result.output)
+    assert result.exception is None or isinstance(result.exception, SystemExit), result.exception
+    assert "Traceback" not in result.output
+    errors = [line for line in result.stderr.splitlines() if line.startswith("error:")]
+    assert len(errors) == 1, result.stderr
+    for fragment in fragments:
+        assert fragment in errors[0], (fragment, errors[0])
+    return errors[0]
+
+
+def warning_lines(result) -> list[str]:
+    return [line for line in result.stderr.splitlines() if line.startswith("warning:")]
+
+
+def ties_config(llama, *models) -> dict:
+    """TIES over the tiny llama family: ft_dense and ft_flip unless `models` are given."""
+    return {
+        "merge_method": "ties",
+        "base_model": str(llama["base"]),
+        "models": [{"model": str(m), "parameters": {"density": 0.5, "weight": 0.5}} for m in models or (llama["ft_dense"], llama["ft_flip"])],
+    }

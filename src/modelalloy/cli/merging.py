@@ -32,6 +32,7 @@ def merge(
     force: Annotated[bool, typer.Option("--force", help=option_help("force"))] = False,
     allow_pickle: Annotated[bool, typer.Option("--allow-pickle", help=option_help("allow_pickle"))] = False,
     allow_crimes: Annotated[bool, typer.Option("--allow-crimes", help=option_help("allow_crimes"))] = False,
+    strict: Annotated[bool, typer.Option("--strict", help=option_help("strict"))] = False,
     write_model_card: Annotated[bool, typer.Option(help=option_help("write_model_card"))] = True,
     copy_tokenizer: Annotated[bool, typer.Option(help=option_help("copy_tokenizer"))] = True,
     hash_inputs: Annotated[bool, typer.Option(help=option_help("hash_inputs"))] = True,
@@ -55,6 +56,7 @@ def merge(
             force=force,
             allow_pickle=allow_pickle,
             allow_crimes=allow_crimes,
+            strict=strict,
             write_model_card=write_model_card,
             copy_tokenizer=copy_tokenizer,
             hash_inputs=hash_inputs,
@@ -136,6 +138,8 @@ def plan(
     threads: Annotated[int, typer.Option("--threads", "-j", help=option_help("threads"))] = DEFAULTS.threads,
     allow_pickle: Annotated[bool, typer.Option("--allow-pickle", help=option_help("allow_pickle"))] = False,
     allow_crimes: Annotated[bool, typer.Option("--allow-crimes", help=option_help("allow_crimes"))] = False,
+    strict: Annotated[bool, typer.Option("--strict", help=option_help("strict"))] = False,
+    copy_tokenizer: Annotated[bool, typer.Option(help=option_help("copy_tokenizer"))] = True,
     force: Annotated[bool, typer.Option("--force", help=option_help("force"))] = False,
     as_json: Annotated[bool, typer.Option("--json", help="print the plan summary as JSON")] = False,
     show_tensors: Annotated[bool, typer.Option("--tensors", help="list every output tensor")] = False,
@@ -148,7 +152,7 @@ def plan(
         warnings.simplefilter("always")
         try:
             try:
-                options = MergeOptions(threads=threads, allow_pickle=allow_pickle, allow_crimes=allow_crimes, force=force)
+                options = MergeOptions(threads=threads, allow_pickle=allow_pickle, allow_crimes=allow_crimes, strict=strict, copy_tokenizer=copy_tokenizer, force=force)
             except ValueError as e:
                 raise ModelAlloyError(str(e).splitlines()[-1]) from None
             the_plan, models = plan_merge(config, options=options)
@@ -206,6 +210,8 @@ def verify(
         if config is not None:
             checks += f", {report.planned_checked} planned tensors present"
         common.err.print(("ok: " if report.ok else f"{len(report.problems)} problem(s); checked ") + checks, highlight=False, soft_wrap=True)
+        for note in report.notes:
+            common.err.print(f"[yellow]note:[/] {escape(note)}", highlight=False, soft_wrap=True)
     if not report.ok:
         raise typer.Exit(1)
 

@@ -7,6 +7,8 @@ files (MoE, stack, search, evals).
 
 from __future__ import annotations
 
+import os
+import stat
 from collections.abc import Callable, Iterable
 from pathlib import Path
 from typing import Any
@@ -17,11 +19,18 @@ from pydantic import ValidationError
 from modelalloy.config.schema import InputModel, InputSlice, MergeConfig, ModelTokenSource, OutputSlice, TokenEmbedding, TokenizerConfig
 from modelalloy.errors import ConfigError, ModelAlloyError, did_you_mean
 
+# Real merge configs are a few kilobytes (a long literal chat template: tens). Parsing is the
+# one cost that grows with the file, not the model (PyYAML builds ~150k values a second), so it is
+# bounded here: 256 KiB parse in well under a second.
+MAX_CONFIG_BYTES = 256 * 1024
+# libyaml's parser where PyYAML was built with it (5-10x faster), the same safe constructors.
+_LOADER = getattr(yaml, "CSafeLoader", yaml.SafeLoader)
+
 
 def _yaml_position(text: str, loc: tuple) -> str:
     """'line L, column C' of the YAML key or item at a pydantic error location, '' if not found."""
     try:
-        node = yaml.compose(text)
+        node = yaml.compose(text, Loader=_LOADER)
     except yaml.YAMLError:
         return ""
     mark = None
@@ -93,11 +102,30 @@ def read_yaml_file(path: str | Path, what: str, error: type[ModelAlloyError] = C
         raise error(f"{path}: cannot read the {what} ({str(e).splitlines()[0]})") from None
 
 
+def _too_large(source: str, size: int) -> ConfigError:
+    return ConfigError(
+        f"{source}: {size / 1e6:.1f} MB of config; merge configs are a few kilobytes and more than "
+        f"{MAX_CONFIG_BYTES // 1024} KiB is refused unread: is it the right file? (a gradient needs no more values than the model has layers)"
+    )
+
+
 def load_config(path: str | Path) -> MergeConfig:
-    """Read and validate a merge YAML file; every problem is a one-line `ConfigError`."""
+    """Read and validate a merge YAML file; every problem is a one-line `ConfigError`.
+
+    At most `MAX_CONFIG_BYTES` are read, so the work is bounded whatever the file (a config given
+    through a pipe, ``alloy plan <(make-config)``, is read up to that limit too)."""
     path = Path(path)
     try:
-        text = path.read_text(encoding="utf-8")
+        info = os.stat(path)
+        if stat.S_ISDIR(info.st_mode):
+            raise ConfigError(f"{path}: is a directory; give the merge YAML file")
+        if stat.S_ISREG(info.st_mode) and info.st_size > MAX_CONFIG_BYTES:
+            raise _too_large(str(path), info.st_size)
+        with open(path, "rb") as f:
+            data = f.read(MAX_CONFIG_BYTES + 1)
+        if len(data) > MAX_CONFIG_BYTES:
+            raise ConfigError(f"{path}: more than {MAX_CONFIG_BYTES // 1024} KiB of config; merge configs are a few kilobytes: is it the right file?")
+        text = data.decode("utf-8")
     except FileNotFoundError:
         raise ConfigError(f"{path}: config file not found") from None
     except (OSError, UnicodeDecodeError) as e:
@@ -106,8 +134,10 @@ def load_config(path: str | Path) -> MergeConfig:
 
 
 def parse_config(text: str, *, source: str = "<config>") -> MergeConfig:
+    if len(text) > MAX_CONFIG_BYTES and len(text.encode("utf-8")) > MAX_CONFIG_BYTES:
+        raise _too_large(source, len(text.encode("utf-8")))
     try:
-        docs = [d for d in yaml.safe_load_all(text) if d is not None]
+        docs = [d for d in yaml.load_all(text, Loader=_LOADER) if d is not None]
     except yaml.YAMLError as e:
         mark = getattr(e, "problem_mark", None)
         where = f" (line {mark.line + 1}, column {mark.column + 1})" if mark else ""

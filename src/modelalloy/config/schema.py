@@ -24,33 +24,73 @@ class ModelRef(_Strict):
     model: str
     lora: str | None = None
     override_architecture: str | None = None
+    revision: str | None = None  # mergekit's ModelPath field, also accepted beside `model`
 
 
-def model_ref(value: Any) -> str:
-    """The reference string of a model entry (string, or mergekit's dict form)."""
+def _path_ref(value: Any, what: str) -> str:
+    """mergekit's ModelPath: ``"path"``, ``"path@revision"`` or ``{path, revision}``."""
     if isinstance(value, str):
         return value
     if isinstance(value, dict):
-        inner = value.get("model")
-        if isinstance(inner, dict):  # {model: {path, revision}}
-            path, rev = inner.get("path"), inner.get("revision")
-            if not isinstance(path, str):
-                raise ValueError("model.path must be a string")
-            if rev is not None and not isinstance(rev, str):
-                raise ValueError("model.revision must be a string")
-            return f"{path}@{rev}" if rev else path
+        unknown = [k for k in value if k not in ("path", "revision")]
+        if unknown:
+            raise ValueError(f"unknown key {unknown[0]!r} in {what}{did_you_mean(str(unknown[0]), ['path', 'revision'])}; it takes path and revision")
+        path, rev = value.get("path"), value.get("revision")
+        if not isinstance(path, str):
+            raise ValueError(f"{what}.path must be a string")
+        if rev is not None and not isinstance(rev, str):
+            raise ValueError(f"{what}.revision must be a string")
+        return with_revision(path, rev, what)
+    raise ValueError(f"{what} is a path or an id, not {type(value).__name__}")
+
+
+def with_revision(ref: str, revision: str | None, what: str = "model") -> str:
+    """`ref@revision` (mergekit's string form); a second, different revision is an error."""
+    if revision is None:
+        return ref
+    if "@" in ref.rpartition("/")[2]:
+        if ref.endswith("@" + revision):
+            return ref
+        raise ValueError(f"{what} {ref!r} already names a revision; give revision {revision!r} in one place")
+    return f"{ref}@{revision}"
+
+
+def model_ref(value: Any) -> str:
+    """The reference string of a model entry, in any of mergekit's forms: ``"org/name"``,
+    ``"org/name@revision"``, ``"base+lora"``, ``{model: ..., lora: ..., revision: ...}`` where model
+    and lora are strings or ``{path, revision}``, or ``{path, revision}`` itself."""
+    if isinstance(value, str):
+        return value
+    if isinstance(value, dict):
+        if "path" in value and "model" not in value:  # a bare ModelPath
+            return _path_ref(value, "model")
         unknown = [k for k in value if k not in ModelRef.model_fields]
         if unknown:
             raise ValueError(f"unknown key {unknown[0]!r} in a model entry{did_you_mean(str(unknown[0]), ModelRef.model_fields)}")
+        value = dict(value)
+        value["model"] = _path_ref(value.get("model"), "model") if "model" in value else None
+        if value.get("lora") is not None:
+            value["lora"] = _path_ref(value["lora"], "lora")
         try:
             ref = ModelRef.model_validate(value)
         except ValidationError as e:  # one line, not pydantic's multi-line report
             first = e.errors()[0]
             raise ValueError(f"model entry {'.'.join(map(str, first['loc']))}: {first['msg']}") from None
-        if ref.lora:
-            return f"{ref.model}+{ref.lora}"
-        return ref.model
+        model = with_revision(ref.model, ref.revision)
+        return f"{model}+{ref.lora}" if ref.lora else model
     raise ValueError(f"a model is a path or an id, not {type(value).__name__}")
+
+
+def _fold_revision(data: Any) -> Any:
+    """``{model: org/x, revision: r}`` (mergekit silently ignores such a revision; we honour it)."""
+    if isinstance(data, dict) and "revision" in data:
+        data = dict(data)
+        revision = data.pop("revision")
+        if revision is not None:
+            if not isinstance(revision, str):
+                raise ValueError("revision must be a string (a branch, tag or commit)")
+            data["model"] = with_revision(model_ref(data.get("model")), revision)
+    return data
 
 
 Parameters = dict[str, Any]
@@ -60,6 +100,11 @@ class InputModel(_Strict):
     model: str
     parameters: Parameters = Field(default_factory=dict)
     stats: str | None = None  # statistics file from `alloy stats`, for data-aware methods (fisher, regmean)
+
+    @model_validator(mode="before")
+    @classmethod
+    def _revision(cls, data: Any) -> Any:
+        return _fold_revision(data)
 
     @field_validator("model", mode="before")
     @classmethod
@@ -76,6 +121,11 @@ class InputSlice(_Strict):
     model: str
     layer_range: tuple[int, int]
     parameters: Parameters = Field(default_factory=dict)
+
+    @model_validator(mode="before")
+    @classmethod
+    def _revision(cls, data: Any) -> Any:
+        return _fold_revision(data)
 
     @field_validator("model", mode="before")
     @classmethod
@@ -213,6 +263,10 @@ class MergeConfig(_Strict):
     parameters: Parameters = Field(default_factory=dict)
     dtype: str | None = None
     out_dtype: str | None = None
+    # Not mergekit's: the dtype the methods compute in (default float32, or float64 with dtype
+    # float64). `compute_dtype: float16` with `dtype: float16` does mergekit's arithmetic, for
+    # bit-parity with it; the default is more precise (docs/config.md, "Compute dtype").
+    compute_dtype: str | None = None
     tokenizer_source: str | None = None
     tokenizer: TokenizerConfig | None = None
     chat_template: str | None = None
@@ -239,6 +293,17 @@ class MergeConfig(_Strict):
             raise ValueError(f"dtype {v!r} is not one of {', '.join(DTYPE_NAMES)}{did_you_mean(name, DTYPE_NAMES)}")
         return name
 
+    @field_validator("compute_dtype")
+    @classmethod
+    def _compute_dtype(cls, v: str | None) -> str | None:
+        if v is None:
+            return v
+        name = v.removeprefix("torch.")
+        floats = [d for d in DTYPE_NAMES if d.startswith(("float", "bfloat"))]
+        if name not in floats:
+            raise ValueError(f"compute_dtype {v!r} is not one of {', '.join(floats)}{did_you_mean(name, floats)}")
+        return name
+
     @field_validator("tokenizer_source", mode="before")
     @classmethod
     def _tokenizer_ref(cls, v: Any) -> Any:
@@ -262,7 +327,12 @@ class MergeConfig(_Strict):
         if len(given) != 1:
             raise ValueError("give exactly one of models, slices or modules" + (f" (found {', '.join(given)})" if given else ""))
         if self.modules is not None:
-            raise ValueError("modules (multi-module architectures) are not supported yet; merge each part with models or slices")
+            raise ValueError(
+                "modules (per-module merges of VLMs, T5, Whisper) is not supported; write one top-level models list "
+                "instead (the method then merges every tensor, vision tower and projector included) and give "
+                "per-module values as filter lists, e.g. weight: [{filter: vision_tower, value: 1.0}, {value: 0.5}] "
+                "(docs/config.md, multi-module models)"
+            )
         if self.models is not None and not self.models:
             raise ValueError("models is empty")
         if self.slices is not None and not self.slices:

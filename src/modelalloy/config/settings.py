@@ -30,6 +30,11 @@ class Conditional(BaseModel):
 ParameterSetting = Any  # validated by `check_setting`; pydantic unions report poorly here
 
 
+class Gradient(list):
+    """A list of numbers `check_setting` has checked once: evaluated in O(1) per tensor, however
+    long the list (a gradient of 100,000 anchors costs one pass, not one per tensor)."""
+
+
 def check_setting(value: Any, where: str) -> Any:
     """Normalise one parameter setting (see module docstring); conditional dicts become `Conditional`."""
     if isinstance(value, (bool, int, float, str)):
@@ -37,6 +42,8 @@ def check_setting(value: Any, where: str) -> Any:
     if isinstance(value, list):
         if not value:
             raise ConfigError(f"{where}: an empty list is not a parameter value")
+        if all(isinstance(v, (int, float)) and not isinstance(v, bool) for v in value):
+            return value if isinstance(value, Gradient) else Gradient(value)
         if all(isinstance(v, (bool, int, float, str)) for v in value):
             return value
         if all(isinstance(v, dict) for v in value):
@@ -66,7 +73,7 @@ def evaluate_setting(setting: Any, tensor_name: str, t: float) -> Any:
                 if entry.filter in (None, "*") or entry.filter in tensor_name:
                     return evaluate_setting(entry.value, tensor_name, t)
             return None
-        if all(isinstance(v, (int, float)) and not isinstance(v, bool) for v in setting):
+        if isinstance(setting, Gradient) or all(isinstance(v, (int, float)) and not isinstance(v, bool) for v in setting):
             scaled = t * (len(setting) - 1)
             i0 = min(int(scaled), len(setting) - 1)
             i1 = min(i0 + 1, len(setting) - 1)

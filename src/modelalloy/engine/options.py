@@ -23,6 +23,7 @@ class MergeOptions(BaseModel):
     force: bool = Field(False, description="replace an existing output directory")
     allow_pickle: bool = Field(False, description="load pickle .bin checkpoints (pickle can run code: only for files you trust)")
     allow_crimes: bool = Field(False, description="merge models of different architectures")
+    strict: bool = Field(False, description="a parameter the method does not use is an error, even one other methods take (default: a warning, as mergekit ignores it)")
     write_model_card: bool = Field(True, description="write README.md with the config, method and input hashes")
     copy_tokenizer: bool = Field(True, description="copy tokenizer and generation files from the donor model")
     hash_inputs: bool = Field(True, description="BLAKE3 digest of every input tensor read, recorded in the model card")

@@ -5,6 +5,7 @@ model card, fsync, rename into place)."""
 
 from __future__ import annotations
 
+import errno
 import hashlib
 import json
 import os
@@ -12,18 +13,21 @@ import shutil
 from collections.abc import Callable, Collection, Mapping
 from dataclasses import dataclass
 from pathlib import Path
+from typing import TypeVar
 
 import torch
 
 from modelalloy.engine.options import MergeOptions, resolve_device
 from modelalloy.errors import OutputError
 from modelalloy.io.checkpoint import Checkpoint
-from modelalloy.io.manifest import Manifest, fsync_dir, open_partial
+from modelalloy.io.manifest import LOCK, Manifest, PartialLock, check_unlocked, fsync_dir, open_partial
 from modelalloy.engine.model_card import write_model_card
 from modelalloy.io.output import write_tokenizer_files
 from modelalloy.io.writer import OutputTensor, ShardedWriter, layout_shards, parse_size, shard_names, write_text_durably
 from modelalloy.plan import Plan, TensorRecipe
 from modelalloy.version import __version__
+
+T = TypeVar("T")
 
 
 @dataclass
@@ -40,6 +44,7 @@ class OutputJob:
     files: list[str]  # every shard file, in layout order
     shard_of: dict[str, str]  # output tensor -> its shard file
     reused: frozenset[str]  # shards an interrupted run finished (verified by their digests)
+    lock: PartialLock | None = None  # held by the driver while it writes; None in a Ray worker's copy
 
     def writer(self, *, finished: Collection[str], on_shard_done: Callable[[str, int, str], None] | None = None) -> ShardedWriter:
         """A writer for this layout that leaves the shards in `finished` alone (done, or someone else's)."""
@@ -63,10 +68,17 @@ def prepare_output(plan: Plan, checkpoints: Mapping[str, Checkpoint], out_dir: P
     files = shard_names(len(layout))
     partial = out_dir.with_name(out_dir.name + ".partial")
     fingerprint = plan_fingerprint(plan, checkpoints, layout, metadata, device)
-    # One GGUF file has no finished shards to resume from: it is always written afresh.
-    manifest = open_partial(partial, fingerprint, resume=options.resume and options.out_format == "safetensors")
+    lock = output_step(partial, lambda: PartialLock(partial))  # a second merge into OUT stops here, naming the first
+    try:
+        if out_dir.exists() and not options.force:  # finished by another run since check_output looked
+            raise OutputError(f"{out_dir}: already exists; pass --force to replace it, or choose another directory")
+        # One GGUF file has no finished shards to resume from: it is always written afresh.
+        manifest = output_step(partial, lambda: open_partial(partial, fingerprint, resume=options.resume and options.out_format == "safetensors"))
+    except BaseException:
+        lock.release()
+        raise
     shard_of = {t.name: file for file, shard in zip(files, layout) for t in shard}
-    return OutputJob(out_dir, partial, specs, metadata, max_shard_size, device, manifest, files, shard_of, frozenset(manifest.shards))
+    return OutputJob(out_dir, partial, specs, metadata, max_shard_size, device, manifest, files, shard_of, frozenset(manifest.shards), lock)
 
 
 def finish_output(job: OutputJob, plan: Plan, checkpoints: Mapping[str, Checkpoint], options: MergeOptions, input_hashes: dict[str, str]) -> None:
@@ -84,6 +96,10 @@ def finish_output(job: OutputJob, plan: Plan, checkpoints: Mapping[str, Checkpoi
     if out_dir.exists():  # only reachable with --force (checked in check_output)
         shutil.rmtree(out_dir)
     os.replace(partial, out_dir)
+    if job.lock is not None:  # renamed with the directory; held until here so no one takes OUT.partial meanwhile
+        job.lock.release(remove=False)
+        (out_dir / LOCK).unlink(missing_ok=True)
+    fsync_dir(out_dir)
     fsync_dir(out_dir.parent)
 
 
@@ -123,8 +139,11 @@ def check_output(out_dir: Path, checkpoints: Mapping[str, Checkpoint], out_bytes
     parent = resolved.parent
     while not parent.exists():
         parent = parent.parent
+    if not os.access(parent, os.W_OK | os.X_OK):
+        raise OutputError(f"{out_dir}: cannot create it in {parent} ({_why_unwritable(parent)}); choose a directory you can write to")
     free = shutil.disk_usage(parent).free
     partial = out_dir.with_name(out_dir.name + ".partial")
+    check_unlocked(partial)
     # An interrupted run's shards are kept or overwritten in place: their allocated blocks (not their
     # size: unwritten regions of a laid-out shard are holes) count as available.
     reusable = sum(f.stat().st_blocks * 512 for f in partial.iterdir() if f.is_file()) if partial.is_dir() else 0
@@ -133,6 +152,50 @@ def check_output(out_dir: Path, checkpoints: Mapping[str, Checkpoint], out_bytes
             f"{out_dir}: the merge writes {out_bytes / 1e9:.2f} GB but only {free / 1e9:.2f} GB is free there; "
             "free some space or choose another disk"
         )
+
+
+def _why_unwritable(directory: Path) -> str:
+    """Read-only file system, or permissions (an immutable directory answers the same)."""
+    try:
+        if os.statvfs(directory).f_flag & os.ST_RDONLY:
+            return "a read-only file system"
+    except OSError:
+        pass
+    return "no permission to write there: its permissions or an immutable attribute (lsattr) forbid it"
+
+
+def output_step(where: Path, step: Callable[[], T]) -> T:
+    """`step()`, with a file-system failure on the output side (a full disk, a directory that became
+    read-only) as one `OutputError` line naming the file and what to do, instead of a traceback."""
+    try:
+        return step()
+    except OSError as e:
+        raise output_error(e, where) from None
+
+
+def output_error(e: OSError, partial: Path, *, remaining: int | None = None, finished: Collection[str] = ()) -> OutputError:
+    """The one line for an OSError while writing the output into `partial`: which file, and for a
+    full disk how much room is missing (`remaining`: output bytes not yet in `finished` shards;
+    the blocks other files in `partial` hold are rewritten by the rerun, so they count as free)."""
+    file = e.filename or partial
+    resume = f"the finished shards are kept in {partial}: {{}} and run the same command again to resume from them"
+    if e.errno in (errno.ENOSPC, errno.EDQUOT):
+        try:
+            free = shutil.disk_usage(partial if partial.exists() else partial.parent).free
+            free += sum(f.stat().st_blocks * 512 for f in partial.iterdir() if f.is_file() and f.name not in finished) if partial.is_dir() else 0
+        except OSError:
+            free = 0
+        need = f"{_size(remaining)} of the output still to write, {_size(free)} free for it" if remaining is not None else f"{_size(free)} free"
+        missing = f": about {_size(remaining - free)} more is needed" if remaining is not None and remaining > free else ""
+        return OutputError(f"{file}: the disk is full ({need}{missing}); " + resume.format("free some space"))
+    return OutputError(f"{file}: cannot write the output ({e.strerror or e}); " + resume.format("fix that"))
+
+
+def _size(n: int) -> str:
+    for unit, scale in (("GB", 1e9), ("MB", 1e6), ("KB", 1e3)):
+        if n >= scale:
+            return f"{n / scale:.2f} {unit}"
+    return f"{n} bytes"
 
 
 def fresh_partial(out_dir: Path, checkpoints: Mapping[str, Checkpoint], out_bytes: int, *, force: bool) -> Path:

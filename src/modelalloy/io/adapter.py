@@ -30,7 +30,8 @@ from pathlib import Path
 import torch
 
 from modelalloy.errors import CheckpointError
-from modelalloy.io.checkpoint import Checkpoint
+from modelalloy.io.checkpoint import MAX_JSON_BYTES, Checkpoint
+from modelalloy.io.files import check_regular, open_regular, read_regular
 from modelalloy.io.safetensors_format import TensorLocation, read_header, read_tensor
 
 ADAPTER_CONFIG = "adapter_config.json"
@@ -86,7 +87,7 @@ class Adapter:
 
     def read(self, name: str) -> torch.Tensor:
         if self._fd is None:
-            self._fd = os.open(self.path / ADAPTER_WEIGHTS, os.O_RDONLY)
+            self._fd = open_regular(self.path / ADAPTER_WEIGHTS)
         return read_tensor(self._fd, self.tensors[name])
 
     def factors(self, target: str) -> tuple[torch.Tensor, torch.Tensor]:
@@ -115,11 +116,12 @@ def open_adapter(ref: str) -> Adapter:
 
     path, _ = resolve_model_path(ref)
     config_file = path / ADAPTER_CONFIG
+    check_regular(config_file)
     if not config_file.is_file():
         raise CheckpointError(f"{ref}: no {ADAPTER_CONFIG}; a LoRA adapter is a directory saved by PEFT's save_pretrained")
     try:
-        config = json.loads(config_file.read_text())
-    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as e:
+        config = json.loads(read_regular(config_file, limit=MAX_JSON_BYTES))
+    except (UnicodeDecodeError, json.JSONDecodeError, RecursionError) as e:
         raise CheckpointError(f"{config_file}: unreadable adapter config ({e})") from None
     peft_type = str(config.get("peft_type", "LORA")).upper()
     if peft_type != "LORA":
@@ -127,6 +129,7 @@ def open_adapter(ref: str) -> Adapter:
     if config.get("use_dora"):
         raise CheckpointError(f"{config_file}: DoRA adapters (use_dora: true) rescale columns and are not supported; merge it with PEFT's merge_and_unload")
     weights = path / ADAPTER_WEIGHTS
+    check_regular(weights)
     if not weights.is_file():
         hint = "; convert adapter_model.bin to safetensors first" if (path / "adapter_model.bin").exists() else ""
         raise CheckpointError(f"{ref}: {ADAPTER_WEIGHTS} is missing{hint}")

@@ -12,16 +12,21 @@ from __future__ import annotations
 import json
 import os
 import threading
+import warnings
 from dataclasses import dataclass, field
 from pathlib import Path
 
 import torch
 
+from modelalloy.arch import check_model_config
 from modelalloy.errors import CheckpointError
-from modelalloy.io.safetensors_format import TensorLocation, itemsize, read_exactly, read_header, read_tensor
+from modelalloy.io.files import check_regular, open_regular, read_regular
+from modelalloy.io.safetensors_format import TensorLocation, itemsize, layout_problem, read_exactly, read_header, read_tensor
 
 SAFETENSORS_INDEX = "model.safetensors.index.json"
 PICKLE_INDEX = "pytorch_model.bin.index.json"
+# config.json and index files are kilobytes; one of gigabytes is refused rather than parsed.
+MAX_JSON_BYTES = 64 * 2**20
 
 
 @dataclass
@@ -75,7 +80,7 @@ class Checkpoint:
             with self._lock:  # two threads may ask for the same shard at once
                 fd = self._fds.get(file)
                 if fd is None:
-                    fd = os.open(file, os.O_RDONLY)
+                    fd = open_regular(file)
                     self._fds[file] = fd
         return fd
 
@@ -113,7 +118,11 @@ def resolve_model_path(ref: str) -> tuple[Path, str | None]:
             raise CheckpointError(f"{ref}: is a file; a model is a directory with config.json and *.safetensors")
     except OSError as e:  # symlink loops, permission denied on a parent
         raise CheckpointError(f"{ref}: cannot open ({e.strerror or e})") from None
-    repo_id, _, revision = ref.partition("@")
+    repo_id, _, revision = ref.rpartition("@") if "@" in ref else (ref, "", "")
+    if revision and Path(repo_id).expanduser().is_dir():
+        # mergekit's `path@revision` on a local directory: the directory is what there is (as in mergekit).
+        warnings.warn(f"{ref}: {repo_id} is a local directory; its revision {revision!r} is ignored", stacklevel=3)
+        return Path(repo_id).expanduser(), None
     if repo_id.count("/") == 1 and not repo_id.startswith((".", "/", "~")):
         # Offline by construction: a model that is not in the cache is an error, never a download.
         from huggingface_hub import snapshot_download
@@ -122,9 +131,10 @@ def resolve_model_path(ref: str) -> tuple[Path, str | None]:
         try:
             path = snapshot_download(repo_id, revision=revision or None, local_files_only=True)
         except (LocalEntryNotFoundError, FileNotFoundError, ValueError, OSError):
+            at = f" at revision {revision!r}" if revision else ""
+            get = f"huggingface-cli download {repo_id}" + (f" --revision {revision}" if revision else "")
             raise CheckpointError(
-                f"{ref}: no such directory, and not in the local Hugging Face cache; "
-                f"download it first (huggingface-cli download {repo_id}) or give a local path"
+                f"{ref}: no such directory, and not in the local Hugging Face cache{at}; download it first ({get}) or give a local path"
             ) from None
         return Path(path), Path(path).name
     raise CheckpointError(f"{ref}: model directory not found")
@@ -140,11 +150,15 @@ def open_hf_directory(ref: str, *, allow_pickle: bool = False) -> Checkpoint:
     config: dict = {}
     if config_file.exists():
         try:
-            config = json.loads(config_file.read_text())
-        except (OSError, UnicodeDecodeError, json.JSONDecodeError) as e:
+            config = json.loads(read_regular(config_file, limit=MAX_JSON_BYTES))
+        except (UnicodeDecodeError, json.JSONDecodeError) as e:
             raise CheckpointError(f"{config_file}: unreadable config.json ({e})") from None
+        except RecursionError:
+            raise CheckpointError(f"{config_file}: unreadable config.json (nested too deeply)") from None
         if not isinstance(config, dict):
             raise CheckpointError(f"{config_file}: config.json is not a JSON object")
+        if (problem := check_model_config(config)) is not None:
+            raise CheckpointError(f"{config_file}: {problem}")
     tensors = _safetensors_tensors(path, ref)
     ckpt = Checkpoint(ref=ref, path=path, config=config, tensors=tensors, revision=revision)
     if not tensors:
@@ -166,18 +180,22 @@ def _inside(path: Path, file: str, ref: str, index: Path) -> str:
     target = (path / file).resolve()
     if not target.is_relative_to(path.resolve()):
         raise CheckpointError(f"{index}: shard name {file!r} points outside the model directory; refusing it")
-    if not target.is_file():
+    if not target.exists():
         raise CheckpointError(f"{index}: lists shard {file!r}, which is missing from {path}")
+    check_regular(target)
     return str(target)
 
 
 def _safetensors_tensors(path: Path, ref: str) -> dict[str, TensorLocation]:
     index = path / SAFETENSORS_INDEX
+    weight_map = None
     if index.exists():
         try:
-            weight_map = json.loads(index.read_text())["weight_map"]
-            assert isinstance(weight_map, dict)
-        except (OSError, ValueError, KeyError, TypeError, AssertionError):
+            weight_map = json.loads(read_regular(index, limit=MAX_JSON_BYTES))["weight_map"]
+            assert isinstance(weight_map, dict) and all(isinstance(v, str) for v in weight_map.values())
+        except CheckpointError:
+            raise
+        except (ValueError, KeyError, TypeError, AssertionError, RecursionError):
             raise CheckpointError(f"{index}: not a valid index (needs a 'weight_map' object)") from None
         files = sorted({_inside(path, f, ref, index) for f in weight_map.values()})
     else:
@@ -187,19 +205,47 @@ def _safetensors_tensors(path: Path, ref: str) -> dict[str, TensorLocation]:
     tensors: dict[str, TensorLocation] = {}
     for file in files:
         found, _ = read_header(file)
+        # What `alloy verify` and the safetensors library refuse, our reader can still read: say so.
+        if (problem := layout_problem(file, found)) is not None:
+            warnings.warn(f"{problem}; alloy reads it, but the safetensors library refuses to load this file: re-save it", stacklevel=2)
         for name, loc in found.items():
             if name in tensors:
                 raise CheckpointError(f"{ref}: tensor {name!r} appears in both {tensors[name].file} and {file}")
             tensors[name] = loc
+    if weight_map is not None:
+        _warn_index_mismatch(index, weight_map, tensors, path)
     return tensors
+
+
+def _warn_index_mismatch(index: Path, weight_map: dict[str, str], tensors: dict[str, TensorLocation], path: Path) -> None:
+    """Tensors the index puts in another shard than their header (or does not list, or lists
+    where they are not). We read each tensor from the header that has it, but transformers
+    follows the index, so the model does not load elsewhere: one warning with the first case."""
+    root = path.resolve()
+    wrong = []
+    for name, loc in sorted(tensors.items()):
+        listed = weight_map.get(name)
+        actual = str(Path(loc.file).relative_to(root)) if Path(loc.file).is_relative_to(root) else loc.file
+        if listed is None:
+            wrong.append(f"{name!r} is in {actual} but not listed")
+        elif (root / listed).resolve() != Path(loc.file):
+            wrong.append(f"{name!r} is in {actual}, not in {listed}")
+    wrong += [f"{name!r} is listed in {file} but in no shard" for name, file in sorted(weight_map.items()) if name not in tensors]
+    if wrong:
+        more = f" (and {len(wrong) - 1} more)" if len(wrong) > 1 else ""
+        warnings.warn(
+            f"{index}: does not match the shards: {wrong[0]}{more}; alloy reads every tensor from the shard whose header has it, "
+            "but transformers follows the index and would not load this model: fix the index",
+            stacklevel=3,
+        )
 
 
 def _pickle_files(path: Path) -> list[Path]:
     index = path / PICKLE_INDEX
     if index.exists():
         try:
-            names = set(json.loads(index.read_text())["weight_map"].values())
-        except (OSError, ValueError, KeyError, TypeError, AttributeError):
+            names = set(json.loads(read_regular(index, limit=MAX_JSON_BYTES))["weight_map"].values())
+        except (ValueError, KeyError, TypeError, AttributeError, RecursionError):
             raise CheckpointError(f"{index}: not a valid index (needs a 'weight_map' object)") from None
         return [Path(_inside(path, n, str(path), index)) for n in sorted(names)]
     return sorted(path.glob("pytorch_model*.bin"))

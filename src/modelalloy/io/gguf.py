@@ -30,6 +30,7 @@ import torch
 
 from modelalloy.errors import CheckpointError, OutputError
 from modelalloy.io.checkpoint import Checkpoint
+from modelalloy.io.files import check_regular
 from modelalloy.io.safetensors_format import TensorLocation
 
 # GGUF architectures we map, and the transformers classes their configs name.
@@ -165,6 +166,8 @@ def find_gguf(ref: str) -> Path | None:
         if len(found) > 1:
             names = ", ".join(p.name for p in found)
             raise CheckpointError(f"{ref}: holds several GGUF files ({names}); name the one to merge")
+        if found:
+            check_regular(found[0])  # a pipe named model.gguf would block the reader forever
         return found[0] if found else None
     return None
 

@@ -11,12 +11,16 @@ match and recomputes the rest. The manifest stays in the finished output for `al
 
 from __future__ import annotations
 
-from blake3 import blake3
+import fcntl
 import json
 import os
 import shutil
 import threading
 from pathlib import Path
+
+from blake3 import blake3
+
+from modelalloy.errors import OutputError
 
 MANIFEST = "modelalloy_manifest.json"
 _FORMAT = 2  # 1 recorded SHA-256 digests
@@ -102,10 +106,13 @@ class Manifest:
         """Write-then-rename, fsynced: a crash leaves the previous manifest or this one, whole."""
         data = {"format": _FORMAT, "plan": self.fingerprint, "shards": dict(sorted(self.shards.items()))}
         tmp = self.directory / (MANIFEST + ".tmp")
-        with open(tmp, "w", encoding="utf-8") as f:
-            f.write(json.dumps(data, indent=1, sort_keys=True) + "\n")
-            f.flush()
-            os.fsync(f.fileno())
+        try:
+            with open(tmp, "w", encoding="utf-8") as f:
+                f.write(json.dumps(data, indent=1, sort_keys=True) + "\n")
+                f.flush()
+                os.fsync(f.fileno())
+        except OSError as e:  # name the file (a write error names none), for the one-line report
+            raise OSError(e.errno, e.strerror, e.filename or str(tmp)) from None
         os.replace(tmp, self.directory / MANIFEST)
         fsync_dir(self.directory)
 
@@ -114,8 +121,9 @@ def open_partial(partial: Path, fingerprint: str, *, resume: bool = True) -> Man
     """`partial` ready to write into, with the finished shards of an earlier run of the same plan.
 
     A manifest from a different plan (other config, inputs, layout or code version) means the
-    directory is stale: it is removed and the merge starts over. A recorded shard whose bytes no
-    longer hash to the recorded digest is dropped from the manifest and recomputed.
+    directory is stale: its contents are removed (the lock of the run that holds it stays) and
+    the merge starts over. A recorded shard whose bytes no longer hash to the recorded digest is
+    dropped from the manifest and recomputed.
     """
     if partial.exists():
         old = Manifest.load(partial) if resume else None
@@ -126,11 +134,76 @@ def open_partial(partial: Path, fingerprint: str, *, resume: bool = True) -> Man
                     del old.shards[file]
             old.save()
             return old
-        shutil.rmtree(partial)
-    partial.mkdir(parents=True)
+        for child in partial.iterdir():
+            if child.name == LOCK:
+                continue
+            if child.is_dir() and not child.is_symlink():
+                shutil.rmtree(child)
+            else:
+                child.unlink()
+    partial.mkdir(parents=True, exist_ok=True)
     manifest = Manifest(partial, fingerprint)
     manifest.save()
     return manifest
+
+
+LOCK = "modelalloy.lock"
+
+
+class PartialLock:
+    """The exclusive lock of the run writing into `OUT.partial/`: a `flock` on
+    ``OUT.partial/modelalloy.lock``, which holds that process's id. Two merges into one output
+    would overwrite each other's shards and manifest; the second one is refused, naming the
+    first. The kernel drops the lock when its process ends, however it ends (kill -9 included),
+    so a stale lock file never blocks a rerun."""
+
+    def __init__(self, partial: Path) -> None:
+        partial.mkdir(parents=True, exist_ok=True)
+        self.path = partial / LOCK
+        self.fd = os.open(self.path, os.O_RDWR | os.O_CREAT | getattr(os, "O_CLOEXEC", 0), 0o644)
+        try:
+            fcntl.flock(self.fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            holder = _holder(self.fd)
+            os.close(self.fd)
+            raise busy(partial, holder) from None
+        os.ftruncate(self.fd, 0)
+        os.pwrite(self.fd, f"{os.getpid()}\n".encode(), 0)
+
+    def release(self, *, remove: bool = True) -> None:
+        """Drop the lock (and its file, unless the directory is already gone or renamed)."""
+        if self.fd < 0:
+            return
+        if remove:
+            self.path.unlink(missing_ok=True)
+        os.close(self.fd)
+        self.fd = -1
+
+
+def check_unlocked(partial: Path) -> None:
+    """Refuse, naming it, an output another run is writing into now (`alloy plan CONFIG OUT`)."""
+    try:
+        fd = os.open(partial / LOCK, os.O_RDONLY | getattr(os, "O_CLOEXEC", 0))
+    except OSError:  # no lock file: nobody is writing there
+        return
+    try:
+        fcntl.flock(fd, fcntl.LOCK_SH | fcntl.LOCK_NB)
+    except BlockingIOError:
+        raise busy(partial, _holder(fd)) from None
+    finally:
+        os.close(fd)
+
+
+def busy(partial: Path, holder: str) -> OutputError:
+    return OutputError(
+        f"{partial}: another merge ({holder}) is writing this output now; wait for it to finish or stop it, "
+        "or choose another output directory"
+    )
+
+
+def _holder(fd: int) -> str:
+    text = os.pread(fd, 32, 0).decode("ascii", "replace").strip()
+    return f"pid {text}" if text.isdigit() else "a process that has not written its id yet"
 
 
 def fsync_dir(path: Path) -> None:

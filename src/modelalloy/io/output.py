@@ -3,9 +3,13 @@
 from __future__ import annotations
 
 import copy
+import json
 import shutil
 from pathlib import Path
 from typing import TYPE_CHECKING
+
+from modelalloy.errors import CheckpointError
+from modelalloy.io.files import read_regular
 
 if TYPE_CHECKING:
     from modelalloy.io.checkpoint import Checkpoint
@@ -26,15 +30,54 @@ SUPPORT_FILES = (
 )
 
 
+_JSON_FILES = frozenset(n for n in SUPPORT_FILES if n.endswith(".json"))
+_TEXT_FILES = frozenset({"merges.txt", "vocab.txt", "chat_template.jinja"})
+
+
+def check_support_files(donor: Path) -> None:
+    """Refuse, by name, a support file of the donor that would be copied broken: the merged model
+    could not load its tokenizer, and nothing would say so until someone tried. Every JSON file
+    must parse, tokenizer.json must load in the `tokenizers` library, text files must be UTF-8;
+    tokenizer.model (SentencePiece's binary) is copied as it is."""
+    for name in SUPPORT_FILES:
+        path = donor / name
+        if not path.exists():
+            continue
+        fix = "fix or remove it in the donor model, or pass --no-copy-tokenizer (the output then has no tokenizer files)"
+        data = read_regular(path, limit=MAX_SUPPORT_BYTES)
+        try:
+            if name in _JSON_FILES or name in _TEXT_FILES:
+                text = data.decode("utf-8")
+            if name in _JSON_FILES:
+                json.loads(text)
+        except (UnicodeDecodeError, ValueError, RecursionError) as e:
+            raise CheckpointError(f"{path}: would be copied into the output but is not valid {'JSON' if name in _JSON_FILES else 'UTF-8 text'} ({str(e).splitlines()[0]}); {fix}") from None
+        if name == "tokenizer.json":
+            try:
+                from tokenizers import Tokenizer
+            except ImportError:  # without the library, parsing as JSON is what we can do
+                continue
+            try:
+                Tokenizer.from_str(text)
+            except Exception as e:  # noqa: BLE001 the Rust library raises plain Exception for any bad field
+                raise CheckpointError(f"{path}: would be copied into the output but the tokenizers library cannot load it ({str(e).splitlines()[0]}); {fix}") from None
+
+
 def copy_support_files(donor: Path, out_dir: Path) -> list[str]:
     copied = []
     for name in SUPPORT_FILES:
         src = donor / name
         if src.is_file():
-            shutil.copyfile(src, out_dir / name)
+            try:
+                shutil.copyfile(src, out_dir / name)
+            except OSError as e:  # a write error names no file: name the one being written
+                raise OSError(e.errno, e.strerror, e.filename or str(out_dir / name)) from None
             copied.append(name)
     return copied
 
+
+# tokenizer.json of a 250k-token vocabulary is ~35 MB; anything past this is not a tokenizer file.
+MAX_SUPPORT_BYTES = 512 * 2**20
 
 # Of those, the files that describe the tokenizer (replaced when we write a tokenizer ourselves).
 TOKENIZER_FILES = tuple(name for name in SUPPORT_FILES if name != "generation_config.json")

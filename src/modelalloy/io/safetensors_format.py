@@ -18,6 +18,7 @@ from dataclasses import dataclass
 import torch
 
 from modelalloy.errors import CheckpointError
+from modelalloy.io.files import open_regular
 
 # safetensors dtype names <-> torch dtypes (the subset torch can hold).
 DTYPES: dict[str, torch.dtype] = {
@@ -84,9 +85,10 @@ def read_header(path: str) -> tuple[dict[str, TensorLocation], dict[str, str]]:
     Every inconsistency (truncation, bad JSON, offsets outside the data, byte length not matching
     dtype and shape, overlapping tensors) is a `CheckpointError` naming the file and tensor.
     """
+    fd = open_regular(path)  # a FIFO or a device is refused here, before a byte is read
     try:
-        size = os.path.getsize(path)
-        with open(path, "rb") as f:
+        with os.fdopen(fd, "rb") as f:
+            size = os.fstat(f.fileno()).st_size
             head = f.read(8)
             if len(head) < 8:
                 raise CheckpointError(f"{path}: not a safetensors file (only {size} bytes); re-download or re-save it")
@@ -147,6 +149,27 @@ def read_header(path: str) -> tuple[dict[str, TensorLocation], dict[str, str]]:
         if start_b < end_a:
             raise CheckpointError(f"{path}: tensors {a!r} and {b!r} overlap in the data; the file is corrupt")
     return tensors, {str(k): str(v) for k, v in metadata.items()}
+
+
+def layout_problem(path: str, tensors: dict[str, TensorLocation]) -> str | None:
+    """What the reference safetensors loader would refuse in a file whose header `read_header`
+    accepted: bytes before a tensor that no tensor covers, or bytes after the last one. Our
+    reader does not need the data to be packed, so this is a warning for inputs (an error in
+    `alloy verify`)."""
+    fd = open_regular(path)
+    try:
+        data_start = 8 + int.from_bytes(os.pread(fd, 8, 0), "little")
+        size = os.fstat(fd).st_size
+    finally:
+        os.close(fd)
+    pos = data_start
+    for loc in sorted(tensors.values(), key=lambda t: (t.start, t.end)):
+        if loc.start != pos:
+            return f"{path}: {loc.start - pos} unaccounted bytes before tensor {loc.name!r}"
+        pos = loc.end
+    if pos != size:
+        return f"{path}: {size - pos} bytes after the last tensor; the file is corrupt or was appended to"
+    return None
 
 
 def read_tensor(fd: int, loc: TensorLocation, *, pin_memory: bool = False) -> torch.Tensor:

@@ -23,6 +23,7 @@ from safetensors.torch import save_file
 
 from modelalloy.errors import CheckpointError, OutputError
 from modelalloy.io.checkpoint import Checkpoint
+from modelalloy.io.files import check_regular
 from modelalloy.io.safetensors_format import read_header
 
 FORMAT = "modelalloy.stats"
@@ -38,6 +39,8 @@ def stat_key(kind: str, tensor: str) -> str:
 def open_stats(path: str | Path) -> Checkpoint:
     """Open a statistics file lazily (header only); a file not made by `alloy stats` is an error."""
     path = Path(path)
+    if not path.is_dir():
+        check_regular(path)
     if not path.is_file():
         hint = "; it is a directory, give the .safetensors file `alloy stats` wrote" if path.is_dir() else ""
         raise CheckpointError(f"{path}: statistics file not found{hint}")

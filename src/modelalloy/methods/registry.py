@@ -19,6 +19,7 @@ base is needed, how many models, which parameters exist, their defaults and vali
 
 from __future__ import annotations
 
+import math
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from typing import Any
@@ -59,12 +60,41 @@ class Param:
             if not isinstance(value, bool):
                 raise ConfigError(f"{where}: {self.name} must be true or false, not {value!r}")
         elif self.kind in (int, float):
+            if isinstance(value, str) and _is_number(value):
+                # PyYAML (YAML 1.1) reads 1e300 or 1e-5 as a string: a float needs a dot and a signed exponent.
+                raise ConfigError(
+                    f"{where}: {self.name} is the string {value!r}: YAML reads a number in exponent form only with a dot "
+                    f"and a signed exponent; write {_yaml_float(value)}"
+                )
             if isinstance(value, bool) or not isinstance(value, (int, float)):
                 raise ConfigError(f"{where}: {self.name} must be a number, not {value!r}")
+            if not math.isfinite(value) or abs(value) > _FLOAT32_MAX:
+                # .nan/.inf would only fail mid-merge (a NaN result); 1e39 overflows the float32 arithmetic.
+                raise ConfigError(f"{where}: {self.name}={value!r} is not a finite float32 number; give a finite value (|x| < 3.4e38)")
             value = self.kind(value)
         if self.check is not None and (problem := self.check(value)):
             raise ConfigError(f"{where}: {self.name}={value!r} {problem}")
         return value
+
+
+_FLOAT32_MAX = 3.4028234663852886e38
+
+
+def _is_number(text: str) -> bool:
+    try:
+        return math.isfinite(float(text))
+    except ValueError:
+        return False
+
+
+def _yaml_float(text: str) -> str:
+    """`text` (a number Python reads) as YAML 1.1 reads a float: 1e300 -> 1.0e+300."""
+    mantissa, _, exponent = text.lower().partition("e")
+    if not exponent:
+        return text if "." in text else text + ".0"
+    if "." not in mantissa:
+        mantissa += ".0"
+    return f"{mantissa}e{exponent if exponent[0] in '+-' else '+' + exponent}"
 
 
 def in_range(low: float, high: float, *, low_open: bool = False, high_open: bool = False) -> Callable[[Any], str | None]:
@@ -96,6 +126,7 @@ class MergeMethod:
     check: Callable[[dict[str, Any], Sequence[str]], str | None] | None = None
     stats: str | None = None  # the per-model statistic the method reads ("fisher", "gram"), if any
     blockwise: bool = False  # fn is a BlockMerge factory: the engine streams it in row blocks
+    compute_16bit: bool = True  # can compute in float16/bfloat16 (`compute_dtype`); False: needs float32+
 
     def param(self, name: str) -> Param | None:
         return next((p for p in self.params if p.name == name), None)
@@ -142,6 +173,7 @@ def merge_method(
     check: Callable[[dict[str, Any], Sequence[str]], str | None] | None = None,
     stats: str | None = None,
     blockwise: bool = False,
+    compute_16bit: bool = True,
 ) -> Callable[[Callable[..., Any]], MergeMethod]:
     """Decorator: declares a method; the docstring's first paragraph is its one-line doc."""
     if base not in ("required", "optional", "unused"):
@@ -155,7 +187,7 @@ def merge_method(
 
     def wrap(fn: Callable[..., Any]) -> MergeMethod:
         doc = " ".join((fn.__doc__ or "").strip().split("\n\n")[0].split())  # one line, indentation gone
-        return MergeMethod(name, fn, tuple(params), base, min_models, max_models, randomized, reference, doc, vs_mergekit, check=check, stats=stats, blockwise=blockwise)
+        return MergeMethod(name, fn, tuple(params), base, min_models, max_models, randomized, reference, doc, vs_mergekit, check=check, stats=stats, blockwise=blockwise, compute_16bit=compute_16bit)
 
     return wrap
 

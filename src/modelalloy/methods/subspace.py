@@ -58,6 +58,7 @@ def _orthogonal_factor(x: Tensor) -> Tensor:
 
 @merge_method(
     "tsv",
+    compute_16bit=False,  # torch's SVD takes float32 or wider
     params=[ALPHA, LAYOUT],
     base="required",
     reference="https://arxiv.org/abs/2412.00081",
@@ -89,6 +90,7 @@ def tsv(tensors: list[Tensor], *, base: Tensor, alpha: float, layout: str) -> Te
 
 @merge_method(
     "iso_c",
+    compute_16bit=False,  # torch's SVD takes float32 or wider
     params=[ALPHA, LAYOUT],
     base="required",
     reference="https://arxiv.org/abs/2502.04959",
@@ -120,6 +122,7 @@ def iso_cts_split(r: int, tasks: int, common_space_fraction: float) -> tuple[int
 
 @merge_method(
     "iso_cts",
+    compute_16bit=False,  # torch's SVD takes float32 or wider
     params=[
         ALPHA,
         Param("common_space_fraction", default=0.8, doc="share of the r directions taken from the common subspace of Σδ_i", check=in_range(0.0, 1.0, low_open=True)),

@@ -67,6 +67,13 @@ class TaskVectorMerge(BlockMerge):
         self.sparsifiers = [
             make_sparsifier(sparsifier, spec, density[i], gamma=gamma[i], epsilon=epsilon[i], seed=(seed + i) & (2**63 - 1)) for i in range(count)
         ]
+        # In a 16-bit compute dtype (`compute_dtype: float16`, for mergekit bit-parity) the weights are
+        # rounded to it, and sums are accumulated in float32 and rounded once, as mergekit's
+        # torch.tensor(weights, dtype) and .sum(dim=0) do; a divisor floor must be representable too.
+        self.low = spec.dtype in (torch.float16, torch.bfloat16)
+        if self.low:
+            weight = torch.tensor(weight, dtype=spec.dtype).tolist()
+        self.divisor_eps = max(_DIVISOR_EPS, torch.finfo(spec.dtype).tiny) if spec.dtype.is_floating_point else _DIVISOR_EPS
         self.weight, self.lambda_, self.consensus, self.normalize, self.rescale = weight, lambda_, consensus, normalize, rescale
         self.statistics_passes = max(s.passes for s in self.sparsifiers)
         self.l1 = rescale == "l1" and sparsifier is not None
@@ -110,34 +117,37 @@ class TaskVectorMerge(BlockMerge):
 
     def output(self, block: Block) -> Tensor:
         base, weight = block.base, self.weight
+        acc = torch.float32 if self.low else base.dtype  # what sums accumulate in
         if self.consensus is None:
-            mixed = self._weighted_delta(0, block.inputs[0], base)
+            mixed = self._weighted_delta(0, block.inputs[0], base).to(acc)
             for i, x in enumerate(block.inputs[1:], start=1):
                 mixed.add_(self._weighted_delta(i, x, base))
-            divisor: Any = sum(weight)
+            mixed = mixed.to(base.dtype)
+            divisor: Any = float(torch.tensor(weight, dtype=base.dtype).sum()) if self.low else sum(weight)
             if abs(divisor) < _DIVISOR_EPS:
                 divisor = 1.0
         else:
             deltas = [self._weighted_delta(i, x, base) for i, x in enumerate(block.inputs)]
-            direction = deltas[0].clone() if self.consensus == "sum" else torch.sign(deltas[0])
+            direction = deltas[0].to(acc, copy=True) if self.consensus == "sum" else torch.sign(deltas[0])
             for d in deltas[1:]:
                 direction.add_(d if self.consensus == "sum" else torch.sign(d))  # count: the majority of signs, not of mass
             # The elected sign as ±1, zeros counting as + (a −0.0 sum only comes from all-zero
             # entries, which agree with no sign anyway). An entry agrees when D_i·s > 0: summing
             # relu(D_i·s) and multiplying by s gives Σ m_i D_i exactly, with no bool masks.
-            sign = torch.copysign(torch.ones_like(direction), direction, out=direction)
-            mixed = torch.zeros_like(base)
-            divisor = torch.zeros_like(base) if self.normalize else None
+            sign = torch.copysign(torch.ones_like(direction), direction, out=direction).to(base.dtype)
+            mixed = torch.zeros_like(base, dtype=acc)
+            divisor = torch.zeros_like(base, dtype=acc) if self.normalize else None
             for w, d in zip(weight, deltas):
                 agreeing = d.mul_(sign).clamp_min_(0)
                 mixed.add_(agreeing)
                 if divisor is not None:
                     divisor.add_(torch.gt(agreeing, 0, out=agreeing), alpha=w)
-            mixed.mul_(sign)
+            mixed = mixed.to(base.dtype).mul_(sign)
             del deltas, direction, sign
             if divisor is not None:
-                if min(weight) >= _DIVISOR_EPS:  # the divisor is 0 (where nothing agrees, and mixed is 0) or ≥ the least weight
-                    divisor.clamp_min_(_DIVISOR_EPS)
+                divisor = divisor.to(base.dtype)
+                if min(weight) >= self.divisor_eps:  # the divisor is 0 (where nothing agrees, and mixed is 0) or ≥ the least weight
+                    divisor.clamp_min_(self.divisor_eps)
                 else:
                     divisor.masked_fill_(divisor.abs() < _DIVISOR_EPS, 1.0)
         if self.normalize:

@@ -15,6 +15,7 @@ from modelalloy import arch
 from modelalloy.config import MergeConfig, check_setting, evaluate_setting
 from modelalloy.errors import ConfigError, PlanError
 from modelalloy.io.checkpoint import Checkpoint
+from modelalloy.io.output import check_support_files
 from modelalloy.io.safetensors_format import TensorLocation
 from modelalloy.io.stats_file import stat_key
 from modelalloy.methods import MergeMethod, Param, get_method
@@ -25,16 +26,25 @@ from modelalloy.plan.vocab import VocabPlan, build_vocab, tokenizer_config
 
 
 
-def make_plan(config: MergeConfig, checkpoints: Mapping[str, Checkpoint], *, allow_crimes: bool = False) -> Plan:
-    """Resolve `config` against the opened input headers; raises on anything wrong."""
+def make_plan(config: MergeConfig, checkpoints: Mapping[str, Checkpoint], *, allow_crimes: bool = False, strict: bool = False, copy_tokenizer: bool = False) -> Plan:
+    """Resolve `config` against the opened input headers; raises on anything wrong.
+
+    `strict`: a parameter the method does not take is an error even when other methods take it
+    (otherwise a warning, as mergekit ignores it). `copy_tokenizer`: the donor's tokenizer files
+    will be copied into the output, so they are checked to load (`io.output.check_support_files`)."""
     method = get_method(config.merge_method)
     notes: list[str] = []
-    check_parameter_names(config, method, notes)
+    check_parameter_names(config, method, notes, strict=strict)
     check_architectures(config, checkpoints, allow_crimes)
     slices = normalise_slices(config, method, checkpoints)
     input_dtype = DTYPES[config.dtype] if config.dtype else None
     out_dtype = DTYPES[config.out_dtype] if config.out_dtype else input_dtype
-    compute_dtype = torch.float64 if input_dtype == torch.float64 else torch.float32
+    if config.compute_dtype is not None:  # asked for: mergekit computes in `dtype` (bit-parity with it)
+        compute_dtype = DTYPES[config.compute_dtype]
+        if compute_dtype.itemsize == 2 and not method.compute_16bit:
+            raise ConfigError(f"compute_dtype: {method.name} cannot compute in {config.compute_dtype} (its SVDs need float32 or wider); remove compute_dtype")
+    else:
+        compute_dtype = torch.float64 if input_dtype == torch.float64 else torch.float32
     vocab = None
     if tokenizer_config(config) is not None:
         base = config.base_model or slices[0].base or slices[0].sources[0].model
@@ -68,6 +78,10 @@ def make_plan(config: MergeConfig, checkpoints: Mapping[str, Checkpoint], *, all
         refs = config.all_model_refs() if config.chat_template == "auto" else []
         toks = {ref: load_tokenizer(checkpoints[ref]) for ref in refs}
         chat_template = resolve_chat_template(config.chat_template, toks, refs)
+    if copy_tokenizer and vocab is None and not hasattr(checkpoints[donor], "load_tokenizer"):
+        check_support_files(checkpoints[donor].path)
+        if chat_template is not None:  # the output tokenizer is loaded and re-saved with it: load it now
+            load_tokenizer(checkpoints[donor])
     for note in notes:
         warnings.warn(note, stacklevel=2)
     return Plan(config, method, recipes, output_config, donor, input_dtype, compute_dtype, notes, vocab, chat_template)
@@ -79,6 +93,7 @@ class _Planner:
         self.out_dtype, self.notes = out_dtype, notes
         self.vocab = vocab
         self._warned: set[str] = set()
+        self._settings: dict[tuple[int, str], Any] = {}  # (id of a parameters dict, name) -> checked setting
         self._regions: dict[str, dict[str | int, list[str]]] = {}  # model -> layer or position -> names
 
     def _template(self, sl: LayerSlice) -> SliceSource:
@@ -232,12 +247,21 @@ class _Planner:
         scopes += [sl.parameters, self.config.parameters]
         for scope in scopes:
             if p.name in scope:
-                value = evaluate_setting(check_setting(scope[p.name], p.name), tensor, t)
+                value = evaluate_setting(self._setting(scope, p.name), tensor, t)
                 if value is not None:
                     return p.coerce(value, f"{tensor}" + (f" ({model})" if model else ""))
         if p.required:
             raise ConfigError(f"missing required parameter {p.name!r} for {model + ' ' if model else ''}tensor {tensor} ({self.method.name})")
         return p.default
+
+    def _setting(self, scope: dict, name: str) -> Any:
+        """`scope[name]` checked and normalised once per plan, not once per tensor (a long gradient
+        would otherwise cost its length at every tensor)."""
+        key = (id(scope), name)
+        setting = self._settings.get(key)
+        if setting is None:
+            setting = self._settings[key] = check_setting(scope[name], name)
+        return setting
 
     def _check_values(self, tensor: str, params: dict[str, Any], sl: LayerSlice) -> None:
         name = self.method.name

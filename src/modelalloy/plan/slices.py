@@ -13,7 +13,7 @@ from modelalloy import arch
 from modelalloy.config import MergeConfig, check_setting
 from modelalloy.errors import ConfigError, PlanError, did_you_mean
 from modelalloy.io.checkpoint import Checkpoint
-from modelalloy.methods import MergeMethod, Param
+from modelalloy.methods import REGISTRY, MergeMethod, Param
 
 
 
@@ -37,14 +37,26 @@ class LayerSlice:
         return self.sources[0].end - self.sources[0].start
 
 
-def check_parameter_names(config: MergeConfig, method: MergeMethod, notes: list[str]) -> None:
+def check_parameter_names(config: MergeConfig, method: MergeMethod, notes: list[str], *, strict: bool = False) -> None:
+    """Every parameter written must be one of the method's, with a valid value. A parameter of
+    another method (`int8_mask` on della_linear, `lambda` on sce, `weight` on model_stock, found in
+    published configs that mergekit runs, ignoring them) is a note unless `strict`; any other name
+    is an error with a "did you mean"."""
+    known = _all_parameter_names()
+    unused: dict[str, str] = {}  # name -> where it was first written
+
     def check(params: dict, where: str, *, per_model_scope: bool) -> None:
         for key, value in params.items():
             p = method.param(key)
             if p is None:
+                close = did_you_mean(key, method.param_names)
+                if key in known and not strict:
+                    unused.setdefault(key, where)
+                    continue
                 raise ConfigError(
-                    f"{where}: unknown parameter {key!r} for {method.name}{did_you_mean(key, method.param_names)}"
+                    f"{where}: unknown parameter {key!r} for {method.name}{close}"
                     + (f"; {method.name} takes {', '.join(method.param_names)}" if method.param_names else "; it takes none")
+                    + (" (it is a parameter of other methods: remove it, or drop --strict to have it ignored)" if key in known else "")
                 )
             if per_model_scope and not p.per_model:
                 raise ConfigError(f"{where}: {key!r} is a global parameter of {method.name}; set it in the top-level or slice parameters")
@@ -57,6 +69,16 @@ def check_parameter_names(config: MergeConfig, method: MergeMethod, notes: list[
         check(s.parameters, f"slices[{i}].parameters", per_model_scope=False)
         for j, src in enumerate(s.sources):
             check(src.parameters, f"slices[{i}].sources[{j}] ({src.model}).parameters", per_model_scope=True)
+    for key, where in unused.items():
+        notes.append(
+            f"{where}: {key!r} is not a parameter of {method.name} (it is one of other methods) and is ignored, "
+            "as mergekit ignores it; --strict makes this an error"
+        )
+
+
+def _all_parameter_names() -> frozenset[str]:
+    """Every parameter some registered method takes (mergekit's methods are all registered)."""
+    return frozenset(p.name for m in REGISTRY for p in m.params)
 
 
 def _check_written_values(p: Param, setting: Any, where: str) -> None:

@@ -120,7 +120,7 @@ class RayBackend:
                 num_gpus=1 if job.device.type == "cuda" else 0,
             )
             # Put once: every task reads the same plan and job from the object store.
-            job_ref = ray.put(dataclasses.replace(job, manifest=None))
+            job_ref = ray.put(dataclasses.replace(job, manifest=None, lock=None))
             plan_ref = ray.put(plan)
             inputs_ref = ray.put({ref: InputFiles.of(ckpt) for ref, ckpt in checkpoints.items()})
             pending = {task.remote(job_ref, plan_ref, file, inputs_ref, options): file for file in todo}
