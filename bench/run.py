@@ -593,10 +593,16 @@ def write_report(args, size, models: dict, results: list[dict], extra_rss: list[
 
 
 def run_scaling(args, sizes: list[str], methods: list[str], mergekit_methods: dict[str, list[str]], mergekit_exe: Path) -> str:
-    """Every method at each size, smallest first; the report is rewritten after each method."""
+    """Every method at each size, in the order given; the report is rewritten after each method."""
     done: list[dict] = []
     text = ""
-    for name in sizes:
+    for k, name in enumerate(sizes):
+        # The disk is shared and the run long: before each size, check again that what the rest
+        # of the run needs is still free (the report of the sizes done so far is already written).
+        refusal = disk_refusal(disk_needs(sizes[k:], [], args.variants))
+        if refusal:
+            print(refusal, file=sys.stderr)
+            raise SystemExit(2)
         size = SIZES[name]
         models = ensure_models(CACHE / "models", size, args.variants, log=log)
         work = CACHE / f"work-{name}"

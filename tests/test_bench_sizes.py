@@ -95,6 +95,24 @@ def test_refuses_in_one_line_when_the_disk_is_short(empty_cache, monkeypatch, ca
     assert not (tmp_path / "cache").exists() and not (tmp_path / "results").exists()  # nothing written
 
 
+def test_checks_the_disk_again_before_each_size(empty_cache, monkeypatch, capsys, tmp_path):
+    """Other users of the disk may take the space during a long run: a later size that no longer
+    fits stops the run before its models are generated."""
+    free = iter([100 * 10**9, 30 * 10**9])
+    monkeypatch.setattr(shutil, "disk_usage", lambda path: shutil._ntuple_diskusage(10**12, 0, next(free)))
+    sized = []
+    monkeypatch.setattr(bench_run, "ensure_models", lambda root, size, variants, log: sized.append(size.name) or {"base": tmp_path})
+    monkeypatch.setattr(bench_run, "run_methods", lambda *a, **k: [])
+    args = bench_run.argparse.Namespace(variants=2, cache="cold", threads=2, results=tmp_path / "results")
+    empty_cache.mkdir(parents=True)
+    with pytest.raises(SystemExit) as stop:
+        bench_run.run_scaling(args, ["tiny", "7b"], scaling.METHODS, {"tiny": [], "7b": []}, Path("mergekit-yaml"))
+    assert stop.value.code == 2 and sized == ["tiny"]
+    err = capsys.readouterr().err.strip().splitlines()  # tiny's progress line, then the refusal
+    assert err[-1].startswith("bench: not enough disk space") and "7b models to generate 40.4 GB" in err[-1] and "30.0 GB free" in err[-1]
+    assert not any("bench: not enough" in line for line in err[:-1])
+
+
 def test_needs_inputs_two_outputs_venv_and_margin(empty_cache):
     size = synth.SIZES["7b"]
     needs = bench_run.disk_needs(["7b"], [], 2)
