@@ -125,9 +125,11 @@ def _demo(report: Report, result: dict) -> None:
     for line in result.get("summary", []):
         report.paragraph(line)
     if result.get("specialists"):
-        report.table(["specialist", "its set", "base perplexity", "specialist perplexity", "better?"],
-                     [[s["name"], s["set"], s["base"], s["specialist"], "yes" if s["better"] else "NO"] for s in result["specialists"]],
-                     caption="each specialist on its own domain (held-out text)")
+        report.table(["specialist", "its set", "base perplexity", "specialist perplexity", "change", "Δ vs base [95 %]", "P(better)", "steps", "≥ 25 % better?"],
+                     [[s["name"], s["set"], iv.pm(s["base"], s.get("base_ci95")), iv.pm(s["specialist"], s.get("specialist_ci95")),
+                       f"{-100 * s['gain']:+.1f} %" if s.get("gain") is not None else None, iv.delta(s.get("vs_base")), iv.p_better(s.get("vs_base")),
+                       s.get("steps"), "yes" if s["better"] else "NO"] for s in result["specialists"]],
+                     caption=f"each specialist on its own domain (held-out text; {iv.PM_LEGEND})")
     if result.get("timings"):
         report.table(["step", "seconds"], [[k, round(v, 1)] for k, v in result["timings"].items()], caption="timings")
     _rate(report, result["rate"], heading="Merge rate of the specialists")
