@@ -120,7 +120,8 @@ def peft_deltas(pm) -> dict[str, torch.Tensor]:
 
 def main() -> None:
     from modelalloy.compose.lora import apply_adapter, combine_adapters, extract_adapter
-    from modelalloy.compose.moe import build_moe, parse_moe_config
+    from modelalloy.compose.moe import build_moe
+    from modelalloy.compose.moe_config import parse_moe_config
     from modelalloy.compose.stack import graft, parse_stack_config, stack
 
     ap = argparse.ArgumentParser()

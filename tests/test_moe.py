@@ -13,7 +13,8 @@ from typer.testing import CliRunner
 
 from modelalloy.cli import app
 from modelalloy.errors import ConfigError, PlanError
-from modelalloy.compose.moe import build_moe, parse_moe_config
+from modelalloy.compose.moe import build_moe
+from modelalloy.compose.moe_config import parse_moe_config
 
 IDS = torch.tensor([[1, 5, 9, 33, 70, 101, 127, 2]])
 

@@ -18,7 +18,8 @@ from safetensors.torch import load_file
 import modelalloy
 from modelalloy.engine.inputs import all_finite as _all_finite
 from modelalloy.io.opener import open_checkpoint
-from modelalloy.methods.task_vectors import kth_largest_magnitude, magnitude_mask
+from modelalloy.methods.radix_select import kth_largest_magnitude
+from modelalloy.methods.sparsifiers import magnitude_mask
 from modelalloy.engine.readahead import ReadAhead
 
 

@@ -24,7 +24,7 @@ from modelalloy.io.direct import ALIGN
 from modelalloy.io.spans import SpanReader
 from modelalloy.methods import REGISTRY, get_method
 from modelalloy.methods.blockwise import Block, TensorSpec, as_rows
-from modelalloy.methods.task_vectors import RadixSelect
+from modelalloy.methods.radix_select import RadixSelect
 
 BLOCKWISE = sorted(m.name for m in REGISTRY if m.blockwise)
 

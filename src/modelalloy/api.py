@@ -1,8 +1,8 @@
-"""The library's front door: `merge` and `plan_merge`, what `alloy merge` and `alloy plan` call."""
+"""The library's front door: `merge`, `plan_merge` and `plan_summary`, what `alloy merge` and `alloy plan` call."""
 
 from __future__ import annotations
 
-from collections.abc import Callable
+from collections.abc import Callable, Mapping
 from contextlib import ExitStack
 from pathlib import Path
 
@@ -50,6 +50,30 @@ def plan_merge(config: str | Path | MergeConfig, *, options: MergeOptions = Merg
     cfg = as_config(config)
     models = open_models(cfg, allow_pickle=options.allow_pickle)
     return make_plan(cfg, models, allow_crimes=options.allow_crimes), models
+
+
+def plan_summary(plan: Plan, models: Mapping[str, Checkpoint], *, threads: int, tensors: bool = False) -> dict:
+    """What `alloy plan` reports: method, models, sizes, the peak-RAM estimate for `threads`, notes;
+    the vocabulary report when tokenizers are aligned, and with `tensors` every output tensor's recipe."""
+    summary = {
+        "method": plan.method.name,
+        "models": list(models),
+        "base_model": plan.config.base_model,
+        "tensors": len(plan.recipes),
+        "output_bytes": plan.output_bytes,
+        "input_bytes": plan.input_bytes(models),
+        "peak_memory_bytes": plan.peak_memory_estimate(threads),
+        "layers": plan.output_config.get("num_hidden_layers", plan.output_config.get("n_layer")),
+        "notes": plan.notes,
+    }
+    if plan.vocab is not None:
+        summary["vocabulary"] = plan.vocab.report
+    if tensors:
+        summary["recipes"] = [
+            {"name": r.name, "method": r.method, "inputs": [f"{s.model}:{s.tensor}" for s in r.sources()], "shape": list(r.shape), "dtype": str(r.out_dtype).removeprefix("torch."), "params": r.params}
+            for r in plan.recipes
+        ]
+    return summary
 
 
 def merge(

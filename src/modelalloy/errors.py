@@ -8,7 +8,7 @@
      └── MergeError            a merge produced something unusable (NaN/Inf), named by tensor
 
 Every message is one line that names the file, tensor, field or value and, where there is one,
-the fix. Only `cli.py` prints and picks the exit code; the library raises.
+the fix. Only `modelalloy.cli` prints errors and picks the exit code; the library raises.
 """
 
 from __future__ import annotations

@@ -15,13 +15,13 @@ else the mean over the models that have it. Padding rows (rows past the last tok
 Hewitt (2021, "Initializing new word embeddings for pretrained language models") advises.
 
 Everything over the vocabulary is done with index tensors; Python only loops over models and
-over the tokens named in the config.
+over the tokens named in the config. Reading and editing the tokenizers, and the chat template,
+are in `tokenizer.py`; the report's text and HTML forms in `vocab_report.py`.
 """
 
 from __future__ import annotations
 
 import copy
-import html
 import math
 import re
 from dataclasses import dataclass, field
@@ -33,7 +33,8 @@ import torch
 
 from modelalloy import arch
 from modelalloy.config import MergeConfig, ModelTokenSource, TokenizerConfig, ZeroSource
-from modelalloy.errors import CheckpointError, ConfigError, PlanError, did_you_mean
+from modelalloy.errors import ConfigError, PlanError, did_you_mean
+from modelalloy.tokenizer import added_tokens, load_tokenizer, resolve_chat_template, special_tokens, vocab_within, without_tokens
 
 if TYPE_CHECKING:
     from collections.abc import Mapping
@@ -76,25 +77,6 @@ def vocab_tensor_names(ckpt: Checkpoint) -> set[str]:
         and arch.role(name).position != "layer"
         and not _NOT_VOCAB.search(name)
     }
-
-
-def load_tokenizer(ckpt: Checkpoint):
-    """The model's fast tokenizer (transformers), or a one-line CheckpointError."""
-    own = getattr(ckpt, "load_tokenizer", None)
-    if own is not None:  # GGUF files carry their tokenizer in the metadata
-        return own()
-    from transformers import AutoTokenizer
-
-    try:
-        tok = AutoTokenizer.from_pretrained(str(ckpt.path), use_fast=True, local_files_only=True)
-    except Exception as e:  # transformers raises OSError, ValueError, KeyError... for missing files
-        raise CheckpointError(
-            f"{ckpt.ref}: cannot load its tokenizer ({type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''}); "
-            "vocabulary alignment needs tokenizer.json (or files transformers can convert) beside the weights"
-        ) from None
-    if not getattr(tok, "is_fast", False):
-        raise CheckpointError(f"{ckpt.ref}: only a slow (Python) tokenizer is available; save a fast tokenizer (tokenizer.json)")
-    return tok
 
 
 @dataclass(frozen=True)
@@ -187,30 +169,6 @@ def _lookup(tokens: list[str | None], vocab: dict[str, int]) -> torch.Tensor:
     return torch.from_numpy(np.fromiter(map(vocab.get, tokens, repeat(-1)), dtype=np.int64, count=len(tokens)))
 
 
-def _vocab_within(tok, rows: int) -> tuple[dict[str, int], list[str]]:
-    """The tokenizer's token -> id map, without ids the embedding has no row for (those are listed)."""
-    vocab = tok.get_vocab()
-    if not vocab or max(vocab.values()) < rows:
-        return vocab, []
-    kept = {t: i for t, i in vocab.items() if i < rows}
-    stripped = sorted((t for t, i in vocab.items() if i >= rows), key=vocab.get)
-    return kept, stripped
-
-
-def _special_tokens(tok) -> set[str]:
-    specials = set(getattr(tok, "all_special_tokens", []) or [])
-    for added in (getattr(tok, "added_tokens_decoder", None) or {}).values():
-        if getattr(added, "special", False):
-            specials.add(str(added))
-    return specials
-
-
-def _added_tokens(tok) -> list[str]:
-    """Tokens added on top of the tokenizer's model (chat markers...), in id order."""
-    decoder = getattr(tok, "added_tokens_decoder", None) or {}
-    return [str(decoder[i]) for i in sorted(decoder)]
-
-
 def build_vocab(
     config: MergeConfig,
     checkpoints: Mapping[str, Checkpoint],
@@ -238,8 +196,8 @@ def build_vocab(
     vocabs: dict[str, dict[str, int]] = {}
     stripped: dict[str, list[str]] = {}
     for ref in refs:
-        vocabs[ref], stripped[ref] = _vocab_within(toks[ref], rows_of[ref])
-    specials = set().union(*(_special_tokens(t) for t in toks.values()))
+        vocabs[ref], stripped[ref] = vocab_within(toks[ref], rows_of[ref])
+    specials = set().union(*(special_tokens(t) for t in toks.values()))
 
     source = base if tcfg.source == "base" else tcfg.source
     out_tok = copy.deepcopy(toks[base if source == "union" else source])
@@ -247,14 +205,14 @@ def build_vocab(
     # A tokenizer may list ids past its embedding (mergekit strips them too): drop them from the output.
     donor_ref = base if source == "union" else source
     if stripped[donor_ref]:
-        out_tok = _without_tokens(out_tok, stripped[donor_ref], donor_ref)
+        out_tok = without_tokens(out_tok, stripped[donor_ref], donor_ref)
     out_vocab = out_tok.get_vocab()
     to_add: list[str] = []
     if source == "union":
         # Added tokens of every model join the output; tokens of a different base vocabulary cannot
         # be added faithfully (they would need that model's merges), so they are reported as dropped.
         for ref in refs:
-            to_add += [t for t in _added_tokens(toks[ref]) if t in vocabs[ref] and t not in out_vocab]
+            to_add += [t for t in added_tokens(toks[ref]) if t in vocabs[ref] and t not in out_vocab]
     to_add += [t for t in tcfg.tokens if t not in out_vocab]
     to_add = list(dict.fromkeys(to_add))
     if to_add:
@@ -399,117 +357,3 @@ def build_vocab(
     for ref in refs:
         plan.vocab_tensors |= vocab_tensor_names(checkpoints[ref])
     return plan
-
-
-def _without_tokens(tok, drop: list[str], ref: str):
-    """A copy of `tok` without the added tokens `drop` (ids past the embedding)."""
-    import json
-
-    from tokenizers import Tokenizer
-    from transformers import PreTrainedTokenizerFast
-
-    state = json.loads(tok.backend_tokenizer.to_str())
-    dropset = set(drop)
-    in_model = [t for t in drop if t in (state.get("model", {}).get("vocab") or {})]
-    if in_model:
-        raise PlanError(
-            f"{ref}: its tokenizer has {len(drop)} tokens past the {min(tok.get_vocab()[t] for t in drop)} embedding rows, "
-            f"some in the base vocabulary (e.g. {in_model[0]!r}); this model's tokenizer and weights do not match"
-        )
-    state["added_tokens"] = [a for a in state.get("added_tokens", []) if a["content"] not in dropset]
-    backend = Tokenizer.from_str(json.dumps(state))
-    specials = {k: v for k, v in tok.special_tokens_map.items() if isinstance(v, str) and v not in dropset}
-    return PreTrainedTokenizerFast(tokenizer_object=backend, **specials)
-
-
-# ---------------------------------------------------------------------------------- chat template
-
-# Written for modelalloy from the formats' public descriptions (ChatML, Llama 3, Alpaca, Mistral).
-CHAT_TEMPLATES = {
-    "chatml": (
-        "{% for message in messages %}{{ '<|im_start|>' + message['role'] + '\\n' + message['content'] + '<|im_end|>\\n' }}"
-        "{% endfor %}{% if add_generation_prompt %}{{ '<|im_start|>assistant\\n' }}{% endif %}"
-    ),
-    "llama3": (
-        "{{ bos_token }}{% for message in messages %}{{ '<|start_header_id|>' + message['role'] + '<|end_header_id|>\\n\\n'"
-        " + message['content'] | trim + '<|eot_id|>' }}{% endfor %}"
-        "{% if add_generation_prompt %}{{ '<|start_header_id|>assistant<|end_header_id|>\\n\\n' }}{% endif %}"
-    ),
-    "alpaca": (
-        "{% for message in messages %}{% if message['role'] == 'system' %}{{ message['content'] + '\\n\\n' }}"
-        "{% elif message['role'] == 'user' %}{{ '### Instruction:\\n' + message['content'] + '\\n\\n' }}"
-        "{% else %}{{ '### Response:\\n' + message['content'] + eos_token + '\\n\\n' }}{% endif %}{% endfor %}"
-        "{% if add_generation_prompt %}{{ '### Response:\\n' }}{% endif %}"
-    ),
-    "mistral": (
-        "{{ bos_token }}{% for message in messages %}{% if message['role'] == 'user' %}{{ '[INST] ' + message['content'] + ' [/INST]' }}"
-        "{% elif message['role'] == 'assistant' %}{{ message['content'] + eos_token }}{% endif %}{% endfor %}"
-    ),
-}
-
-
-def resolve_chat_template(setting: str | None, toks: Mapping[str, Any], refs: list[str]) -> str | None:
-    """`auto`: the template most inputs share (first mentioned wins ties); a builtin name; or the literal."""
-    if setting is None:
-        return None
-    if setting == "auto":
-        found = [t for t in (getattr(toks[r], "chat_template", None) for r in refs) if isinstance(t, str)]
-        if not found:
-            return None
-        return max(dict.fromkeys(found), key=found.count)
-    return CHAT_TEMPLATES.get(setting, setting)
-
-
-# ---------------------------------------------------------------------------------------- report
-
-
-def format_report(report: dict, *, limit: int = 8) -> str:
-    """The vocabulary report as terminal text: one paragraph per model."""
-
-    def some(items) -> str:
-        items = list(items)
-        shown = ", ".join(repr(t) for t in items[:limit])
-        return shown + (f" … (+{len(items) - limit})" if len(items) > limit else "")
-
-    lines = [
-        f"vocabulary: {report['tokens']} tokens in {report['rows']} rows"
-        + (f" ({report['padding_rows']} padding)" if report["padding_rows"] else "")
-        + f", source {report['source']}",
-    ]
-    if report["added"]:
-        lines.append(f"  added beyond the base: {some(report['added'])}")
-    for ref, m in report["models"].items():
-        lines.append(f"  {ref}: {m['tokens']} tokens, {m['embedding_rows']} rows; {m['remapped']} remapped")
-        by_how: dict[str, list[str]] = {}
-        for token, how in m["filled"].items():
-            by_how.setdefault(how, []).append(token)
-        for how, toks in by_how.items():
-            lines.append(f"    filled {how}: {some(toks)}")
-        if m["padding_rows_mean"]:
-            lines.append(f"    {m['padding_rows_mean']} padding rows: its mean embedding")
-        if m["stripped"]:
-            lines.append(f"    stripped (id past the embedding): {some(m['stripped'])}")
-        if m["dropped"]:
-            lines.append(f"    dropped (not in the output vocabulary): {some(m['dropped'])}")
-    return "\n".join(lines)
-
-
-def report_html(report: dict, *, limit: int = 50) -> str:
-    """The vocabulary report as an HTML <section> for the merge report page."""
-    e = html.escape
-    out = [
-        '<section class="vocabulary"><h2>Vocabulary</h2>',
-        f"<p>{report['tokens']} tokens in {report['rows']} embedding rows ({report['padding_rows']} padding), "
-        f"source <code>{e(str(report['source']))}</code>.</p>",
-    ]
-    if report["added"]:
-        out.append("<p>Added beyond the base: " + ", ".join(f"<code>{e(t)}</code>" for t in report["added"][:limit]) + "</p>")
-    out.append("<table><tr><th>model</th><th>tokens</th><th>rows</th><th>remapped</th><th>filled</th><th>dropped</th><th>stripped</th></tr>")
-    for ref, m in report["models"].items():
-        filled = "<br>".join(f"<code>{e(t)}</code>: {e(h)}" for t, h in list(m["filled"].items())[:limit])
-        out.append(
-            f"<tr><td>{e(ref)}</td><td>{m['tokens']}</td><td>{m['embedding_rows']}</td><td>{m['remapped']}</td>"
-            f"<td>{filled}</td><td>{len(m['dropped'])}</td><td>{len(m['stripped'])}</td></tr>"
-        )
-    out.append("</table></section>")
-    return "\n".join(out)

@@ -275,7 +275,7 @@ def test_della_matches_numpy():
 
 
 def test_della_keep_probabilities_follow_magnitude_rank():
-    from modelalloy.methods.task_vectors import della_keep_probability
+    from modelalloy.methods.sparsifiers import della_keep_probability
 
     delta = np.array([[0.3, -0.1, 0.2, 0.0, -0.5], [1.0, 2.0, -3.0, 0.5, 0.5]])
     got = della_keep_probability(t(delta), 0.5, 0.2).double().numpy()

@@ -117,9 +117,9 @@ def wide_console(monkeypatch):
     """Rich fixes the console width when it is created; a wide one keeps table rows on one line."""
     from rich.console import Console
 
-    import modelalloy.cli as cli
+    from modelalloy.cli import common
 
-    monkeypatch.setattr(cli, "out", Console(width=400))
+    monkeypatch.setattr(common, "out", Console(width=400))
 
 
 def test_alloy_methods_lists_every_method_with_parameters_defaults_base_rule_and_reference():

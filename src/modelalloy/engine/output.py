@@ -19,7 +19,8 @@ from modelalloy.engine.options import MergeOptions, resolve_device
 from modelalloy.errors import OutputError
 from modelalloy.io.checkpoint import Checkpoint
 from modelalloy.io.manifest import Manifest, open_partial
-from modelalloy.io.output import write_model_card, write_tokenizer_files
+from modelalloy.engine.model_card import write_model_card
+from modelalloy.io.output import write_tokenizer_files
 from modelalloy.io.writer import OutputTensor, ShardedWriter, layout_shards, parse_size, shard_names, write_text_durably
 from modelalloy.plan import Plan, TensorRecipe
 from modelalloy.version import __version__

@@ -7,7 +7,8 @@ import torch
 from torch import Tensor
 
 from modelalloy.methods.registry import Param, in_range, merge_method
-from modelalloy.methods.task_vectors import consensus_sign, descending_rank_window
+from modelalloy.methods.sparsifiers import descending_rank_window
+from modelalloy.methods.task_vector_merge import consensus_sign
 
 _DIVISOR_MIN = 1e-6
 _UNIFORM_BELOW = 1e-6

@@ -1,84 +1,17 @@
-"""The merge configuration: mergekit's YAML schema, accepted as is, checked strictly.
+"""The merge configuration's pydantic models: mergekit's YAML schema, accepted as is, checked strictly.
 
-Parameter values (mergekit's ``ParameterSetting``) are one of:
-  - a scalar: ``0.5``, ``true``, ``"l1"``;
-  - a gradient: ``[0, 0.5, 1]``, interpolated linearly at t = layer / (layers in slice − 1),
-    anchors evenly spaced; a list of non-numbers picks ``list[int(t·(len−1))]``;
-  - a conditional list: ``[{filter: self_attn, value: ...}, {value: ...}]``; the first entry whose
-    filter is empty/``*`` or a substring of the tensor name wins, and its value may be a gradient.
-A conditional list where nothing matches means "not set here": the next scope is asked.
-Scopes, highest first: the model's own parameters, the slice's, the top level's (METHODS.md).
-
-Unlike mergekit, an unknown key anywhere is an error with a "did you mean".
+`MergeConfig` and its parts (models, slices, the tokenizer section), and `model_ref`, which reads
+a model entry in any of mergekit's forms. Parameter values are left as written here; `settings`
+checks and evaluates them. Unlike mergekit, an unknown key anywhere is an error.
 """
 
 from __future__ import annotations
 
-from collections.abc import Callable, Iterable
-from pathlib import Path
 from typing import Any, Literal, Union
 
-import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
-from modelalloy.errors import ConfigError, ModelAlloyError, did_you_mean
-
-Scalar = Union[bool, int, float, str]
-
-
-class Conditional(BaseModel):
-    model_config = ConfigDict(extra="forbid", frozen=True)
-    filter: str | None = None
-    value: Any
-
-
-ParameterSetting = Any  # validated by `check_setting`; pydantic unions report poorly here
-
-
-def check_setting(value: Any, where: str) -> Any:
-    """Normalise one parameter setting (see module docstring); conditional dicts become `Conditional`."""
-    if isinstance(value, (bool, int, float, str)):
-        return value
-    if isinstance(value, list):
-        if not value:
-            raise ConfigError(f"{where}: an empty list is not a parameter value")
-        if all(isinstance(v, (bool, int, float, str)) for v in value):
-            return value
-        if all(isinstance(v, dict) for v in value):
-            out = []
-            for i, entry in enumerate(value):
-                unknown = set(entry) - {"filter", "value"}
-                if unknown:
-                    key = sorted(unknown)[0]
-                    raise ConfigError(f"{where}[{i}]: unknown key {key!r}{did_you_mean(key, ['filter', 'value'])}; entries are {{filter, value}}")
-                if "value" not in entry:
-                    raise ConfigError(f"{where}[{i}]: a conditional entry needs a 'value'")
-                out.append(Conditional(filter=entry.get("filter"), value=check_setting(entry["value"], f"{where}[{i}].value")))
-            return out
-        raise ConfigError(f"{where}: a list must be all numbers (a gradient), all strings, or all {{filter, value}} entries")
-    if value is None:
-        raise ConfigError(f"{where}: empty value")
-    raise ConfigError(f"{where}: {type(value).__name__} is not a parameter value (scalar, list or filter list)")
-
-
-def evaluate_setting(setting: Any, tensor_name: str, t: float) -> Any:
-    """The value of a setting for one tensor at depth t ∈ [0, 1]; None when no filter matches."""
-    if isinstance(setting, (bool, int, float, str)):
-        return setting
-    if isinstance(setting, list):
-        if setting and isinstance(setting[0], Conditional):
-            for entry in setting:
-                if entry.filter in (None, "*") or entry.filter in tensor_name:
-                    return evaluate_setting(entry.value, tensor_name, t)
-            return None
-        if all(isinstance(v, (int, float)) and not isinstance(v, bool) for v in setting):
-            scaled = t * (len(setting) - 1)
-            i0 = min(int(scaled), len(setting) - 1)
-            i1 = min(i0 + 1, len(setting) - 1)
-            frac = scaled - i0
-            return (1 - frac) * setting[i0] + frac * setting[i1]
-        return setting[int(t * (len(setting) - 1))]
-    return None
+from modelalloy.errors import did_you_mean
 
 
 class _Strict(BaseModel):
@@ -352,121 +285,3 @@ class MergeConfig(_Strict):
 
 # dtype names mergekit accepts, plus float64 (METHODS.md: compute in float64 when asked).
 DTYPE_NAMES = ("bfloat16", "float16", "float32", "float64", "int64")
-
-
-def _yaml_position(text: str, loc: tuple) -> str:
-    """'line L, column C' of the YAML key or item at a pydantic error location, '' if not found."""
-    try:
-        node = yaml.compose(text)
-    except yaml.YAMLError:
-        return ""
-    mark = None
-    for key in loc:
-        if isinstance(node, yaml.MappingNode):
-            pair = next(((k, v) for k, v in node.value if k.value == key), None)
-            if pair is None:
-                break
-            mark, node = pair[0].start_mark, pair[1]  # point at the key the user wrote
-        elif isinstance(node, yaml.SequenceNode) and isinstance(key, int) and key < len(node.value):
-            node = node.value[key]
-            mark = node.start_mark
-        else:
-            break
-    if mark is None:
-        return ""
-    return f"line {mark.line + 1}, column {mark.column + 1}"
-
-
-_FIELDS = {
-    (): MergeConfig,
-    ("models",): InputModel,
-    ("slices",): OutputSlice,
-    ("slices", "sources"): InputSlice,
-    ("tokenizer",): TokenizerConfig,
-    ("tokenizer", "tokens"): TokenEmbedding,
-    ("tokenizer", "tokens", "source"): ModelTokenSource,
-}
-
-
-def _explain(err: dict, text: str, source: str) -> str:
-    loc = tuple(x for x in err["loc"] if not (isinstance(x, str) and x.startswith(("function-", "tagged-union"))))
-    path = ".".join(str(x) for x in loc) or "(top level)"
-    pos = _yaml_position(text, loc)
-    at = f"{source}: {path}" + (f" ({pos})" if pos else "")
-    if err["type"] == "extra_forbidden":
-        key = str(loc[-1])
-        owner = _FIELDS.get(tuple(x for x in loc[:-1] if isinstance(x, str)))
-        known = list(owner.model_fields) if owner else []
-        return f"{at}: unknown key {key!r}{did_you_mean(key, known)}"
-    if err["type"] == "missing":
-        return f"{at}: required field missing"
-    msg = err["msg"].removeprefix("Value error, ")
-    return f"{at}: {msg}"
-
-
-def validation_line(err: ValidationError, source: str, fields_at: Callable[[tuple], Iterable[str]]) -> str:
-    """One line for pydantic's first error: 'SOURCE: where: message'; an unknown key gets a
-    "did you mean" among `fields_at(location)`."""
-    first = err.errors()[0]
-    loc = first["loc"]
-    where = ".".join(str(x) for x in loc) or "(top level)"
-    if first["type"] == "extra_forbidden":
-        key = str(loc[-1])
-        return f"{source}: {where}: unknown key {key!r}{did_you_mean(key, fields_at(loc))}"
-    msg = "required field missing" if first["type"] == "missing" else first["msg"].removeprefix("Value error, ")
-    return f"{source}: {where}: {msg}"
-
-
-def read_yaml_file(path: str | Path, what: str, error: type[ModelAlloyError] = ConfigError) -> Any:
-    """The YAML document in `path` (a merge, MoE, stack, search or evals file); a missing,
-    unreadable or invalid file is one `error` line naming it."""
-    path = Path(path)
-    try:
-        return yaml.safe_load(path.read_text(encoding="utf-8"))
-    except FileNotFoundError:
-        raise error(f"{path}: {what} not found") from None
-    except (OSError, UnicodeDecodeError, yaml.YAMLError, ValueError) as e:
-        raise error(f"{path}: cannot read the {what} ({str(e).splitlines()[0]})") from None
-
-
-def load_config(path: str | Path) -> MergeConfig:
-    """Read and validate a merge YAML file; every problem is a one-line `ConfigError`."""
-    path = Path(path)
-    try:
-        text = path.read_text(encoding="utf-8")
-    except FileNotFoundError:
-        raise ConfigError(f"{path}: config file not found") from None
-    except (OSError, UnicodeDecodeError) as e:
-        raise ConfigError(f"{path}: cannot read config ({e})") from None
-    return parse_config(text, source=str(path))
-
-
-def parse_config(text: str, *, source: str = "<config>") -> MergeConfig:
-    try:
-        docs = [d for d in yaml.safe_load_all(text) if d is not None]
-    except yaml.YAMLError as e:
-        mark = getattr(e, "problem_mark", None)
-        where = f" (line {mark.line + 1}, column {mark.column + 1})" if mark else ""
-        problem = getattr(e, "problem", None) or str(e).splitlines()[0]
-        raise ConfigError(f"{source}: not valid YAML{where}: {problem}") from None
-    except RecursionError:
-        raise ConfigError(f"{source}: not valid YAML: nested too deeply") from None
-    except Exception as e:  # noqa: BLE001 PyYAML's constructors raise plain built-in errors on bad scalars (2001-02-30, !!int 0x, !!int)
-        raise ConfigError(f"{source}: not valid YAML: a value cannot be read ({type(e).__name__}: {e})") from None
-    if len(docs) != 1:
-        raise ConfigError(
-            f"{source}: expected one YAML document, found {len(docs)}"
-            + ("; multi-document (mergekit-multi) files are not supported yet" if len(docs) > 1 else "")
-        )
-    data = docs[0]
-    if not isinstance(data, dict):
-        raise ConfigError(f"{source}: the config must be a mapping with merge_method and models or slices")
-    try:
-        config = MergeConfig.model_validate(data)
-    except ValidationError as e:
-        raise ConfigError(_explain(e.errors()[0], text, source)) from None
-    except ValueError as e:
-        raise ConfigError(f"{source}: {e}") from None
-    except RecursionError:
-        raise ConfigError(f"{source}: the config is nested too deeply") from None
-    return config

@@ -1,0 +1,146 @@
+"""`alloy demo`, `demo-search` and `search`: whole studies, and searching merge parameters."""
+
+from __future__ import annotations
+
+import json
+import warnings
+from pathlib import Path
+from typing import Annotated, Optional
+
+import typer
+from rich.table import Table
+
+from modelalloy.cli import common
+from modelalloy.cli.common import DEFAULTS, JsonOpt, SaveOpt, eval_progress, fail, option_help, show_warnings
+from modelalloy.errors import ModelAlloyError
+
+
+def _print_trial(r) -> None:
+    """One finished search trial, a line on stderr."""
+    value = "failed: " + r.error if r.error else ", ".join(f"{v:.4g}" for v in r.values)
+    best = ", ".join(f"{v:.4g}" for v in r.best) if r.best else "-"
+    eta = f"{r.eta:.0f}s" if r.eta is not None else "?"
+    common.err.print(f"trial {r.number:>3} [{r.done}/{r.total}] {value}  best {best}  ETA {eta}", highlight=False, soft_wrap=True)
+
+
+def demo(
+    cache: Annotated[Path, typer.Option(help="where the base, the specialists and the scores are kept")] = Path(".cache/demo"),
+    methods: Annotated[str, typer.Option(help="merge methods to compare")] = "linear,task_arithmetic,ties,dare_ties,dare_linear,della",
+    domains: Annotated[str, typer.Option(help="specialist domains: shakespeare, german, code (news is always the held-out control)")] = "shakespeare,german",
+    report: Annotated[Optional[Path], typer.Option("--report", help="HTML report (default: CACHE/report.html)")] = None,
+    save: SaveOpt = None,
+    as_json: JsonOpt = False,
+) -> None:
+    """A real study: SmolLM2-135M fine-tuned into specialists on CPU, merged every way, rated.
+
+    The first run converts the base and fine-tunes the specialists (minutes); later runs reuse them.
+    """
+    import time as _time
+
+    from modelalloy.apps.demo import DemoSettings, run_demo
+    from modelalloy.report.terminal import print_rates, save_outputs
+
+    start = _time.perf_counter()
+    bar, on_progress = eval_progress()
+    settings = DemoSettings(domains=tuple(d.strip() for d in domains.split(",") if d.strip()))
+    with warnings.catch_warnings(record=True):
+        warnings.simplefilter("ignore")  # transformers' GGUF and tokenizer notices are not the user's concern here
+        try:
+            with bar:
+                result = run_demo(cache, settings=settings, methods=tuple(m.strip() for m in methods.split(",") if m.strip()), progress=on_progress)
+        except ModelAlloyError as e:
+            fail(e)
+    payload = result.to_json()
+    payload["timings"]["total"] = _time.perf_counter() - start
+    if not as_json:
+        t = Table(title="each specialist on held-out text of its own domain (perplexity, lower is better)")
+        for col in ("specialist", "domain", "base", "specialist ", "change", "better?"):
+            t.add_column(col, justify="right" if col not in ("specialist", "domain") else "left")
+        for s in result.specialists:
+            t.add_row(s["name"], s["set"], f"{s['base']:.2f}", f"{s['specialist']:.2f}", f"{100 * (s['specialist'] / s['base'] - 1):+.1f}%", "yes" if s["better"] else "[red]NO[/]")
+        common.out.print(t)
+        print_rates(common.out, common.err, result.rate)
+        common.out.print("timings: " + ", ".join(f"{k} {v:.1f}s" for k, v in payload["timings"].items()), highlight=False)
+    for s in result.specialists:
+        if not s["better"]:
+            common.err.print(f"[yellow]warning:[/] the {s['name']} specialist is not measurably better than the base on {s['set']}", highlight=False)
+    save_outputs(common.out, common.err, payload, save, report or cache / "report.html", as_json)
+
+
+def demo_search(
+    cache: Annotated[Path, typer.Option(help="alloy demo's cache: the base and the specialists (built there if missing)")] = Path(".cache/demo"),
+    out_dir: Annotated[Optional[Path], typer.Option("--out", help="search output (default: CACHE/search)")] = None,
+    method: Annotated[str, typer.Option(help="searched method: ties or dare_ties")] = "dare_ties",
+    trials: Annotated[int, typer.Option(help="search trials")] = 40,
+    sampler: Annotated[str, typer.Option(help="tpe, cmaes or random")] = "tpe",
+    layer_groups: Annotated[int, typer.Option(help="depth anchors per parameter")] = 4,
+    tokens: Annotated[int, typer.Option(help="tokens scored per domain, search and held-out")] = 256,
+    resume: Annotated[bool, typer.Option("--resume", help="continue the search in OUT")] = False,
+    force: Annotated[bool, typer.Option("--force", help="delete OUT and start over")] = False,
+    as_json: JsonOpt = False,
+) -> None:
+    """Search TIES/DARE-TIES weights and densities on the demo's specialists; compare on held-out text."""
+    from modelalloy.apps.demo_search import DemoSearchSettings, run_demo_search
+    from modelalloy.report.terminal import fmt
+
+    settings = DemoSearchSettings(method=method, trials=trials, sampler=sampler, layer_groups=layer_groups, search_tokens=tokens, heldout_tokens=tokens)
+
+    with warnings.catch_warnings(record=True):
+        warnings.simplefilter("ignore")
+        try:
+            result = run_demo_search(cache, out_dir, settings=settings, resume=resume, force=force, trial_progress=_print_trial,
+                                     progress=lambda what, d, t: common.err.print(f"{what} [{d}/{t}]", highlight=False))
+        except ModelAlloyError as e:
+            fail(e)
+    if as_json:
+        common.out.print_json(json.dumps(result.to_json()))
+        return
+    sets = list(next(iter(result.table.values())))
+    t = Table(title=f"held-out perplexity (lower is better); searched = best of {result.trials} {method} trials")
+    for col in ("model", *[s.removeprefix("heldout_") for s in sets], "mean log-ppl", "mean NAI", "forgetting"):
+        t.add_column(col, justify="left" if col == "model" else "right")
+    rows = {r["model"]: r for r in result.rows}
+    for model, scores in result.table.items():
+        r = rows.get(model, {})
+        t.add_row(model, *[fmt(scores[s], 2) for s in sets], fmt(r.get("mean_log_ppl"), 4), fmt(r.get("mean_nai")), fmt(r.get("forgetting")))
+    common.out.print(t)
+    verdict = "beats" if result.searched_beats_fixed else "does NOT beat"
+    common.out.print(f"the searched best {verdict} the best fixed method ({result.best_fixed}) on held-out mean log-perplexity; "
+                     + ", ".join(f"{k} {v:.0f}s" for k, v in result.timings.items()), highlight=False)
+
+
+def search(
+    spec_file: Annotated[Path, typer.Argument(help="search space and objective (SEARCH.yaml)")],
+    out_dir: Annotated[Path, typer.Argument(help="output directory: study.db, best.yaml, trials, plots")],
+    resume: Annotated[bool, typer.Option("--resume", help="continue the search stored in OUT_DIR/study.db")] = False,
+    force: Annotated[bool, typer.Option("--force", help="delete OUT_DIR and start over")] = False,
+    trials: Annotated[Optional[int], typer.Option("--trials", help="complete trials wanted (overrides the file)")] = None,
+    use_ray: Annotated[bool, typer.Option("--ray", help="run trials in parallel as Ray actors (a local Ray instance)")] = False,
+    ray_address: Annotated[Optional[str], typer.Option("--ray-address", help="join an existing Ray cluster")] = None,
+    storage: Annotated[Optional[str], typer.Option("--storage", help="optuna storage URL (default: sqlite in OUT_DIR)")] = None,
+    device: Annotated[str, typer.Option(help=option_help("device"))] = DEFAULTS.device,
+    quiet: Annotated[bool, typer.Option("--quiet", "-q", help="no per-trial lines")] = False,
+    as_json: Annotated[bool, typer.Option("--json", help="print the summary as JSON")] = False,
+) -> None:
+    """Search merge parameters against an evaluation (optuna; resumable; optionally on Ray)."""
+    from modelalloy.search import load_spec, run_search
+
+    def line(r) -> None:
+        if not quiet:
+            _print_trial(r)
+
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        try:
+            spec = load_spec(spec_file)
+            if trials is not None:
+                spec = spec.model_copy(update={"trials": trials})
+            result = run_search(spec, out_dir, resume=resume, force=force, ray=use_ray, ray_address=ray_address, storage=storage, device=device, progress=line)
+        except ModelAlloyError as e:
+            fail(e)
+    show_warnings([w for w in caught if issubclass(w.category, UserWarning) and "modelalloy" in str(w.filename)], quiet)
+    summary = json.loads((result.out_dir / "summary.json").read_text())
+    if as_json:
+        common.out.print_json(json.dumps(summary))
+    else:
+        common.err.print(f"{result.trials} trials; best {', '.join(f'{v:.4g}' for v in result.best_values)} (trial {summary['best_trial']}); wrote {result.out_dir / 'best.yaml'}", highlight=False)

@@ -1,0 +1,147 @@
+"""The task-vector family's pipeline for one tensor, in row blocks: `TaskVectorMerge`.
+
+Per output tensor (METHODS.md, "Task-vector family"):
+
+    δ_i = θ_i − θ_0  →  sparsify(δ_i; density_i)  →  D_i = w_i δ̃_i  →  combine
+        →  optional ÷ weight divisor  →  × lambda  →  θ_0 + result
+
+Combine without sign consensus: Σ D_i, divisor Σ w_i. With it (TIES, Yadav et al. 2023):
+s = sign(Σ D_i) (or sign(Σ sign D_i) for `consensus_method: count`), zeros counting as +;
+m_i = [sign D_i = s], so zeros never match; Σ m_i D_i, divisor Σ m_i w_i elementwise.
+
+The sparsifiers are in `methods/sparsifiers.py`. Rescale after dropping: l1 restores ‖δ‖₁
+(mergekit), inverse_p divides by each entry's keep-probability (the papers).
+
+Everything after the sparsifiers' whole-tensor statistics is elementwise, so the family runs in
+row blocks (`methods/blockwise.py`): magnitude thresholds come from a streamed radix select
+(statistics passes), ‖δ‖₁ for the l1 rescale from one more pass, and the output pass applies them
+block by block. Ties at a threshold are taken in index order and random draws come from one
+generator per model (seed + model index, drawn in index order), so the result does not depend
+on the block size. Never more than a block of each task vector is alive.
+"""
+
+from __future__ import annotations
+
+import warnings
+from typing import Any
+
+import torch
+from torch import Tensor
+
+from modelalloy.methods.blockwise import Block, BlockMerge, TensorSpec
+from modelalloy.methods.sparsifiers import MAGNITUDE, MAGNITUDE_OUTLIERS, RandomKeep, SparsifierKind, make_sparsifier
+
+_DIVISOR_EPS = 1e-8
+_RESCALE_EPS = 1e-7
+
+
+def consensus_sign(x: Tensor) -> Tensor:
+    """sign with 0 counted as +1 (the consensus direction is never 0)."""
+    return torch.where(x >= 0, 1.0, -1.0).to(x.dtype)
+
+
+class TaskVectorMerge(BlockMerge):
+    """The whole family for one tensor; see the module docstring. Inputs are never modified."""
+
+    def __init__(
+        self,
+        spec: TensorSpec,
+        *,
+        weight: list[float],
+        density: list[float] | None,
+        lambda_: float,
+        consensus: str | None,
+        sparsifier: SparsifierKind | None,
+        normalize: bool,
+        rescale: str | None,
+        seed: int = 0,
+        gamma: list[float] | None = None,
+        epsilon: list[float] | None = None,
+    ) -> None:
+        count = len(weight)
+        density = density or [1.0] * count
+        gamma = gamma or [0.0] * count
+        epsilon = epsilon or [0.0] * count
+        if sparsifier in (MAGNITUDE, MAGNITUDE_OUTLIERS) and spec.numel and any(int(d * spec.numel) == 0 and d < 1 for d in density):
+            warnings.warn(f"density keeps 0 entries of a {spec.numel}-entry tensor; that model contributes nothing there")
+        self.sparsifiers = [
+            make_sparsifier(sparsifier, spec, density[i], gamma=gamma[i], epsilon=epsilon[i], seed=(seed + i) & (2**63 - 1)) for i in range(count)
+        ]
+        self.weight, self.lambda_, self.consensus, self.normalize, self.rescale = weight, lambda_, consensus, normalize, rescale
+        self.statistics_passes = max(s.passes for s in self.sparsifiers)
+        self.l1 = rescale == "l1" and sparsifier is not None
+        for s in self.sparsifiers:
+            if isinstance(s, RandomKeep):
+                s.reuse_masks = self.l1
+        self.passes = self.statistics_passes + self.l1  # the l1 rescale needs ‖δ‖₁ before and after the mask
+        self.scale = [1.0] * count
+
+    def start(self, step: int) -> None:
+        self.step = step
+        if self.l1 and step == self.passes:  # the l1 pass is over
+            self.scale = [b / a if b > _RESCALE_EPS and a > _RESCALE_EPS else 1.0 for b, a in zip(self.before, self.after)]
+        for s in self.sparsifiers:
+            s.start(step)
+        if self.l1 and step == self.statistics_passes:
+            self.before = [0.0] * len(self.sparsifiers)
+            self.after = [0.0] * len(self.sparsifiers)
+
+    def observe(self, block: Block) -> None:
+        for i, (x, s) in enumerate(zip(block.inputs, self.sparsifiers)):
+            delta = x - block.base
+            if self.step < s.passes:
+                s.observe(delta)
+            elif self.step == self.statistics_passes and s.drops:  # the l1 pass
+                self.before[i] += float(delta.abs().sum(dtype=torch.float64))
+                s.sparsify_(delta)
+                self.after[i] += float(delta.abs().sum(dtype=torch.float64))
+
+    def _weighted_delta(self, i: int, x: Tensor, base: Tensor) -> Tensor:
+        """D_i = w_i · rescaled(δ_i ⊙ mask_i); a fresh tensor (later steps work in place)."""
+        delta = x - base
+        sparsifier = self.sparsifiers[i]
+        keep_probability = sparsifier.sparsify_(delta)
+        if sparsifier.drops:
+            if self.rescale == "l1":
+                delta.mul_(self.scale[i])
+            elif self.rescale == "inverse_p":
+                delta.div_(keep_probability)
+        return delta.mul_(self.weight[i])
+
+    def output(self, block: Block) -> Tensor:
+        base, weight = block.base, self.weight
+        if self.consensus is None:
+            mixed = self._weighted_delta(0, block.inputs[0], base)
+            for i, x in enumerate(block.inputs[1:], start=1):
+                mixed.add_(self._weighted_delta(i, x, base))
+            divisor: Any = sum(weight)
+            if abs(divisor) < _DIVISOR_EPS:
+                divisor = 1.0
+        else:
+            deltas = [self._weighted_delta(i, x, base) for i, x in enumerate(block.inputs)]
+            direction = deltas[0].clone() if self.consensus == "sum" else torch.sign(deltas[0])
+            for d in deltas[1:]:
+                direction.add_(d if self.consensus == "sum" else torch.sign(d))  # count: the majority of signs, not of mass
+            # The elected sign as ±1, zeros counting as + (a −0.0 sum only comes from all-zero
+            # entries, which agree with no sign anyway). An entry agrees when D_i·s > 0: summing
+            # relu(D_i·s) and multiplying by s gives Σ m_i D_i exactly, with no bool masks.
+            sign = torch.copysign(torch.ones_like(direction), direction, out=direction)
+            mixed = torch.zeros_like(base)
+            divisor = torch.zeros_like(base) if self.normalize else None
+            for w, d in zip(weight, deltas):
+                agreeing = d.mul_(sign).clamp_min_(0)
+                mixed.add_(agreeing)
+                if divisor is not None:
+                    divisor.add_(torch.gt(agreeing, 0, out=agreeing), alpha=w)
+            mixed.mul_(sign)
+            del deltas, direction, sign
+            if divisor is not None:
+                if min(weight) >= _DIVISOR_EPS:  # the divisor is 0 (where nothing agrees, and mixed is 0) or ≥ the least weight
+                    divisor.clamp_min_(_DIVISOR_EPS)
+                else:
+                    divisor.masked_fill_(divisor.abs() < _DIVISOR_EPS, 1.0)
+        if self.normalize:
+            mixed = mixed.div_(divisor)
+        if self.lambda_ != 1.0:
+            mixed.mul_(self.lambda_)
+        return mixed.add_(base)
