@@ -87,6 +87,16 @@ def test_every_module_is_in_a_layer():
         _layer(module)
 
 
+def test_every_import_of_ours_names_a_module_that_exists():
+    """A lazy import of a module that moved fails only when its command runs: find it here."""
+    dangling = []
+    for m, file in MODULES.items():
+        for node in ast.walk(ast.parse(file.read_text())):
+            names = [a.name for a in node.names] if isinstance(node, ast.Import) else [node.module or ""] if isinstance(node, ast.ImportFrom) and not node.level else []
+            dangling += [f"{_where(m)}:{node.lineno} imports {n}" for n in names if n.startswith("modelalloy") and n not in MODULES]
+    assert not dangling, "\n".join(dangling)
+
+
 def test_imports_point_down_the_layers():
     upward = [
         f"{_where(m)}:{line} imports {target} (layer {_layer(target)} above {_layer(m)})"

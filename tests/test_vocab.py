@@ -335,7 +335,7 @@ def test_a_shuffled_50k_vocabulary_is_aligned_with_index_tensors():
 
     from tokenizers import Tokenizer, models
 
-    from modelalloy.vocab import build_vocab
+    from modelalloy.plan.vocab import build_vocab
 
     n, width = 50_000, 8
     words = [f"w{i}" for i in range(n)]
@@ -361,7 +361,7 @@ def test_a_shuffled_50k_vocabulary_is_aligned_with_index_tensors():
 
 
 def test_report_renders_as_text_and_html(bpe):
-    from modelalloy.vocab_report import format_report, report_html
+    from modelalloy.plan.vocab_report import format_report, report_html
 
     chat, tool = bpe["ft_chat"], bpe["ft_tool"]
     plan, opened = api.plan_merge(MergeConfig.model_validate({"merge_method": "linear", "models": [{"model": str(chat[0]), "parameters": {"weight": 1.0}}, {"model": str(tool[0]), "parameters": {"weight": 1.0}}], "tokenizer_source": "union"}))

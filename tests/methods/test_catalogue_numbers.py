@@ -525,3 +525,31 @@ def test_sce_weights_are_uniform_below_the_energy_floor():
     got = run("sce", larger, BASE, select_topk=1.0, int8_mask=False, dtype=torch.float64)
     close(got, sce_np(BASE, larger, 1.0), 1e-12)
     assert np.abs(got - uniform(larger)).max() > 1e-5
+
+
+def breadcrumbs_mask_mergekit_015(delta, density, gamma):
+    """mergekit 0.1.5's rule, written from its definition: sort |δ| ascending, n_top = int(gamma·n),
+    target = int(density·n), skip the n_bot = max(0, n − target − n_top) smallest, keep the next target."""
+    n = delta.size
+    target, n_top = int(density * n), int(gamma * n)
+    n_bot = max(0, n - target - n_top)
+    ascending = np.argsort(np.abs(delta).ravel())
+    mask = np.zeros(n, bool)
+    mask[ascending[n_bot : n_bot + target]] = True
+    return mask.reshape(delta.shape)
+
+
+@pytest.mark.parametrize("n", [7, 64, 256])
+@pytest.mark.parametrize("density, gamma", [(0.7, 0.01), (0.8, 0.05), (0.9, 0.03), (0.9, 0.2), (0.5, 0.15)])
+def test_breadcrumbs_counts_match_mergekit_015_on_small_tensors(n, density, gamma):
+    """On 1-D tensors (norms, biases) the entries kept are mergekit 0.1.5's whenever |δ| are distinct:
+    the same count kept, the same number of outliers dropped (fewer when density + gamma > 1)."""
+    rng = np.random.default_rng(n)
+    base = rng.normal(size=n).astype(np.float32)
+    delta = (rng.permutation(n) + 1).astype(np.float32) * rng.choice([-1.0, 1.0], n).astype(np.float32) * 1e-3  # distinct |δ|
+    mask = breadcrumbs_mask_mergekit_015(delta, density, gamma)
+    got = run("breadcrumbs", [base + delta], base, weight=[1.0], density=[density], gamma=[gamma], **{"lambda": 1.0}, normalize=False, rescale=False)
+    close(got, base + delta * mask, 1e-6)
+    assert np.count_nonzero(mask) == int(density * n)
+    dropped_top = np.count_nonzero(~mask & (np.abs(delta) > np.abs(delta[mask]).max()))
+    assert dropped_top == min(int(gamma * n), n - int(density * n))

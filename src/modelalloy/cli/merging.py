@@ -115,7 +115,7 @@ def merge(
     show_warnings(caught, quiet)
     report_file = result.out_dir / "vocab_report.json"
     if vocab_report and not quiet and not as_json and report_file.exists():
-        from modelalloy.vocab_report import format_report
+        from modelalloy.plan.vocab_report import format_report
 
         common.err.print(format_report(json.loads(report_file.read_text())), highlight=False, markup=False)
     if as_json:
@@ -172,7 +172,7 @@ def plan(
     table.add_row("est. peak RAM", f"{summary['peak_memory_bytes'] / 1e9:.2f} GB (threads={threads})")
     common.out.print(table)
     if the_plan.vocab is not None:
-        from modelalloy.vocab_report import format_report
+        from modelalloy.plan.vocab_report import format_report
 
         common.out.print(format_report(the_plan.vocab.report), highlight=False, markup=False)
     if show_tensors:

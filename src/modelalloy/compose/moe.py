@@ -66,7 +66,7 @@ def build_moe(
     training, or to check that the MoE computes the dense model). `layout` overrides the detected
     expert layout ("fused" or "per_expert").
     """
-    from modelalloy.execute import fresh_partial
+    from modelalloy.engine import fresh_partial
 
     cfg = config if isinstance(config, MoEConfig) else load_moe_config(config)
     start = time.perf_counter()

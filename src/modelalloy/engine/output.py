@@ -18,7 +18,7 @@ import torch
 from modelalloy.engine.options import MergeOptions, resolve_device
 from modelalloy.errors import OutputError
 from modelalloy.io.checkpoint import Checkpoint
-from modelalloy.io.manifest import Manifest, open_partial
+from modelalloy.io.manifest import Manifest, fsync_dir, open_partial
 from modelalloy.engine.model_card import write_model_card
 from modelalloy.io.output import write_tokenizer_files
 from modelalloy.io.writer import OutputTensor, ShardedWriter, layout_shards, parse_size, shard_names, write_text_durably
@@ -143,11 +143,3 @@ def fresh_partial(out_dir: Path, checkpoints: Mapping[str, Checkpoint], out_byte
         shutil.rmtree(partial)
     partial.mkdir(parents=True)
     return partial
-
-
-def fsync_dir(path: Path) -> None:
-    fd = os.open(path, os.O_RDONLY)
-    try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)

@@ -68,7 +68,11 @@ class FamilyRow:
 
 
 _BREADCRUMBS_VS_MERGEKIT = (
-    "Equal |δ| at a cut are ranked by index (mergekit's unstable sort picks any). Earlier mergekit versions "
+    "Counts as mergekit 0.1.5: keep int(density·n) entries after dropping the min(int(gamma·n), n − keep) "
+    "largest |δ|, so the same entries are kept wherever |δ| are distinct (tested on 7, 64 and 256 entries). "
+    "Equal |δ| at a cut are ranked by index (mergekit's unstable sort picks any), and mergekit ranks |δ| "
+    "computed in the config's dtype where we compute in float32: on bfloat16 tensors the two differ at "
+    "the cuts of small tensors (2 of 256 entries of one norm in the benchmark). Earlier mergekit versions "
     "zeroed the whole task vector when int(gamma·numel) = 0 (tensors under 1/gamma entries, e.g. norms at "
     "gamma 0.01); we keep the density's largest entries there, as mergekit 0.1.5 does. rescale also takes inverse_p."
 )

@@ -20,8 +20,8 @@ from modelalloy.io.stats_file import stat_key
 from modelalloy.methods import MergeMethod, Param, get_method
 from modelalloy.plan.recipes import DTYPES, Plan, TensorRecipe, TensorSource, seed_for
 from modelalloy.plan.slices import LayerSlice, SliceSource, check_architectures, check_parameter_names, normalise_slices, pick_donor
-from modelalloy.tokenizer import load_tokenizer, resolve_chat_template
-from modelalloy.vocab import VocabPlan, build_vocab, tokenizer_config
+from modelalloy.plan.tokenizer import load_tokenizer, resolve_chat_template
+from modelalloy.plan.vocab import VocabPlan, build_vocab, tokenizer_config
 
 
 

@@ -18,7 +18,7 @@ from modelalloy.io.safetensors_format import itemsize
 from modelalloy.io.spans import BUFFER_BUDGET
 from modelalloy.methods import MergeMethod
 from modelalloy.methods.blockwise import BLOCK_ENTRIES
-from modelalloy.vocab import VocabPlan
+from modelalloy.plan.vocab import VocabPlan
 
 DTYPES = {"bfloat16": torch.bfloat16, "float16": torch.float16, "float32": torch.float32, "float64": torch.float64, "int64": torch.int64}
 

@@ -62,7 +62,7 @@ class LocalBackend:
 def _gguf_writer(plan: Plan, checkpoints: Mapping[str, Checkpoint], partial: Path, specs: list[OutputTensor], options: MergeOptions):
     """One GGUF file, its metadata (config, tokenizer, chat template) written before any tensor."""
     from modelalloy.io.gguf import GGUFWriter
-    from modelalloy.tokenizer import load_tokenizer
+    from modelalloy.plan.tokenizer import load_tokenizer
 
     tokenizer = plan.vocab.tokenizer if plan.vocab is not None else load_tokenizer(checkpoints[plan.donor])
     if plan.chat_template is not None:

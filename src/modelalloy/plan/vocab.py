@@ -34,7 +34,7 @@ import torch
 from modelalloy import arch
 from modelalloy.config import MergeConfig, ModelTokenSource, TokenizerConfig, ZeroSource
 from modelalloy.errors import ConfigError, PlanError, did_you_mean
-from modelalloy.tokenizer import added_tokens, load_tokenizer, resolve_chat_template, special_tokens, vocab_within, without_tokens
+from modelalloy.plan.tokenizer import added_tokens, load_tokenizer, resolve_chat_template, special_tokens, vocab_within, without_tokens
 
 if TYPE_CHECKING:
     from collections.abc import Mapping
