@@ -1,10 +1,9 @@
 """What the study measures by running a model: beside its scores, predictive entropy; greedy
 continuations; hidden states for CKA. And the ensemble, a model made of k experts.
 
-`EntropyTap` wraps a causal LM so that scoring it (`evaluate.score`) also sums the entropy of every
-next-token distribution it computes at a real (unpadded) position that predicts a token of its
-window: with the default stride (window − 1) exactly the scored tokens, so entropy costs no second
-pass. `Ensemble` is a causal LM whose next-token distribution is the mean of its experts'
+`EntropyTap` wraps a causal LM so that scoring it (`evaluate.score`) also keeps the entropy of
+every next-token distribution it computes; `take(spans)` averages it over exactly the positions
+that predicted a scored token, so entropy costs no second pass. `Ensemble` is a causal LM whose next-token distribution is the mean of its experts'
 (logits = log of the mean probability, so cross-entropy on them is −log of the mean).
 """
 
@@ -21,32 +20,37 @@ from modelalloy.study.measures import distinct_n, entropy, repeated_ngram_share
 
 
 class EntropyTap(torch.nn.Module):
-    """`model`, plus a running sum of predictive entropy (nats) over the positions it scores."""
+    """`model`, keeping the predictive entropy (nats) of every real position of every row it runs."""
 
     def __init__(self, model: torch.nn.Module):
         super().__init__()
         self.inner = model
         self.config = model.config
-        self.total = 0.0
-        self.count = 0
+        self.rows: list[np.ndarray] = []
 
     def forward(self, input_ids=None, attention_mask=None, **kw):
         out = self.inner(input_ids=input_ids, attention_mask=attention_mask, **kw)
-        mask = attention_mask if attention_mask is not None else torch.ones_like(input_ids)
-        # Position j predicts token j+1: the last real position of each row predicts nothing here.
-        predicts = mask.clone()
-        predicts[:, :-1] = mask[:, :-1] * mask[:, 1:]
-        predicts[:, -1] = 0
-        h = entropy(out.logits)  # [batch, width]
-        self.total += float((h * predicts).sum())
-        self.count += int(predicts.sum())
+        lengths = attention_mask.sum(-1).tolist() if attention_mask is not None else [input_ids.shape[1]] * input_ids.shape[0]
+        h = entropy(out.logits).cpu().numpy()  # [batch, width]
+        self.rows += [h[i, :n] for i, n in enumerate(lengths)]  # right padding: a row's real positions come first
         return out
 
-    def take(self) -> float | None:
-        """The mean entropy since the last `take`, and a fresh start."""
-        mean = self.total / self.count if self.count else None
-        self.total, self.count = 0.0, 0
-        return mean
+    def take(self, spans: Sequence[tuple[int, int, int]] | None = None) -> float | None:
+        """The mean entropy over the positions that predict a scored token, and a fresh start.
+
+        `spans` are the scorer's windows in the order it ran them (`evaluate.scoring.windows`):
+        row i's scored targets [first, end) are predicted at positions first − start − 1 to
+        end − start − 2. Without spans: every position but each row's last.
+        """
+        rows, self.rows = self.rows, []
+        if spans is None:
+            picked = [r[:-1] for r in rows]
+        else:
+            if len(spans) != len(rows):
+                raise ValueError(f"{len(rows)} rows ran but {len(spans)} windows were given")
+            picked = [r[first - start - 1 : end - start - 1] for r, (start, first, end) in zip(rows, spans)]
+        values = np.concatenate(picked) if picked else np.zeros(0)
+        return float(values.mean()) if values.size else None
 
 
 class Ensemble(torch.nn.Module):

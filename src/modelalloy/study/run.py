@@ -24,6 +24,7 @@ import torch
 from modelalloy.config import MergeConfig
 from modelalloy.evaluate import score
 from modelalloy.evaluate.runner import ScoreCache, load_model, method_variant, model_fingerprint, set_fingerprint
+from modelalloy.evaluate.scoring import token_stream, windows
 from modelalloy.evaluate.sets import read_texts
 from modelalloy.methods import get_method
 from modelalloy.study import diagnostics as diag
@@ -75,7 +76,8 @@ class _Scorer:
             if found[s.name] is None:
                 cb = (lambda d, t, _w=f"{label} / {s.name}": self.progress(_w, d, t)) if self.progress else None
                 result = score(tap, self.tok, s, progress=cb)
-                result["entropy"] = tap.take()
+                result["entropy"] = tap.take(_spans(self.tok, s)) if s.kind == "perplexity" else None
+                tap.take()  # other kinds: no entropy kept
                 self.cache.put(keys[s.name], result)
                 found[s.name] = result
         if generate and rep is None:
@@ -85,6 +87,12 @@ class _Scorer:
         self.cache.put(_sha(key, _LAYOUT, "params"), meta)
         del model, tap  # one model (or one ensemble) in memory at a time
         return Scored(label, {n: dict(v) for n, v in found.items()}, rep, meta["params"], meta["extra"])
+
+
+def _spans(tok, s) -> list[tuple[int, int, int]]:
+    """The windows `evaluate.score` runs on a perplexity set, in its order."""
+    n = len(token_stream(tok, read_texts(s), s.max_tokens))
+    return windows(n, s.window, s.stride or s.window - 1)
 
 
 def _load_dir(path: str) -> torch.nn.Module:
