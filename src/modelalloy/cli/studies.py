@@ -170,7 +170,7 @@ def _print_study(data: dict) -> None:
     for col in ("method", "mean NAI", "params", "passes/token", "entropy ratio"):
         t.add_column(col, justify="left" if col == "method" else "right", no_wrap=True)
     for n, c in comparison(data).items():
-        t.add_row(n, f"{c['nai']:.3f}" if c["nai"] is not None else "-", f"{c['params']:.3g}", f"{c['forward_passes']:.0f}",
+        t.add_row(n, f"{c['nai']:.3f}" if c["nai"] is not None else "-", f"{c['params']:.3g}", f"{c['forward_passes']:.2g}",
                   f"{c['entropy_ratio']:.3f}" if c["entropy_ratio"] is not None else "-")
     common.out.print(t)
     t = Table(title="what predicts a failed merge: Spearman ρ of each diagnostic with mean NAI")
