@@ -44,7 +44,7 @@ def linear(spec: TensorSpec, *, weight: list[float], normalize: bool) -> LinearM
     """Weighted average Σ w_i θ_i / Σ w_i (model soups, Wortsman et al. 2022).
 
     Without `normalize` it is the plain weighted sum. A base model listed among the models is just
-    another input; `plan.py` rejects weights that sum to 0 with `normalize`.
+    another input; `plan/` rejects weights that sum to 0 with `normalize`.
     """
     return LinearMerge(weight, normalize)
 

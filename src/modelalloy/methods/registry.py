@@ -13,7 +13,7 @@ with them, global ones as scalars. A data-aware method declares the statistic it
 (``stats="fisher"`` or ``"gram"``, see `modelalloy.io.stats_file`); it then also receives a keyword
 of that name: each input's statistic tensor, aligned with ``tensors``, or None where the plan
 found this tensor needs none (e.g. a norm under regmean). A parameter named ``lambda`` arrives as ``lambda_`` (Python
-keyword). The declaration says everything `plan.py` checks before any tensor is read: whether a
+keyword). The declaration says everything `plan/` checks before any tensor is read: whether a
 base is needed, how many models, which parameters exist, their defaults and valid ranges.
 """
 
@@ -91,7 +91,7 @@ class MergeMethod:
     doc: str = ""
     vs_mergekit: str = ""  # where and why we differ from mergekit, shown by `alloy methods`
     exact_count: bool = field(default=False)  # with a base, exactly min_models others
-    # Rules between parameters (e.g. DELLA's density ± epsilon inside (0, 1)), checked by plan.py
+    # Rules between parameters (e.g. DELLA's density ± epsilon inside (0, 1)), checked by plan/
     # per tensor: check(resolved params, names of the non-base models) -> one-line problem or None.
     check: Callable[[dict[str, Any], Sequence[str]], str | None] | None = None
     stats: str | None = None  # the per-model statistic the method reads ("fisher", "gram"), if any

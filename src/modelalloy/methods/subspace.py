@@ -2,7 +2,7 @@
 
 Each works on one 2-D weight δ_i = θ_i − θ_0 at a time, through its singular vectors or through
 the layer's implicit inputs, and returns θ_0 + (scale) · M. Tensors that are not a layer's weight
-matrix (1-D norms and biases, embeddings, the LM head: ``layout: vector``, which `plan.py` picks
+matrix (1-D norms and biases, embeddings, the LM head: ``layout: vector``, which `plan/` picks
 from the architecture when ``layout`` is ``auto``) fall back to task arithmetic with weights
 1/T: θ_0 + α · mean_i δ_i, which is what the papers' code does with them.
 
