@@ -208,3 +208,35 @@ def study(
     for w in data["warnings"]:
         common.err.print(f"[yellow]warning:[/] {w}", highlight=False, soft_wrap=True)
     common.err.print(f"wrote {out_dir / 'study.json'} and {out_dir / 'study.html'}", highlight=False)
+
+
+def demo_study(
+    cache: Annotated[Path, typer.Option(help="alloy demo's cache: the base and the specialists (built there if missing)")] = Path(".cache/demo"),
+    out_dir: Annotated[Optional[Path], typer.Option("--out", help="study output (default: CACHE/study)")] = None,
+    domains: Annotated[str, typer.Option(help="specialist domains (news is always the held-out control)")] = "shakespeare,german,code",
+    tokens: Annotated[int, typer.Option(help="held-out tokens scored per set (windows of 128)")] = 1536,
+    sample_per_k: Annotated[Optional[int], typer.Option(help="expert subsets drawn per k (default: every subset)")] = None,
+    quick: Annotated[bool, typer.Option("--quick", help="a CI-sized study")] = False,
+    as_json: JsonOpt = False,
+) -> None:
+    """`alloy study` on the demo's specialists at two strengths: merge rate vs k and strength, merge vs fusion."""
+    from modelalloy.apps.demo_study import DemoStudySettings, run_demo_study
+    from modelalloy.report.study_view import write_study_report
+
+    settings = DemoStudySettings(domains=tuple(d.strip() for d in domains.split(",") if d.strip()), eval_tokens=tokens, sample_per_k=sample_per_k, quick=quick)
+    bar, on_progress = eval_progress()
+    with warnings.catch_warnings(record=True):
+        warnings.simplefilter("ignore")
+        try:
+            with bar:
+                data, timings = run_demo_study(cache, out_dir, settings=settings, progress=on_progress)
+        except ModelAlloyError as e:
+            fail(e)
+    out = out_dir or cache / ("study-quick" if quick else "study")
+    write_study_report(data, out)
+    if as_json:
+        common.out.print_json(json.dumps(data))
+        return
+    _print_study(data)
+    common.out.print("timings: " + ", ".join(f"{k} {v:.0f}s" for k, v in timings.items()), highlight=False)
+    common.err.print(f"wrote {out / 'study.json'} and {out / 'study.html'}", highlight=False)
