@@ -1,7 +1,8 @@
 """Scoring one model: perplexity on text, multiple choice by log-likelihood, classification.
 
-Both run the model in eval mode without gradients, in batches, and report through an optional
-`progress(done, total)` callback (the library never prints).
+Each runs the model in eval mode under `torch.inference_mode`, in batches, reports through an
+optional `progress(done, total)` callback (the library never prints), and returns beside its
+scores the per-unit record a bootstrap resamples (``"units"``, see `evaluate.bootstrap`).
 """
 
 from __future__ import annotations
@@ -9,6 +10,7 @@ from __future__ import annotations
 import math
 from collections.abc import Callable, Sequence
 
+import numpy as np
 import torch
 
 from modelalloy.evaluate.sets import EvalError
@@ -18,15 +20,27 @@ ProgressFn = Callable[[int, int], None]
 
 def token_stream(tokenizer, texts: Sequence[str], max_tokens: int) -> list[int]:
     """The documents' tokens, one after another with EOS between them, cut to `max_tokens`."""
+    return token_stream_with_docs(tokenizer, texts, max_tokens)[0]
+
+
+def token_stream_with_docs(tokenizer, texts: Sequence[str], max_tokens: int) -> tuple[list[int], list[int]]:
+    """`token_stream`, and beside each token the index of its document.
+
+    The EOS between two documents belongs to the one it ends: predicting it is part of that text.
+    """
     ids: list[int] = []
+    docs: list[int] = []
     eos = tokenizer.eos_token_id
     for i, text in enumerate(texts):
         if i and eos is not None:
             ids.append(eos)
-        ids.extend(tokenizer(text, add_special_tokens=False)["input_ids"])
+            docs.append(i - 1)
+        tokens = tokenizer(text, add_special_tokens=False)["input_ids"]
+        ids.extend(tokens)
+        docs.extend([i] * len(tokens))
         if len(ids) >= max_tokens:
             break
-    return ids[:max_tokens]
+    return ids[:max_tokens], docs[:max_tokens]
 
 
 def windows(n_tokens: int, window: int, stride: int) -> list[tuple[int, int, int]]:
@@ -44,7 +58,10 @@ def windows(n_tokens: int, window: int, stride: int) -> list[tuple[int, int, int
     return out
 
 
-@torch.no_grad()
+UNIT_KINDS = ("auto", "document", "window")
+
+
+@torch.inference_mode()
 def perplexity(
     model,
     tokenizer,
@@ -54,20 +71,32 @@ def perplexity(
     window: int = 512,
     stride: int | None = None,
     batch_size: int = 4,
+    unit: str = "auto",
     progress: ProgressFn | None = None,
 ) -> dict:
-    """Perplexity = exp(mean negative log-likelihood per scored token), with sliding windows.
+    """Perplexity = exp(total negative log-likelihood / scored tokens), with sliding windows.
 
-    Returns {"perplexity", "nll" (mean, nats), "tokens" (scored)}.
+    Each scored token's NLL is also kept by *unit*, what a bootstrap resamples
+    (`modelalloy.evaluate.bootstrap`): its document (``unit="document"``), or the window that
+    scored it (``"window"``: `stride` consecutive targets). ``"auto"`` takes whichever cuts the
+    text into more units, so a set of one long text is split into windows and a set of many short
+    documents keeps them whole. `progress(done, total)` counts scored tokens.
+
+    Returns {"perplexity", "nll" (mean, nats), "tokens" (scored), "units": {"kind": "perplexity",
+    "unit", "nll": [sum per unit], "tokens": [count per unit]}}.
     """
-    ids = token_stream(tokenizer, texts, max_tokens)
+    if unit not in UNIT_KINDS:
+        raise EvalError(f"unit {unit!r}: use one of {', '.join(UNIT_KINDS)}")
+    ids, doc_of = token_stream_with_docs(tokenizer, texts, max_tokens)
     if len(ids) < 2:
         raise EvalError("perplexity needs at least two tokens of text")
     stride = stride or window - 1
     spans = windows(len(ids), window, stride)
     device = next(model.parameters()).device
     model.eval()
-    total_nll, total_tokens = 0.0, 0
+    token_nll = torch.zeros(len(ids), dtype=torch.float64)  # NLL of predicting token t; t = 0 is never a target
+    n_targets = len(ids) - 1
+    done = 0
     for b in range(0, len(spans), batch_size):
         batch = spans[b : b + batch_size]
         width = max(end - start for start, _, end in batch)
@@ -80,13 +109,32 @@ def perplexity(
             mask[row, : end - start] = 1
             targets[row, first - start - 1 : end - start - 1] = torch.tensor(ids[first:end])
         logits = model(input_ids=input_ids.to(device), attention_mask=mask.to(device)).logits.float()
-        nll = torch.nn.functional.cross_entropy(logits.flatten(0, 1), targets.to(device).flatten(), ignore_index=-100, reduction="sum")
-        total_nll += float(nll)  # .item(): a sync point on CUDA, once per batch
-        total_tokens += int((targets != -100).sum())
+        nll = torch.nn.functional.cross_entropy(logits.flatten(0, 1), targets.to(device).flatten(), ignore_index=-100, reduction="none")
+        nll = nll.view(len(batch), width).double().cpu()  # a sync point on CUDA, once per batch
+        for row, (start, first, end) in enumerate(batch):
+            token_nll[first:end] = nll[row, first - start - 1 : end - start - 1]
+            done += end - first
+        del logits  # [batch, width, vocab] floats: the largest buffer here, freed before the next batch
         if progress is not None:
-            progress(min(b + batch_size, len(spans)), len(spans))
-    mean = total_nll / total_tokens
-    return {"perplexity": math.exp(mean), "nll": mean, "tokens": total_tokens}
+            progress(done, n_targets)
+    per_token = token_nll[1:].numpy()
+    if unit == "auto":
+        unit = "document" if doc_of[-1] + 1 >= len(spans) else "window"
+    if unit == "document":
+        groups = np.asarray(doc_of[1:])
+    else:
+        groups = np.repeat(np.arange(len(spans)), [end - first for _, first, end in spans])
+    unit_nll = np.bincount(groups, weights=per_token)
+    unit_tokens = np.bincount(groups)
+    kept = unit_tokens > 0  # a document whose only token is the first of the stream scores nothing
+    total = float(per_token.sum())
+    mean = total / n_targets
+    return {
+        "perplexity": math.exp(mean),
+        "nll": mean,
+        "tokens": n_targets,
+        "units": {"kind": "perplexity", "unit": unit, "nll": unit_nll[kept].tolist(), "tokens": unit_tokens[kept].tolist()},
+    }
 
 
 def continuation_ids(tokenizer, context: str, continuation: str) -> tuple[list[int], list[int]]:
@@ -102,7 +150,7 @@ def continuation_ids(tokenizer, context: str, continuation: str) -> tuple[list[i
     return ctx, whole[len(ctx) :]
 
 
-@torch.no_grad()
+@torch.inference_mode()
 def choice_logliks(model, tokenizer, context: str, choices: Sequence[str]) -> list[float]:
     """Sum of log-probabilities of each choice's tokens after `context`, one batch per item."""
     pairs = [continuation_ids(tokenizer, context, c) for c in choices]
@@ -137,21 +185,28 @@ def multiple_choice(
     An empty context is allowed only if the tokenizer adds nothing before the choice; each item
     needs at least one context token to condition on.
     """
-    correct = correct_norm = 0
+    correct: list[int] = []
+    correct_norm: list[int] = []
     model.eval()
     for i, (context, choices, answer) in enumerate(items):
         if not tokenizer(context, add_special_tokens=False)["input_ids"]:
             raise EvalError(f"multiple choice item {i + 1}: the context is empty; the first choice token needs something to follow")
         ll = choice_logliks(model, tokenizer, context, choices)
         norm = [v / max(1, len(c.encode("utf-8"))) for v, c in zip(ll, choices)]
-        correct += int(max(range(len(ll)), key=ll.__getitem__) == answer)
-        correct_norm += int(max(range(len(norm)), key=norm.__getitem__) == answer)
+        correct.append(int(max(range(len(ll)), key=ll.__getitem__) == answer))
+        correct_norm.append(int(max(range(len(norm)), key=norm.__getitem__) == answer))
         if progress is not None:
             progress(i + 1, len(items))
-    return {"accuracy": correct / len(items), "accuracy_norm": correct_norm / len(items), "items": len(items)}
+    return {
+        "accuracy": sum(correct) / len(items),
+        "accuracy_norm": sum(correct_norm) / len(items),
+        "items": len(items),
+        # Each item right (1) or wrong (0): what a bootstrap over items resamples.
+        "units": {"kind": "items", "main": "accuracy", "accuracy": correct, "accuracy_norm": correct_norm},
+    }
 
 
-@torch.no_grad()
+@torch.inference_mode()
 def classification(
     model,
     tokenizer,
@@ -183,4 +238,9 @@ def classification(
         fn = sum(p != c and y == c for p, y in zip(predicted, labels))
         f1s.append(2 * tp / (2 * tp + fp + fn))
     accuracy = sum(p == y for p, y in zip(predicted, labels)) / len(items)
-    return {"accuracy": accuracy, "macro_f1": sum(f1s) / len(f1s), "items": len(items)}
+    return {
+        "accuracy": accuracy,
+        "macro_f1": sum(f1s) / len(f1s),
+        "items": len(items),
+        "units": {"kind": "classification", "predicted": predicted, "label": labels},
+    }
