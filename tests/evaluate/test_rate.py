@@ -4,9 +4,11 @@ from __future__ import annotations
 
 import math
 
+import numpy as np
 import pytest
 
 from modelalloy.evaluate import EvalError, SetInfo, merge_rate, nai, normalized_score
+from modelalloy.evaluate.bootstrap import Bootstrap, statistic, value
 from modelalloy.evaluate.rate import rank
 
 # Perplexity (lower is better) on three sets and accuracy (higher is better) on one.
@@ -91,3 +93,91 @@ def test_bad_tables_are_one_line_errors():
     partial = dict(SCORES, merged={"code": 7.0})
     with pytest.raises(EvalError, match="'merged' has no score on poems, news, quiz"):
         merge_rate(partial, merged="merged", base="base", parents=["coder", "poet"], sets=SETS)
+
+
+# --- with bootstrap draws ----------------------------------------------------------------------
+
+def _ppl_units(per_token_nll: np.ndarray, tokens: np.ndarray) -> dict:
+    return {"kind": "perplexity", "nll": (per_token_nll * tokens).tolist(), "tokens": tokens.tolist()}
+
+
+def _study(n: int = 60):
+    """Per-unit NLLs for base, two experts and two merges on two expert sets and a control.
+
+    Units are shared by every model of a set (same documents); each model shifts the NLL.
+    """
+    rng = np.random.default_rng(0)
+    shift = {  # mean NLL change per token against the base, per set
+        "code": {"base": 0.0, "coder": -0.50, "poet": 0.05, "good": -0.30, "twin": -0.299},
+        "poems": {"base": 0.0, "coder": 0.05, "poet": -0.40, "good": -0.25, "twin": -0.251},
+        "news": {"base": 0.0, "coder": 0.02, "poet": 0.03, "good": 0.01, "twin": 0.01},
+    }
+    units = {}
+    for s, by_model in shift.items():
+        tokens = rng.integers(20, 200, size=n)
+        base = rng.gamma(6.0, 0.4, size=n)
+        noise = {m: rng.normal(0, 0.02, size=n) for m in by_model}
+        for m, d in by_model.items():
+            units.setdefault(m, {})[s] = _ppl_units(base + d + noise[m], tokens)
+    return units
+
+
+def _draws_and_scores(units, resamples=400, seed=1):
+    boot = Bootstrap(resamples=resamples, seed=seed)
+    counts = {s: boot.counts(s, len(u["tokens"])) for s, u in units["base"].items()}
+    draws = {m: {s: statistic(u, counts[s]) for s, u in per.items()} for m, per in units.items()}
+    scores = {m: {s: value(u) for s, u in per.items()} for m, per in units.items()}
+    return scores, draws, counts
+
+
+STUDY_SETS = [SetInfo("code", False, "coder"), SetInfo("poems", False, "poet"), SetInfo("news", False)]
+
+
+def test_intervals_are_ratios_of_paired_differences_on_the_same_resamples():
+    units = _study()
+    scores, draws, counts = _draws_and_scores(units)
+    r = merge_rate(scores, merged="good", base="base", parents=["coder", "poet"], sets=STUDY_SETS, draws=draws)
+    by = {x.set: x for x in r.sets}
+    # Independently: per resample, each model's pooled perplexity on the drawn units, then NAI.
+    def ppl(model, s, row):
+        u = units[model][s]
+        nll, tok = np.array(u["nll"]), np.array(u["tokens"])
+        return np.exp((row * nll).sum() / (row * tok).sum())
+
+    nai_code = [(ppl("base", "code", c) - ppl("good", "code", c)) / (ppl("base", "code", c) - ppl("coder", "code", c)) for c in counts["code"]]
+    assert by["code"].nai_ci95 == pytest.approx(list(np.percentile(nai_code, [2.5, 97.5])), rel=1e-9)
+    assert by["code"].nai_ci95[0] < by["code"].nai < by["code"].nai_ci95[1]
+    forget = [(ppl("good", "news", c) - ppl("base", "news", c)) / ppl("base", "news", c) for c in counts["news"]]
+    assert by["news"].forgetting_ci95 == pytest.approx(list(np.percentile(forget, [2.5, 97.5])), rel=1e-9)
+    # Paired comparisons carry the exact keys other tools read.
+    assert set(by["code"].vs_base) == {"delta", "ci95", "p_better"}
+    assert by["code"].vs_base["delta"] == pytest.approx(scores["good"]["code"] - scores["base"]["code"])
+    assert by["code"].vs_base["p_better"] == 1.0 and by["code"].vs_expert["p_better"] == 0.0
+    diff = [ppl("good", "news", c) - ppl("base", "news", c) for c in counts["news"]]
+    assert by["news"].vs_base["p_better"] == pytest.approx(np.mean(np.array(diff) < 0))
+    # The summary's P is the mean over sets of p_better against the base, and says so.
+    assert r.p_beats_base == pytest.approx(np.mean([x.vs_base["p_better"] for x in r.sets]))
+    assert "mean over sets of p_better" in r.summary()["p_beats_base_basis"]
+    mean_nai = (np.array(nai_code) + np.array([(ppl("base", "poems", c) - ppl("good", "poems", c)) / (ppl("base", "poems", c) - ppl("poet", "poems", c)) for c in counts["poems"]])) / 2
+    assert r.mean_nai_ci95 == pytest.approx(list(np.percentile(mean_nai, [2.5, 97.5])), rel=1e-9)
+
+
+def test_rank_says_when_two_merges_are_not_distinguishable():
+    units = _study()
+    units["weak"] = {s: dict(u, nll=[x * 0.99 if s != "news" else x for x in u["nll"]]) for s, u in units["base"].items()}
+    scores, draws, _ = _draws_and_scores(units)
+    rates = [merge_rate(scores, merged=m, base="base", parents=["coder", "poet"], sets=STUDY_SETS, draws=draws) for m in ("weak", "twin", "good")]
+    ranked = rank(rates)
+    assert [r.model for r in ranked][2] == "weak"
+    top, second, last = ranked
+    assert top.next_model == second.model and top.tied_with_next  # good and twin differ by noise only
+    assert second.vs_next["ci95"][0] > 0 and not second.tied_with_next  # both clearly beat weak
+    assert last.vs_next is None and not last.tied_with_next
+    assert set(top.summary()["vs_next"]) == {"delta", "ci95", "p_better"}
+
+
+def test_without_draws_intervals_are_none_and_p_is_a_count():
+    r = merge_rate(SCORES, merged="merged", base="base", parents=["coder", "poet"], sets=SETS)
+    assert r.mean_nai_ci95 is None and r.sets[0].nai_ci95 is None
+    assert r.sets[0].vs_base == {"delta": 7.0 - 10.0, "ci95": None, "p_better": None}
+    assert r.p_beats_base == pytest.approx(3 / 4) and "share of sets" in r.p_beats_base_basis
