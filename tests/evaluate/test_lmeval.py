@@ -58,6 +58,8 @@ def test_lm_eval_accuracy_equals_our_choice_scoring(lm_family, local_task, model
     assert theirs["score"] == pytest.approx(ours["accuracy"])
     # lm-eval normalizes by characters, ours by UTF-8 bytes: the same for ASCII choices.
     assert theirs["metrics"]["acc_norm"] == pytest.approx(ours["accuracy_norm"])
+    # Its per-item values are ours item by item: the bootstrap resamples the same units.
+    assert theirs["units"] == {"kind": "items", "main": "acc", "acc": [float(x) for x in ours["units"]["accuracy"]]}
 
 
 def test_lm_eval_set_from_an_evals_file_through_evaluate(lm_family, local_task, tmp_path):

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import math
 
 import pytest
@@ -12,7 +13,8 @@ from safetensors.torch import load_file
 
 import modelalloy
 from modelalloy.config import parse_config
-from modelalloy.evaluate import EvalError, EvalSet, evaluate, load_evals, method_variant, perplexity, rate
+from modelalloy.evaluate import Bootstrap, EvalError, EvalSet, evaluate, load_evals, method_variant, perplexity, rate
+from modelalloy.evaluate.scoring import windows
 from modelalloy.inmemory import load_merged_model, merge_state_dict
 
 TEXT = "Shall I compare thee to a summer's day? Thou art more lovely and more temperate. " * 3
@@ -122,3 +124,47 @@ def test_eval_errors_are_one_line(lm_family, tmp_path):
         evaluate([str(tmp_path)], [EvalSet(name="t", texts=("abc",))])
     with pytest.raises(EvalError, match="expert 'nobody' is not one of the merged models"):
         rate(_config(lm_family), [EvalSet(name="t", texts=("abc",), expert="nobody")])
+
+
+DOCS = tuple(f"Line {i}: shall I compare thee to a summer's day? " for i in range(24))
+
+
+def test_every_score_carries_an_interval_and_tiny_sets_a_warning(lm_family, tmp_path):
+    sets = [EvalSet(name="lines", texts=DOCS, max_tokens=2000, window=64, unit="document"),
+            EvalSet(name="three", texts=DOCS[:3], max_tokens=2000, window=64, unit="document")]
+    result = evaluate({"base": lm_family["base"], "a": lm_family["ft_a"]}, sets, cache=tmp_path / "s.json", bootstrap=Bootstrap(resamples=200, seed=4))
+    saved = result.to_json()
+    for model in ("base", "a"):
+        r = saved["scores"][model]["lines"]
+        assert {"value", "ci95", "n_units", "n_tokens"} <= set(r) and "units" not in r
+        assert r["value"] == r["score"] and r["n_units"] == 24 and r["n_tokens"] == r["tokens"]
+        assert r["ci95"][0] < r["value"] < r["ci95"][1]
+        assert saved["scores"][model]["three"]["ci95"] is None and saved["scores"][model]["three"]["n_units"] == 3
+    assert result.warnings == ["eval set 'three' has 3 documents, too few for an interval (fewer than 10): its scores carry no ci95 and its comparisons no p_better"]
+    assert saved["bootstrap"] == {"resamples": 200, "seed": 4, "interval": "95 % percentile"}
+    draws = result.draws()
+    assert draws["base"]["three"] is None and draws["base"]["lines"].shape == (200,)
+    # The cached rerun gives the same intervals (the resamples are seeded, not stored).
+    again = evaluate({"base": lm_family["base"], "a": lm_family["ft_a"]}, sets, cache=tmp_path / "s.json", bootstrap=Bootstrap(resamples=200, seed=4))
+    assert again.to_json() == saved
+    other = evaluate({"base": lm_family["base"]}, sets[:1], cache=tmp_path / "s.json", bootstrap=Bootstrap(resamples=200, seed=5))
+    assert other.scores["base"]["lines"]["ci95"] != saved["scores"]["base"]["lines"]["ci95"]
+
+
+def test_rate_json_has_paired_comparisons_and_each_merge_its_config(lm_family):
+    sets = [EvalSet(name="poem", texts=DOCS, max_tokens=1500, window=64, expert="ft_a"),
+            EvalSet(name="control", texts=(TEXT * 4,), max_tokens=400, window=24)]
+    labels = {str(lm_family[k]): k for k in ("base", "ft_a", "ft_b")}
+    result = rate(_config(lm_family), sets, methods=["linear", "ties"], labels=labels, bootstrap=Bootstrap(resamples=100))
+    payload = result.to_json()
+    assert {r["model"] for r in payload["rates"]} == {"linear", "ties"}
+    for r in payload["rates"]:
+        assert r["config"]["merge_method"] == r["model"]
+        assert "mean over sets of p_better" in r["p_beats_base_basis"]
+        assert r["p_beats_base"] == pytest.approx(sum(s["vs_base"]["p_better"] for s in r["sets"]) / 2)
+        poem, control = r["sets"]
+        for comparison in (poem["vs_base"], poem["vs_expert"], poem["vs_best_parent"], control["vs_base"]):
+            assert set(comparison) == {"delta", "ci95", "p_better"} and len(comparison["ci95"]) == 2
+        assert control["forgetting_ci95"] is not None and control["vs_expert"] is None
+    assert payload["evaluation"]["scores"]["ties"]["control"]["n_units"] == len(windows(400, 24, 23))
+    json.dumps(payload)  # plain JSON all the way down

@@ -53,7 +53,8 @@ def lm_eval_task(model, tokenizer, task: str, *, task_dir: str | None = None, li
     wrapped = HFLM(pretrained=model, tokenizer=tokenizer, batch_size=batch_size)
     with _offline():
         try:
-            out = lm_eval.simple_evaluate(model=wrapped, tasks=[task], task_manager=manager, limit=limit, bootstrap_iters=0, log_samples=False)
+            # Samples are logged for their per-item metric values: our bootstrap resamples them.
+            out = lm_eval.simple_evaluate(model=wrapped, tasks=[task], task_manager=manager, limit=limit, bootstrap_iters=0, log_samples=True)
         except (OSError, ValueError, FileNotFoundError) as e:
             raise EvalError(f"lm_eval task {task!r}: {str(e).splitlines()[0] if str(e) else type(e).__name__} (its data must be local: nothing is downloaded)") from None
     results = out["results"][task]
@@ -64,4 +65,21 @@ def lm_eval_task(model, tokenizer, task: str, *, task_dir: str | None = None, li
         raise EvalError(f"lm_eval task {task!r} reported no metric")
     if better.get(main) is False:
         raise EvalError(f"lm_eval task {task!r}: its main metric {main!r} is lower-is-better; list a higher-is-better metric first in its metric_list")
-    return {"score": metrics[main], "lm_eval_metric": main, "metrics": metrics}
+    return {"score": metrics[main], "lm_eval_metric": main, "metrics": metrics, "units": _sample_units(out.get("samples", {}).get(task), main, metrics[main])}
+
+
+def _sample_units(samples: list[dict] | None, metric: str, reported: float) -> dict | None:
+    """Per-item values of `metric` (in document order) when their mean is what lm-eval reported.
+
+    A metric aggregated otherwise than by the mean (corpus BLEU, perplexity) has no per-item
+    record a bootstrap can resample here: then None, and the set gets no interval.
+    """
+    values = []
+    for sample in sorted(samples or [], key=lambda x: x.get("doc_id", 0)):
+        v = sample.get(metric)
+        if isinstance(v, bool) or not isinstance(v, (int, float)):
+            return None
+        values.append(float(v))
+    if not values or abs(sum(values) / len(values) - reported) > 1e-9 * max(1.0, abs(reported)):
+        return None
+    return {"kind": "items", "main": metric, metric: values}

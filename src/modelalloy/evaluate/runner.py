@@ -3,6 +3,10 @@
 A model is a Hugging Face directory, or a merge config (a YAML path or a `MergeConfig`), which is
 merged in memory (`modelalloy.inmemory`) and never written to disk. Scores can be kept in a JSON
 cache keyed by what the model and the set are made of, so a rerun scores only what changed.
+
+Every score comes with its per-unit record, and so with a bootstrap interval (`evaluate.bootstrap`):
+each result holds ``value``, ``ci95`` ([low, high] or None), ``n_units`` and ``n_tokens``. A set
+with fewer than `bootstrap.MIN_UNITS` units gets no interval and a warning naming it.
 """
 
 from __future__ import annotations
@@ -16,15 +20,23 @@ from pathlib import Path
 
 import torch
 
+import numpy as np
+
 from modelalloy.config import MergeConfig, load_config
 from modelalloy.errors import ConfigError
+from modelalloy.evaluate import bootstrap as bs
+from modelalloy.evaluate.bootstrap import Bootstrap
 from modelalloy.evaluate.rate import MergeRate, SetInfo, merge_rate, rank
 from modelalloy.evaluate.scoring import classification, multiple_choice, perplexity
 from modelalloy.evaluate.sets import EvalError, EvalSet, read_choices, read_labeled, read_texts
 from modelalloy.methods import REQUIRED, get_method
 
-# label (model or "model / set"), done, total
-Progress = Callable[[str, int, int], None]
+# label (model or "model / set"), done, total[, unit]: scoring passes its unit ("tokens", "items")
+# as a fourth argument, so a progress bar can show a rate; other steps pass three.
+Progress = Callable[..., None]
+
+# Part of every cache key: scores kept by an older layout (without per-unit records) are not reused.
+_CACHE_LAYOUT = "units-v1"
 
 # Required parameters that a plain "merge these models" request leaves open, for --methods.
 _PLAIN_DEFAULTS = {"weight": 1.0, "t": 0.5}
@@ -73,7 +85,8 @@ def load_model(ref: str | Path | MergeConfig, *, tokenizer: str | Path | None = 
 
 
 def score(model, tokenizer, eval_set: EvalSet, *, progress: Callable[[int, int], None] | None = None) -> dict:
-    """One model on one set: perplexity fields, or accuracy fields; always a "score" key."""
+    """One model on one set: perplexity fields, or accuracy fields; always "score", "metric" and
+    "units" (the per-unit record a bootstrap resamples; None where the scorer gives none)."""
     if eval_set.kind == "classification":
         if not hasattr(model.config, "id2label") or "ForSequenceClassification" not in type(model).__name__:
             raise EvalError(f"eval set {eval_set.name!r}: classification needs a model with a classification head (*ForSequenceClassification), not {type(model).__name__}")
@@ -96,11 +109,18 @@ def score(model, tokenizer, eval_set: EvalSet, *, progress: Callable[[int, int],
             window=eval_set.window,
             stride=eval_set.stride,
             batch_size=eval_set.batch_size,
+            unit=eval_set.unit,
             progress=progress,
         )
         result["score"] = result["perplexity"]
     result["metric"] = eval_set.metric
+    result.setdefault("units", None)
     return result
+
+
+def progress_unit(eval_set: EvalSet) -> str:
+    """What a set's progress counts: tokens for perplexity, items otherwise."""
+    return "tokens" if eval_set.kind == "perplexity" else "items"
 
 
 # --- caching -----------------------------------------------------------------------------------
@@ -169,21 +189,84 @@ class ScoreCache:
 
 @dataclass
 class EvalResult:
-    """{model label: {set name: result dict}}, plus what each set is."""
+    """{model label: {set name: result dict}}, plus what each set is.
+
+    Each result dict holds the scorer's fields, ``value``, ``ci95``, ``n_units``, ``n_tokens`` and
+    ``units`` (the per-unit record; left out of `to_json`). `warnings` names sets too small for an
+    interval and models whose units cannot be paired with the others'.
+    """
 
     sets: list[EvalSet]
     scores: dict[str, dict[str, dict]] = field(default_factory=dict)
+    bootstrap: Bootstrap = field(default_factory=Bootstrap)
+    warnings: list[str] = field(default_factory=list)
+    _draws: dict[str, dict[str, np.ndarray | None]] = field(default_factory=dict, repr=False)
 
     def table(self) -> dict[str, dict[str, float]]:
         """{model: {set: score}} (perplexity or accuracy)."""
         return {m: {s: r["score"] for s, r in per_set.items()} for m, per_set in self.scores.items()}
 
+    def finish(self) -> None:
+        """Intervals for every score, from the same resamples of each set for every model."""
+        self._draws = {m: {} for m in self.scores}
+        self.warnings = []
+        for s in self.sets:
+            results = {m: per_set[s.name] for m, per_set in self.scores.items() if s.name in per_set}
+            layouts = {m: _unit_layout(r.get("units")) for m, r in results.items()}
+            reference = next((v for v in layouts.values() if v is not None), None)
+            small = False
+            for model, result in results.items():
+                units = result.get("units")
+                n = bs.n_units(units) if units else 0
+                result.update(value=result["score"], ci95=None, n_units=n or None, n_tokens=bs.n_tokens(units) if units else result.get("tokens"))
+                self._draws[model][s.name] = None
+                if not units:
+                    self.warnings.append(f"eval set {s.name!r}: {model} has no per-item scores, so no interval")
+                    continue
+                if n < bs.MIN_UNITS:
+                    small = True
+                    continue
+                draws = bs.statistic(units, self.bootstrap.counts(s.name, n))
+                result["ci95"] = bs.percentile_interval(draws)
+                for extra in _EXTRA_METRICS.get(units["kind"], ()):
+                    if extra in result:
+                        result[f"{extra}_ci95"] = bs.percentile_interval(bs.statistic(units, self.bootstrap.counts(s.name, n), extra))
+                if layouts[model] != reference:
+                    self.warnings.append(f"eval set {s.name!r}: {model} cut it into other units than the other models "
+                                         "(another tokenizer?), so its comparisons there have no interval")
+                    continue
+                self._draws[model][s.name] = draws
+            if small:
+                n = min(r["n_units"] or 0 for r in results.values())
+                what = next((r["units"].get("unit", "item") for r in results.values() if r.get("units")), "unit")
+                self.warnings.append(f"eval set {s.name!r} has {n} {what}{'s' if n != 1 else ''}, too few for an interval "
+                                     f"(fewer than {bs.MIN_UNITS}): its scores carry no ci95 and its comparisons no p_better")
+
+    def draws(self) -> dict[str, dict[str, np.ndarray | None]]:
+        """{model: {set: score per bootstrap resample}}; None where there is no paired interval."""
+        return self._draws
+
     def to_json(self) -> dict:
         return {
             "kind": "eval",
+            "bootstrap": {"resamples": self.bootstrap.resamples, "seed": self.bootstrap.seed, "interval": "95 % percentile"},
             "sets": [{"name": s.name, "metric": s.metric, "higher_is_better": s.higher_is_better, "expert": s.expert} for s in self.sets],
-            "scores": self.scores,
+            "scores": {m: {s: {k: v for k, v in r.items() if k != "units"} for s, r in per_set.items()} for m, per_set in self.scores.items()},
+            "warnings": self.warnings,
         }
+
+
+# Metrics besides the main one that get an interval of their own ("accuracy_norm_ci95", ...).
+_EXTRA_METRICS = {"items": ("accuracy_norm",), "classification": ("macro_f1",)}
+
+
+def _unit_layout(units: dict | None):
+    """What must match for two models' units to be paired: their number, and for windows their sizes."""
+    if not units:
+        return None
+    if units["kind"] == "perplexity":
+        return ("perplexity", units["unit"], tuple(units["tokens"]) if units["unit"] == "window" else len(units["tokens"]))
+    return (units["kind"], bs.n_units(units))
 
 
 def label_of(ref: str | Path | MergeConfig) -> str:
@@ -199,20 +282,24 @@ def evaluate(
     tokenizer: str | Path | None = None,
     cache: str | Path | ScoreCache | None = None,
     progress: Progress | None = None,
+    bootstrap: Bootstrap | None = None,
 ) -> EvalResult:
-    """Score every model on every set. `models` may map labels to refs (else labels are the refs)."""
+    """Score every model on every set. `models` may map labels to refs (else labels are the refs).
+
+    `bootstrap` sets the resamples and seed of the intervals (default: 1,000, seed 0).
+    """
     if not sets:
         raise EvalError("no eval sets given")
     named = dict(models) if isinstance(models, Mapping) else {label_of(m): m for m in models}
     store = cache if isinstance(cache, ScoreCache) else ScoreCache(cache)
     set_keys = {s.name: set_fingerprint(s) for s in sets}
-    result = EvalResult(list(sets))
+    result = EvalResult(list(sets), bootstrap=bootstrap or Bootstrap())
     for label, ref in named.items():
         mkey = model_fingerprint(ref)
-        keys = {s.name: hashlib.sha256(f"{mkey}\0{set_keys[s.name]}\0{tokenizer}".encode()).hexdigest() for s in sets}
+        keys = {s.name: hashlib.sha256(f"{mkey}\0{set_keys[s.name]}\0{tokenizer}\0{_CACHE_LAYOUT}".encode()).hexdigest() for s in sets}
         cached = {name: store.get(k) for name, k in keys.items()}
         if all(v is not None for v in cached.values()):
-            result.scores[label] = cached
+            result.scores[label] = {name: dict(v) for name, v in cached.items()}
             if progress:
                 progress(f"{label} (cached)", 1, 1)
             continue
@@ -225,13 +312,14 @@ def evaluate(
         per_set = {}
         for s in sets:
             if cached[s.name] is not None:
-                per_set[s.name] = cached[s.name]
+                per_set[s.name] = dict(cached[s.name])
                 continue
             cb = (lambda d, t, _l=f"{label} / {s.name}": progress(_l, d, t)) if progress else None
             per_set[s.name] = score(model, tok, s, progress=cb)
-            store.put(keys[s.name], per_set[s.name])
+            store.put(keys[s.name], dict(per_set[s.name]))  # a copy: `finish` adds intervals to ours
         result.scores[label] = per_set
         del model  # one model in memory at a time
+    result.finish()
     return result
 
 
@@ -264,6 +352,7 @@ class RateResult:
     base: str
     parents: list[str]
     rates: list[MergeRate]  # best first
+    configs: dict[str, MergeConfig] = field(default_factory=dict)  # each merge's own config, by label
 
     def to_json(self) -> dict:
         return {
@@ -272,7 +361,9 @@ class RateResult:
             "base": self.base,
             "parents": self.parents,
             "evaluation": self.evaluation.to_json(),
-            "rates": [r.summary() for r in self.rates],
+            "rates": [r.summary() | ({"config": self.configs[r.model].model_dump(mode="json", exclude_none=True)} if r.model in self.configs else {})
+                      for r in self.rates],
+            "warnings": self.evaluation.warnings,
         }
 
 
@@ -285,10 +376,12 @@ def rate(
     cache: str | Path | ScoreCache | None = None,
     progress: Progress | None = None,
     labels: Mapping[str, str] | None = None,
+    bootstrap: Bootstrap | None = None,
 ) -> RateResult:
     """Evaluate the base, each parent and the merge (or one merge per method), and rate each merge.
 
-    `labels` may give short names for model references (used in tables and in `expert:`).
+    `labels` may give short names for model references (used in tables and in `expert:`);
+    `bootstrap` sets the resamples and seed of every interval and paired comparison.
     """
     cfg = config if isinstance(config, MergeConfig) else load_config(config)
     if not cfg.base_model:
@@ -304,9 +397,10 @@ def rate(
     if clash:
         raise EvalError(f"a merge label {sorted(clash)[0]!r} is also a model's name; rename the model label")
     models = {names[r]: r for r in refs} | variants
-    evaluation = evaluate(models, sets, tokenizer=tokenizer, cache=cache, progress=progress)
+    evaluation = evaluate(models, sets, tokenizer=tokenizer, cache=cache, progress=progress, bootstrap=bootstrap)
     # `expert:` may name a model by its reference or by its label.
     infos = [SetInfo(s.name, s.higher_is_better, names.get(s.expert, s.expert)) for s in sets]
     table = evaluation.table()
-    rates = [merge_rate(table, merged=v, base=names[cfg.base_model], parents=[names[p] for p in parents], sets=infos) for v in variants]
-    return RateResult(cfg, evaluation, names[cfg.base_model], [names[p] for p in parents], rank(rates))
+    draws = evaluation.draws()
+    rates = [merge_rate(table, merged=v, base=names[cfg.base_model], parents=[names[p] for p in parents], sets=infos, draws=draws) for v in variants]
+    return RateResult(cfg, evaluation, names[cfg.base_model], [names[p] for p in parents], rank(rates), configs=dict(variants))

@@ -11,6 +11,8 @@ set (JSONL with ``context``, ``choices``, ``answer``):
         window: 512                 # tokens the model sees at once
         stride: 511                 # new tokens scored per window, at most window - 1 (default);
                                     # smaller strides give each scored token more context
+        unit: auto                  # what the bootstrap resamples: document, window (the tokens one
+                                    # window scores), or auto (whichever makes more units)
         expert: ./ft-shakespeare    # the parent fine-tuned for it (for `alloy rate`); omit = control
       - name: trivia
         kind: choice
@@ -53,6 +55,7 @@ class EvalSet(BaseModel):
     window: int = Field(512, ge=2)
     stride: int | None = Field(None, ge=1, description="new tokens scored per window; default and maximum window - 1")
     batch_size: int = Field(4, ge=1)
+    unit: Literal["auto", "document", "window"] = Field("auto", description="perplexity: the units a bootstrap resamples (documents, or the tokens each window scores)")
     max_items: int | None = Field(None, ge=1, description="multiple choice, classification, lm_eval: score only the first N items")
     task: str | None = Field(None, description="lm_eval: the task name")
     task_dir: str | None = Field(None, description="lm_eval: a folder of YAML task definitions over local data")
