@@ -15,7 +15,9 @@ from typer.testing import CliRunner
 
 from modelalloy.cli import app
 from modelalloy.evaluate import SetInfo, merge_rate
-from modelalloy.report import Report, write_report
+from modelalloy.evaluate.bootstrap import Bootstrap, percentile_interval, statistic, value
+from modelalloy.evaluate.rate import rank
+from modelalloy.report import Report, plots, write_report
 
 CHROMIUM = shutil.which("chromium") or shutil.which("chromium-browser")
 FLAGS = ["--headless", "--no-sandbox", "--disable-gpu", "--disable-background-networking", "--disable-component-update", "--no-first-run", "--disable-sync"]
@@ -32,6 +34,54 @@ def _rate_payload() -> dict:
     rates = [merge_rate(SCORES, merged=m, base="base", parents=["coder", "poet"], sets=SETS).summary() for m in ("ties", "linear")]
     return {"kind": "rate", "config": {"merge_method": "ties", "base_model": "base", "models": [{"model": "coder"}, {"model": "poet"}]},
             "base": "base", "parents": ["coder", "poet"], "evaluation": ev, "rates": rates}
+
+
+def _measured_payload() -> dict:
+    """A rate result as `alloy rate` saves it, with intervals: per-unit NLLs, paired resamples."""
+    import numpy as np
+
+    rng = np.random.default_rng(0)
+    shift = {"code": {"base": 0, "coder": -0.5, "poet": 0.05, "ties": -0.3, "linear": -0.29, "task_arithmetic": -0.1},
+             "poems": {"base": 0, "coder": 0.05, "poet": -0.4, "ties": -0.25, "linear": -0.26, "task_arithmetic": -0.1},
+             "news": {"base": 0, "coder": 0.02, "poet": 0.03, "ties": 0.01, "linear": 0.0, "task_arithmetic": 0.02}}
+    boot = Bootstrap(resamples=300)
+    scores, draws, ev_scores = {}, {}, {}
+    for s, by_model in shift.items():
+        tokens = rng.integers(20, 200, size=40)
+        base = rng.gamma(6.0, 0.4, size=40)
+        counts = boot.counts(s, 40)
+        for m, d in by_model.items():
+            units = {"kind": "perplexity", "nll": ((base + d + rng.normal(0, 0.02, 40)) * tokens).tolist(), "tokens": tokens.tolist()}
+            v, dr = value(units), statistic(units, counts)
+            scores.setdefault(m, {})[s] = v
+            draws.setdefault(m, {})[s] = dr
+            ev_scores.setdefault(m, {})[s] = {"score": v, "perplexity": v, "value": v, "ci95": percentile_interval(dr), "n_units": 40, "n_tokens": int(tokens.sum())}
+    merges = ["ties", "linear", "task_arithmetic"]
+    rates = rank([merge_rate(scores, merged=m, base="base", parents=["coder", "poet"], sets=SETS, draws=draws) for m in merges])
+    ev = {"kind": "eval", "bootstrap": {"resamples": 300, "seed": 0, "interval": "95 % percentile"},
+          "sets": [{"name": s.name, "metric": "perplexity", "higher_is_better": False, "expert": s.expert} for s in SETS],
+          "scores": ev_scores, "warnings": ["eval set 'tiny' has 3 documents, too few for an interval (fewer than 10)"]}
+    return {"kind": "rate", "config": {"merge_method": "ties"}, "base": "base", "parents": ["coder", "poet"], "evaluation": ev,
+            "rates": [r.summary() | {"config": {"merge_method": r.model, "base_model": "base", "models": [{"model": "coder"}, {"model": "poet"}]}} for r in rates]}
+
+
+def test_report_shows_intervals_ties_every_config_and_error_bars_on_every_plot(tmp_path, monkeypatch):
+    payload = _measured_payload()
+    calls = []
+    real = plots.grouped_bars
+    monkeypatch.setattr(plots, "grouped_bars", lambda *a, **k: calls.append(k) or real(*a, **k))
+    html = write_report([payload], tmp_path / "r.html").read_text()
+    assert calls and all(k.get("errors") for k in calls)  # every score plot draws its intervals
+    assert "±" in html and "95 % bootstrap interval" in html and "300 resamples" in html
+    ties = payload["rates"][0]
+    assert ties["model"] in ("ties", "linear") and ties["vs_next"]["ci95"][0] <= 0  # ties and linear: inside the noise
+    assert "≈2" in html  # ... so the second is marked as not distinguishable from the first
+    for merge in ("ties", "linear", "task_arithmetic"):
+        assert f"config of {merge}" in html and f"merge_method: {merge}" in html
+    assert "too few for an interval" in html
+    # Error bars change the picture: the same bars without intervals draw a different PNG.
+    values = {"code": {"a": 5.0, "b": 6.0}}
+    assert real(values, title="t", ylabel="y") != real(values, title="t", ylabel="y", errors={"code": {"a": [4.0, 6.0], "b": [5.5, 6.5]}})
 
 
 def _browser(html_path, tmp_path, name: str) -> tuple[bytes, list[str]]:
@@ -73,7 +123,7 @@ def test_report_is_self_contained_with_real_pngs(tmp_path):
     assert "<title>merge &lt;study&gt;</title>" in html
     assert not re.search(r"""(src|href)=["']?(https?:|//|file:)""", html)  # nothing fetched from anywhere
     images = re.findall(r'src="data:image/png;base64,([^"]+)"', html)
-    assert len(images) >= 7  # scores, NAI, cosine heatmap, 3 per-layer lines, conflict heatmap, concentration
+    assert len(images) >= 8  # scores, NAI, mean NAI, cosine heatmap, 3 per-layer lines, conflict heatmap, concentration
     for data in images:
         img = Image.open(io.BytesIO(base64.b64decode(data)))
         assert img.format == "PNG" and img.width > 200 and img.height > 150
@@ -90,7 +140,7 @@ def test_report_cli_rejects_what_is_not_a_result(tmp_path):
     good.write_text(json.dumps(_rate_payload()))
     result = CliRunner().invoke(app, ["report", str(good), "-o", str(tmp_path / "r.html")])
     assert result.exit_code == 0, result.output
-    assert (tmp_path / "r.html").read_text().count("data:image/png") == 2
+    assert (tmp_path / "r.html").read_text().count("data:image/png") == 3  # scores, NAI per set, mean NAI
 
 
 @pytest.mark.skipif(CHROMIUM is None, reason="chromium is not installed: scripts/setup.sh installs Debian's chromium where apt-get is available")

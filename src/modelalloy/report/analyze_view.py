@@ -11,7 +11,8 @@ def render_analyze(report: Report, result: dict) -> None:
     names = result["models"]
     report.paragraph(f"task vectors δ = model − base, base: {result['base']}. Sign conflict: among entries where two or more "
                      "task vectors are nonzero, the share where their signs disagree. Concentration: share of ‖δ‖² in the "
-                     "largest 1/10/20 % of entries (high = trimming loses little). Subspace overlap: top singular vectors, 1 = same.")
+                     "largest 1/10/20 % of entries (high = trimming loses little). Subspace overlap: top singular vectors, 1 = same. "
+                     "These are computed from the weights themselves, exactly, with no sampling: they have no error bars.")
     o = result["overall"]
     rows = []
     for n in names:

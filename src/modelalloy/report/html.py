@@ -17,6 +17,7 @@ body { font-family: system-ui, -apple-system, "Segoe UI", sans-serif; margin: 2r
 h1 { font-size: 1.6rem; } h2 { font-size: 1.25rem; border-bottom: 1px solid #ccc; padding-bottom: .2rem; margin-top: 2rem; }
 table { border-collapse: collapse; margin: .8rem 0; font-size: .9rem; }
 th, td { border: 1px solid #ccc; padding: .25rem .6rem; text-align: right; }
+td { white-space: nowrap; }  /* an interval stays on one line */
 th { background: #f2f2f2; } td:first-child, th:first-child { text-align: left; }
 caption { caption-side: top; text-align: left; font-weight: 600; padding-bottom: .3rem; }
 pre { background: #f7f7f7; padding: .8rem; overflow-x: auto; font-size: .85rem; }

@@ -19,16 +19,32 @@ def _png(fig) -> bytes:
     return buf.getvalue()
 
 
-def grouped_bars(values: Mapping[str, Mapping[str, float | None]], *, title: str, ylabel: str, reference: float | None = None) -> bytes:
-    """values: {group (x tick): {series: value}}; missing/None values are left out."""
+def grouped_bars(
+    values: Mapping[str, Mapping[str, float | None]],
+    *,
+    title: str,
+    ylabel: str,
+    reference: float | None = None,
+    errors: Mapping[str, Mapping[str, Sequence[float] | None]] | None = None,
+) -> bytes:
+    """values: {group (x tick): {series: value}}; missing/None values are left out.
+
+    errors: the same shape, {group: {series: [low, high]}}: drawn as error bars (a 95 % interval).
+    """
     groups = list(values)
     series = list(dict.fromkeys(s for g in groups for s in values[g]))
-    fig, ax = plt.subplots(figsize=(max(6, 1.2 * len(groups) + 2), 3.6))
+    fig, ax = plt.subplots(figsize=(max(6, 0.25 * len(series) * len(groups) + 1.2 * len(groups) + 2), 3.8))
     width = 0.8 / max(1, len(series))
     for i, s in enumerate(series):
-        xs = [j + i * width for j, g in enumerate(groups) if values[g].get(s) is not None]
-        ys = [values[g][s] for g in groups if values[g].get(s) is not None]
-        ax.bar(xs, ys, width, label=s)
+        shown = [g for g in groups if values[g].get(s) is not None]
+        xs = [groups.index(g) + i * width for g in shown]
+        ys = [values[g][s] for g in shown]
+        yerr = None
+        if errors is not None:
+            cis = [(errors.get(g) or {}).get(s) for g in shown]
+            # matplotlib wants distances below and above each bar; no interval draws none.
+            yerr = [[y - ci[0] if ci else 0.0 for y, ci in zip(ys, cis)], [ci[1] - y if ci else 0.0 for y, ci in zip(ys, cis)]]
+        ax.bar(xs, ys, width, label=s, yerr=yerr, capsize=2 if yerr else 0, error_kw={"elinewidth": 0.8, "ecolor": "black"})
     ax.set_xticks([j + 0.4 - width / 2 for j in range(len(groups))], groups, rotation=20, ha="right")
     if reference is not None:
         ax.axhline(reference, color="black", linewidth=0.8, linestyle="--")
