@@ -187,3 +187,27 @@ def _top_only(inner, layers: torch.nn.ModuleList, depth: int):
         yield
     finally:
         inner.layers = layers
+
+
+def states_after(model, depth: int, input_ids: torch.Tensor, attention_mask: torch.Tensor | None = None) -> torch.Tensor:
+    """The hidden states after the first `depth` decoder layers, running only those layers."""
+    inner, layers = _decoder(model)
+    kept = {}
+    hook = layers[depth - 1].register_forward_hook(lambda _m, _i, out: kept.__setitem__("h", out[0] if isinstance(out, tuple) else out))
+    inner.layers = torch.nn.ModuleList(list(layers)[:depth])
+    try:
+        inner(input_ids=input_ids, attention_mask=attention_mask)
+    finally:
+        inner.layers = layers
+        hook.remove()
+    return kept["h"]
+
+
+@contextlib.contextmanager
+def top_only(model, depth: int):
+    """Within: `model(inputs_embeds=states_after(model, depth, ids), ...)` runs layers depth.. and the head."""
+    decoder = _decoder(model)
+    if decoder is None:
+        raise ValueError(f"{type(model).__name__} has no decoder stack at model.layers")
+    with _top_only(*decoder, depth):
+        yield
