@@ -31,9 +31,20 @@ from modelalloy.evaluate.scoring import classification, multiple_choice, perplex
 from modelalloy.evaluate.sets import EvalError, EvalSet, read_choices, read_labeled, read_texts
 from modelalloy.methods import REQUIRED, get_method
 
-# label (model or "model / set"), done, total[, unit]: scoring passes its unit ("tokens", "items")
-# as a fourth argument, so a progress bar can show a rate; other steps pass three.
-Progress = Callable[..., None]
+# label (model or "model / set"), done, total
+Progress = Callable[[str, int, int], None]
+
+
+class ProgressLabel(str):
+    """A progress label that also says what done and total count (`unit`: "tokens", "items"),
+    so a progress bar can show a rate; to any other callback it is the plain label."""
+
+    unit: str = ""
+
+    def __new__(cls, text: str, unit: str = "") -> ProgressLabel:
+        label = super().__new__(cls, text)
+        label.unit = unit
+        return label
 
 # Part of every cache key: scores kept by an older layout (without per-unit records) are not reused.
 _CACHE_LAYOUT = "units-v1"
@@ -320,7 +331,7 @@ def evaluate(
             if cached[s.name] is not None:
                 per_set[s.name] = dict(cached[s.name])
                 continue
-            cb = (lambda d, t, _l=f"{label} / {s.name}": progress(_l, d, t)) if progress else None
+            cb = (lambda d, t, _l=ProgressLabel(f"{label} / {s.name}", progress_unit(s)): progress(_l, d, t)) if progress else None
             bottom = sharing.bottom(s, depth_key, tokenizer) if sharing and s.kind == "perplexity" else None
             per_set[s.name] = score(model, tok, s, progress=cb, bottom=bottom)
             store.put(keys[s.name], dict(per_set[s.name]))  # a copy: `finish` adds intervals to ours
