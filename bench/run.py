@@ -1,9 +1,11 @@
 """modelalloy vs mergekit: the same configs, side by side, alternating; see bench/README.md.
 
     .venv/bin/python bench/run.py --size 1b --rss-size small
+    .venv/bin/python bench/run.py --sizes tiny,1b,7b --mergekit-methods 7b=linear,ties   # the scaling curve
 
 Everything generated (models, mergekit's venv, outputs) lives under .cache/bench (gitignored);
-results go to bench/results/ as JSON and a PNG bar chart, and the table is printed.
+results go to bench/results/ as JSON and a PNG chart, and the table is printed. Before anything
+is written, the free disk space is checked against what the run needs (exit 2 if short).
 """
 
 from __future__ import annotations
@@ -25,7 +27,9 @@ from safetensors import safe_open
 
 sys.path.insert(0, str(Path(__file__).parent))
 from measure import RunStats, evict, raw_read, raw_read_direct, raw_write, run_measured, wait_until_idle, weight_files  # noqa: E402
-from synth import SIZES, ensure_models  # noqa: E402
+import scaling  # noqa: E402
+from scaling import gib, secs  # noqa: E402
+from synth import SIZES, LlamaSize, bytes_to_generate, ensure_models  # noqa: E402
 
 REPO = Path(__file__).resolve().parent.parent
 CACHE = REPO / ".cache" / "bench"
@@ -57,6 +61,11 @@ def agrees(method: str, agreement: dict) -> bool:
         return False
     limit = AGREE_BAD_FRACTION_TRIMMING if method in TRIMMING else AGREE_BAD_FRACTION
     return agreement["worst_bad_fraction"] <= limit
+
+
+def rss_bound(size: LlamaSize) -> int:
+    """The peak-RSS target of alloy at a size: 1 GB + 3 × the largest tensor."""
+    return 10**9 + 3 * size.largest_tensor_bytes
 
 
 def log(msg: str) -> None:
@@ -192,16 +201,19 @@ def compare_outputs(a: Path, b: Path) -> dict:
     }
 
 
-def run_method(method: str, models: dict[str, Path], work: Path, mergekit_exe: Path, threads: int, order: list[str], reps: int, check: bool) -> dict:
+def run_method(method: str, models: dict[str, Path], work: Path, mergekit_exe: Path, threads: int, order: list[str], reps: int, check: bool, with_mergekit: bool = True) -> dict:
     config = make_config(method, models)
     config_file = work / f"{method}.yaml"
     config_file.write_text(yaml.safe_dump(config, sort_keys=False))
     inputs = config_inputs(config)
     input_bytes = sum(f.stat().st_size for f in inputs)
     output_estimate = sum(f.stat().st_size for f in weight_files(Path(config["models"][0]["model"])))  # same architecture and dtype
-    available = {"alloy": alloy_has(method), "mergekit": True}
+    available = {"alloy": alloy_has(method), "mergekit": with_mergekit}
+    compare = check and method in DETERMINISTIC and all(available.values())
+    agreement = None
     result: dict = {"method": method, "input_bytes": input_bytes, "runs": {t: [] for t in order}}
     for rep in range(reps):
+        ran: set[str] = set()  # the tools that have run in this repetition
         for tool in order if rep % 2 == 0 else order[::-1]:
             if not available[tool]:
                 continue
@@ -226,17 +238,25 @@ def run_method(method: str, models: dict[str, Path], work: Path, mergekit_exe: P
                 # Then, after the run (writing before it slowed the run down: the file system
                 # discards deleted blocks), the time to write an output's worth of bytes durably:
                 # reading the inputs and writing the output share one disk here, and the two
-                # together are the floor.
+                # together are the floor. At most two outputs' worth lie on the disk at once (a
+                # 7B's are 13.5 GB each): mergekit's output, if there, goes first, compared
+                # with this one if both are the last repetition's.
+                other = work / f"out-mergekit-{method}"
+                if other.exists():
+                    if compare and rep == reps - 1 and "mergekit" in ran and stats.returncode == 0:
+                        agreement = compare_outputs(out, other)
+                    shutil.rmtree(other)
                 write_s = raw_write(work, output_estimate)
                 log(f"{method}: raw write {output_estimate / 1e9:.2f} GB in {write_s:.2f}s")
                 run["raw_read_s"], run["raw_read_plain_s"], run["raw_read_direct_s"], run["raw_write_s"] = raw_s, plain_s, direct_s, write_s
             run["output_bytes"] = output_bytes(out) if stats.returncode == 0 else 0
             result["runs"][tool].append(run)
+            ran.add(tool)
             log(f"{method}: {tool:8s} {stats.wall_s:7.2f}s wall {stats.cpu_s:7.2f}s cpu {stats.peak_rss_bytes / 2**30:5.2f} GiB peak RSS" + ("" if stats.returncode == 0 else "  FAILED"))
     for tool in order:
         runs = [r for r in result["runs"][tool] if r["ok"]]
         if not available[tool]:
-            result[tool] = {"available": False, "note": "not available in this build"}
+            result[tool] = {"available": False, "note": "not available in this build" if tool == "alloy" else "not run at this size"}
         elif not runs:
             result[tool] = {"available": True, "ok": False}
         else:
@@ -260,8 +280,10 @@ def run_method(method: str, models: dict[str, Path], work: Path, mergekit_exe: P
         result["wall_ratio"] = a["wall_s"] / m["wall_s"]
         result["cpu_ratio"] = a["cpu_s"] / m["cpu_s"]
         result["rss_ratio"] = a["peak_rss_bytes"] / m["peak_rss_bytes"]
-        if check and method in DETERMINISTIC:
-            result["agreement"] = compare_outputs(work / f"out-alloy-{method}", work / f"out-mergekit-{method}")
+        if compare:
+            if agreement is None:  # alloy ran first in the last repetition
+                agreement = compare_outputs(work / f"out-alloy-{method}", work / f"out-mergekit-{method}")
+            result["agreement"] = agreement
             result["agreement"]["agree"] = agrees(method, result["agreement"])
             log(f"{method}: agreement {result['agreement']}")
     for tool in order:
@@ -272,7 +294,7 @@ def run_method(method: str, models: dict[str, Path], work: Path, mergekit_exe: P
 def rss_check(size_name: str, models: dict[str, Path], work: Path, threads: int, methods: list[str]) -> dict:
     """alloy alone on another model size: peak RSS against 1 GB + 3 × the largest tensor."""
     size = SIZES[size_name]
-    bound = 10**9 + 3 * size.largest_tensor_bytes
+    bound = rss_bound(size)
     rows = {}
     for method in methods:
         if not alloy_has(method):
@@ -299,22 +321,22 @@ def table(results: list[dict], rss: list[dict]) -> str:
         if not a.get("available", True):
             lines.append(f"| {r['method']} | {a['note']} | {m.get('wall_s', float('nan')):.1f} | – | – | – | – | – | – | {m.get('cpu_s', float('nan')):.1f} | – | {m.get('peak_rss_bytes', 0) / 2**30:.2f} GiB | – | – |")
             continue
-        if not (a.get("ok") and m.get("ok")):
-            def cell(x: dict) -> str:
-                return f"{x['wall_s']:.1f}" if x.get("ok") else "failed"
-
-            lines.append(f"| {r['method']} | {cell(a)} | {cell(m)} | – | – | – | – | – | – | – | – | – | – | – |")
-            continue
+        both = a.get("ok") and m.get("ok")
         agree = r.get("agreement")
-        agree_text = "n/a (random)" if agree is None else ("yes" if agrees(r["method"], agree) else "NO") + f" (worst tensor {agree.get('worst_bad_fraction', 1):.1e} off, rel L2 {agree.get('worst_relative_l2', 1):.1e})"
+        agree_text = "–" if not both else "n/a (random)" if agree is None else ("yes" if agrees(r["method"], agree) else "NO") + f" (worst tensor {agree.get('worst_bad_fraction', 1):.1e} off, rel L2 {agree.get('worst_relative_l2', 1):.1e})"
         target = SPEEDUP_TARGET.get(r["method"])
-        speed = f"{r['speedup_vs_mergekit']:.2f}×" + ("" if target is None else (" ✓" if r["speedup_vs_mergekit"] >= target else " ✗ (< 3×)"))
-        direct = r.get("raw_read_direct_s")
-        reads = f"{r['raw_read_plain_s']:.1f} / " + (f"{direct:.1f}" if direct else "–")
-        bound = f"{r['alloy_vs_raw_read']:.0%}" + ((" ✓" if r["alloy_vs_raw_read"] >= LINEAR_READ_TARGET else " ✗ (< 70 %)") if r["method"] == "linear" else "")
+        speed = "–" if not both else f"{r['speedup_vs_mergekit']:.2f}×" + ("" if target is None else (" ✓" if r["speedup_vs_mergekit"] >= target else " ✗ (< 3×)"))
+        ratio = f"{r['wall_ratio']:.2f}" if both else "–"
+        if a.get("ok"):
+            direct = r.get("raw_read_direct_s")
+            reads = f"{r['raw_read_plain_s']:.1f} / " + (f"{direct:.1f}" if direct else "–")
+            bound = f"{r['alloy_vs_raw_read']:.0%}" + ((" ✓" if r["alloy_vs_raw_read"] >= LINEAR_READ_TARGET else " ✗ (< 70 %)") if r["method"] == "linear" else "")
+            read_write, out_gbs = f"{r['alloy_vs_read_write']:.0%}", f"{a['output_throughput_gbs']:.3f}"
+        else:
+            reads = bound = read_write = out_gbs = "–"
         lines.append(
-            f"| {r['method']} | {a['wall_s']:.1f} | {m['wall_s']:.1f} | {r['wall_ratio']:.2f} | {speed} | {reads} | {bound} | {r['alloy_vs_read_write']:.0%} | {a['cpu_s']:.1f} | {m['cpu_s']:.1f} | "
-            f"{a['peak_rss_bytes'] / 2**30:.2f} GiB | {m['peak_rss_bytes'] / 2**30:.2f} GiB | {a['output_throughput_gbs']:.3f} | {agree_text} |"
+            f"| {r['method']} | {secs(a, 'wall_s')} | {secs(m, 'wall_s')} | {ratio} | {speed} | {reads} | {bound} | {read_write} | "
+            f"{secs(a, 'cpu_s')} | {secs(m, 'cpu_s')} | {gib(a)} | {gib(m)} | {out_gbs} | {agree_text} |"
         )
     for check in rss:
         lines.append("")
@@ -365,51 +387,182 @@ def chart(results: list[dict], path: Path, title: str) -> None:
     plt.close(fig)
 
 
+# ---------------------------------------------------------------- disk space
+
+# What a run writes besides the models and the outputs: logs, configs, results, the file system's slack.
+DISK_MARGIN_BYTES = 10**9
+# mergekit's venv, as ensure_mergekit installs it (torch's CPU build and mergekit: 1.6 GB measured).
+MERGEKIT_VENV_BYTES = 2 * 10**9
+
+
+def disk_needs(run_sizes: list[str], rss_sizes: list[str], variants: int) -> dict[str, int]:
+    """The free space a run needs under CACHE, by part, in bytes: the models not yet generated,
+    and the outputs on the disk at once. run_method keeps at most two outputs' worth there (alloy's
+    and mergekit's, or alloy's and the raw write's); the RSS check one (alloy's alone)."""
+    needs = {}
+    for name in dict.fromkeys(run_sizes + rss_sizes):
+        missing = bytes_to_generate(CACHE / "models", SIZES[name], variants)
+        if missing:
+            needs[f"{name} models to generate"] = missing
+    needs["outputs at once"] = max([2 * SIZES[n].model_bytes for n in run_sizes] + [SIZES[n].model_bytes for n in rss_sizes])
+    if not (CACHE / "mergekit-venv" / "bin" / "mergekit-yaml").exists():
+        needs["mergekit's venv"] = MERGEKIT_VENV_BYTES
+    needs["margin"] = DISK_MARGIN_BYTES
+    return needs
+
+
+def _disk_root() -> Path:
+    """CACHE, or its nearest existing parent: CACHE itself is only made once the run may start."""
+    where = CACHE
+    while not where.exists():
+        where = where.parent
+    return where
+
+
+def _shown(path: Path) -> str:
+    try:
+        return str(path.relative_to(REPO))
+    except ValueError:
+        return str(path)
+
+
+def disk_refusal(needs: dict[str, int]) -> str | None:
+    """None when the file system holding CACHE has room for `needs`; else the one line saying why not."""
+    free = shutil.disk_usage(_disk_root()).free
+    need = sum(needs.values())
+    if need <= free:
+        return None
+    parts = ", ".join(f"{k} {v / 1e9:.1f} GB" for k, v in needs.items())
+    return f"bench: not enough disk space for this run under {_shown(CACHE)}: needs {need / 1e9:.1f} GB ({parts}), {free / 1e9:.1f} GB free"
+
+
+def plan_text(run_sizes: list[str], rss_sizes: list[str], methods: list[str], mergekit_methods: dict[str, list[str]], variants: int, needs: dict[str, int]) -> str:
+    """What a run would generate and run, and the disk it needs; nothing is written."""
+    lines = []
+    for name in dict.fromkeys(run_sizes + rss_sizes):
+        size = SIZES[name]
+        shards = " + ".join(f"{sum(math.prod(s) * 2 for _, s in shard) / 1e9:.2f}" for shard in size.shards())
+        lines.append(
+            f"{name}: {size.parameters / 1e9:.2f}B parameters, {len(size.tensor_shapes())} tensors, largest {size.largest_tensor_bytes / 1e6:.0f} MB "
+            f"(alloy's RSS target {rss_bound(size) / 2**30:.2f} GiB); a model is {size.model_bytes / 1e9:.2f} GB in {len(size.shards())} shard{'s' if len(size.shards()) > 1 else ''} ({shards} GB); "
+            f"{variants + 1} models, {bytes_to_generate(CACHE / 'models', size, variants) / 1e9:.2f} GB still to generate"
+        )
+        if name in run_sizes:
+            lines.append(f"  alloy: {', '.join(methods)}; mergekit: {', '.join(mergekit_methods.get(name, methods)) or 'none'}")
+        else:
+            lines.append(f"  alloy alone (peak RSS): {', '.join(methods)}")
+    parts = ", ".join(f"{k} {v / 1e9:.1f} GB" for k, v in needs.items())
+    lines.append(f"disk: needs {sum(needs.values()) / 1e9:.1f} GB ({parts}), {shutil.disk_usage(_disk_root()).free / 1e9:.1f} GB free under {_shown(CACHE)}")
+    return "\n".join(lines)
+
+
+# ---------------------------------------------------------------- main
+
+
+def run_methods(args, methods: list[str], models: dict[str, Path], work: Path, mergekit_exe: Path, mergekit_methods: list[str], after_each) -> list[dict]:
+    """Every method at one size, alternating who goes first from method to method; `after_each`
+    (the partial results) is called after each method, so a long run leaves its results so far."""
+    results: list[dict] = []
+    for i, method in enumerate(methods):
+        order = ["alloy", "mergekit"] if i % 2 == 0 else ["mergekit", "alloy"]  # alternate who goes first
+        results.append(run_method(method, models, work, mergekit_exe, args.threads, order, args.reps, not args.no_check, with_mergekit=method in mergekit_methods))
+        after_each(results)
+    return results
+
+
 def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    ap.add_argument("--size", default="1b", choices=sorted(SIZES), help="model size for the comparison")
+    ap.add_argument("--size", default=None, choices=sorted(SIZES), help="model size for the comparison (default 1b)")
     ap.add_argument("--rss-size", action="append", default=None, choices=sorted(SIZES), help="also check alloy's peak RSS at this size (repeatable)")
-    ap.add_argument("--methods", default=",".join(METHODS))
+    ap.add_argument("--sizes", help="the scaling curve: every method at each of these sizes (comma-separated, e.g. tiny,1b,7b); writes bench-scaling.*")
+    ap.add_argument("--mergekit-methods", action="append", metavar="SIZE=METHODS", help="with --sizes: the methods mergekit runs at SIZE (default: all; e.g. 7b=linear,ties; repeatable)")
+    ap.add_argument("--methods", default=None, help=f"comma-separated (default: {','.join(METHODS)}; with --sizes {','.join(scaling.METHODS)})")
     ap.add_argument("--reps", type=int, default=1, help="runs per tool and method (the best is reported)")
     ap.add_argument("--threads", type=int, default=2, help="alloy --threads")
     ap.add_argument("--variants", type=int, default=2, help="fine-tunes besides the base")
     ap.add_argument("--no-check", action="store_true", help="skip comparing alloy's outputs with mergekit's")
     ap.add_argument("--results", type=Path, default=REPO / "bench" / "results")
     ap.add_argument("--cache", choices=["cold", "warm"], default="cold", help="cold: inputs evicted from the page cache before every run (disk-bound); warm: read once before every run (CPU-bound)")
+    ap.add_argument("--plan", action="store_true", help="print what the run would generate and run, and the disk it needs; write nothing")
     ap.add_argument("--report-from", type=Path, help="only re-render the table and chart of a saved JSON")
     args = ap.parse_args(argv)
     CACHE_MODE["mode"] = args.cache
     if args.report_from:
         saved = json.loads(args.report_from.read_text())
-        text = table(saved["results"], saved["rss_checks"])
+        if "sizes" in saved:
+            text = scaling_report_text(saved["sizes"])
+            scaling.chart(saved["sizes"], args.report_from.with_suffix(".png"), scaling_title(saved))
+        else:
+            text = table(saved["results"], saved["rss_checks"])
+            s = saved["size"]
+            chart(saved["results"], args.report_from.with_suffix(".png"), f"{s['name']} Llama ({s['parameters'] / 1e9:.2f}B bf16), {s['models']} models, {saved['machine']['cpus']} cores, page cache {'cold' if 'evicted' in saved['page_cache'] else 'warm'}")
         args.report_from.with_suffix(".md").write_text(text + "\n")
-        s = saved["size"]
-        chart(saved["results"], args.report_from.with_suffix(".png"), f"{s['name']} Llama ({s['parameters'] / 1e9:.2f}B bf16), {s['models']} models, {saved['machine']['cpus']} cores, page cache {'cold' if 'evicted' in saved['page_cache'] else 'warm'}")
         print(text)
         return 0
-    methods = [m for m in args.methods.split(",") if m]
+    methods = [m for m in (args.methods or ",".join(scaling.METHODS if args.sizes else METHODS)).split(",") if m]
+    if args.sizes:
+        if args.size or args.rss_size:
+            ap.error("--sizes measures every size in full (peak RSS included): drop --size and --rss-size")
+        run_sizes, rss_sizes = [s for s in args.sizes.split(",") if s], []
+        unknown = [s for s in run_sizes if s not in SIZES]
+        if unknown or not run_sizes:
+            ap.error(f"--sizes: unknown size(s) {', '.join(unknown)}; choose from {', '.join(SIZES)}")
+        try:
+            mergekit_methods = scaling.parse_mergekit_methods(args.mergekit_methods, run_sizes, methods)
+        except ValueError as e:
+            ap.error(str(e))
+    else:
+        if args.mergekit_methods:
+            ap.error("--mergekit-methods goes with --sizes")
+        run_sizes, rss_sizes = [args.size or "1b"], args.rss_size or []
+        mergekit_methods = {run_sizes[0]: methods}
+    # Before anything is written (the venv, the models): is there room for all of it?
+    needs = disk_needs(run_sizes, rss_sizes, args.variants)
+    refusal = disk_refusal(needs)
+    if args.plan:
+        print(plan_text(run_sizes, rss_sizes, methods, mergekit_methods, args.variants, needs))
+    if refusal:
+        print(refusal, file=sys.stderr)
+        return 2
+    if args.plan:
+        return 0
+    if args.cache == "warm":
+        memory = __import__("psutil").virtual_memory().total
+        for name in run_sizes:
+            if (args.variants + 1) * SIZES[name].model_bytes > memory:
+                log(f"warning: {name}'s inputs ({(args.variants + 1) * SIZES[name].model_bytes / 1e9:.1f} GB) do not fit in this machine's memory ({memory / 1e9:.1f} GB): they cannot stay cached, so 'warm' runs there read the disk")
     CACHE.mkdir(parents=True, exist_ok=True)
     mergekit_exe = ensure_mergekit(CACHE / "mergekit-venv")
-    size = SIZES[args.size]
+    if args.sizes:
+        print(run_scaling(args, run_sizes, methods, mergekit_methods, mergekit_exe))
+        return 0
+    size = SIZES[run_sizes[0]]
     models = ensure_models(CACHE / "models", size, args.variants, log=log)
     work = CACHE / f"work-{size.name}"  # configs, logs and outputs; one folder per size
     work.mkdir(exist_ok=True)
     log(f"{size.name}: {size.parameters / 1e9:.2f}B parameters, {len(models)} models; methods {methods}")
-    results: list[dict] = []
     rss: list[dict] = []
-    for i, method in enumerate(methods):
-        order = ["alloy", "mergekit"] if i % 2 == 0 else ["mergekit", "alloy"]  # alternate who goes first
-        results.append(run_method(method, models, work, mergekit_exe, args.threads, order, args.reps, not args.no_check))
-        write_report(args, size, models, results, rss)  # after each method: a long run leaves partial results
-    for extra in args.rss_size or []:
+    results = run_methods(args, methods, models, work, mergekit_exe, methods, lambda partial: write_report(args, size, models, partial, rss))
+    for extra in rss_sizes:
         extra_models = ensure_models(CACHE / "models", SIZES[extra], args.variants, log=log)
         rss.append(rss_check(extra, extra_models, work, args.threads, methods))
     print(write_report(args, size, models, results, rss))
     return 0
 
 
+def run_info(args) -> dict:
+    """What every report records about the machine, the versions and the conditions."""
+    return {
+        "when": time.strftime("%Y-%m-%d %H:%M:%S %Z"),
+        "machine": {"cpus": os.cpu_count(), "memory_bytes": __import__("psutil").virtual_memory().total, "platform": platform.platform(), "load_avg_at_end": os.getloadavg()},
+        "versions": {"mergekit": MERGEKIT_VERSION, "torch": torch.__version__},
+        "page_cache": "inputs evicted with posix_fadvise(DONTNEED) before every run and before the raw read" if args.cache == "cold" else "inputs read once before every run and before the raw read (page cache warm)",
+        "alloy_threads": args.threads,
+    }
+
+
 def write_report(args, size, models: dict, results: list[dict], extra_rss: list[dict]) -> str:
-    bound = 10**9 + 3 * size.largest_tensor_bytes
+    bound = rss_bound(size)
     rss = list(extra_rss)
     rss.insert(0, {
         "size": size.name,
@@ -418,13 +571,12 @@ def write_report(args, size, models: dict, results: list[dict], extra_rss: list[
         "bound_bytes": bound,
         "methods": {r["method"]: {"peak_rss_bytes": r["alloy"]["peak_rss_bytes"], "within_bound": r["alloy"]["peak_rss_bytes"] <= bound} for r in results if r["alloy"].get("ok")},
     })
+    info = run_info(args)
     report = {
-        "when": time.strftime("%Y-%m-%d %H:%M:%S %Z"),
-        "machine": {"cpus": os.cpu_count(), "memory_bytes": __import__("psutil").virtual_memory().total, "platform": platform.platform(), "load_avg_at_end": os.getloadavg()},
+        "when": info.pop("when"),
+        "machine": info.pop("machine"),
         "size": {"name": size.name, "parameters": size.parameters, "models": len(models), "largest_tensor_bytes": size.largest_tensor_bytes},
-        "versions": {"mergekit": MERGEKIT_VERSION, "torch": torch.__version__},
-        "page_cache": "inputs evicted with posix_fadvise(DONTNEED) before every run and before the raw read" if args.cache == "cold" else "inputs read once before every run and before the raw read (page cache warm)",
-        "alloy_threads": args.threads,
+        **info,
         "results": results,
         "rss_checks": rss,
     }
@@ -434,6 +586,65 @@ def write_report(args, size, models: dict, results: list[dict], extra_rss: list[
     text = table(results, rss)
     (args.results / f"{stem}.md").write_text(text + "\n")
     chart(results, args.results / f"{stem}.png", f"{size.name} Llama ({size.parameters / 1e9:.2f}B bf16), {len(models)} models, {os.cpu_count()} cores, page cache {args.cache}")
+    return text
+
+
+# ---------------------------------------------------------------- the scaling curve
+
+
+def run_scaling(args, sizes: list[str], methods: list[str], mergekit_methods: dict[str, list[str]], mergekit_exe: Path) -> str:
+    """Every method at each size, smallest first; the report is rewritten after each method."""
+    done: list[dict] = []
+    text = ""
+    for name in sizes:
+        size = SIZES[name]
+        models = ensure_models(CACHE / "models", size, args.variants, log=log)
+        work = CACHE / f"work-{name}"
+        work.mkdir(exist_ok=True)
+        log(f"{name}: {size.parameters / 1e9:.2f}B parameters, {len(models)} models; alloy {methods}, mergekit {mergekit_methods[name]}")
+        entry = {
+            "name": name,
+            "parameters": size.parameters,
+            "models": len(models),
+            "model_bytes": size.model_bytes,
+            "largest_tensor_bytes": size.largest_tensor_bytes,
+            "rss_bound_bytes": rss_bound(size),
+            "mergekit_methods": mergekit_methods[name],
+            "results": [],
+        }
+        done.append(entry)
+
+        def after_each(partial: list[dict]) -> None:
+            nonlocal text
+            entry["results"] = list(partial)
+            text = write_scaling_report(args, done)
+
+        run_methods(args, methods, models, work, mergekit_exe, mergekit_methods[name], after_each)
+    return text
+
+
+def scaling_title(report: dict) -> str:
+    cache = "cold" if "evicted" in report["page_cache"] else "warm"
+    return f"alloy vs mergekit 0.1.5 across sizes: synthetic Llama, bf16, 3 models, {report['machine']['cpus']} cores, page cache {cache}"
+
+
+def scaling_report_text(sizes: list[dict]) -> str:
+    """The scaling table and its targets, then each size's full table (bounds, agreement)."""
+    parts = [scaling.table(sizes)]
+    for entry in sizes:
+        gb = entry["results"][0]["input_bytes"] / 1e9 if entry["results"] else 0.0
+        parts += ["", f"{entry['name']} ({entry['parameters'] / 1e9:.2f}B parameters, {entry['models']} models, {gb:.2f} GB read per merge):", "", table(entry["results"], [])]
+    return "\n".join(parts)
+
+
+def write_scaling_report(args, sizes: list[dict]) -> str:
+    report = {**run_info(args), "sizes": sizes, "summary": scaling.summary(sizes)}
+    args.results.mkdir(parents=True, exist_ok=True)
+    stem = "bench-scaling" + ("-warm" if args.cache == "warm" else "")
+    (args.results / f"{stem}.json").write_text(json.dumps(report, indent=2))
+    text = scaling_report_text(sizes)
+    (args.results / f"{stem}.md").write_text(text + "\n")
+    scaling.chart(sizes, args.results / f"{stem}.png", scaling_title(report))
     return text
 
 

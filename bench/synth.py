@@ -1,9 +1,14 @@
-"""A synthetic Llama checkpoint and seeded fine-tunes, written straight with safetensors.
+"""A synthetic Llama checkpoint and seeded fine-tunes, written straight in the safetensors format.
 
 No transformers model is built (initialising 1B parameters through nn.Module costs minutes);
 each tensor is drawn from a generator seeded by (model seed, tensor name), so a shard can be
 written without holding the model. Variants are base + a seeded delta whose size keeps the
 variant clearly apart from the base (cos ≈ 0.9988, so SLERP takes its real branch, not lerp).
+
+A shard is written tensor by tensor (the header first, then each tensor's bytes as it is drawn):
+the bytes are those `safetensors.torch.save_file` writes for the same tensors (a test compares
+them), but only one tensor is held at a time, so the 7B's 10 GB shard costs ~1.5 GB of memory,
+not the 20 GB that save_file's dict and its serialised copy would.
 """
 
 from __future__ import annotations
@@ -15,7 +20,6 @@ from dataclasses import asdict, dataclass
 from pathlib import Path
 
 import torch
-from safetensors.torch import save_file
 
 
 @dataclass(frozen=True)
@@ -27,7 +31,7 @@ class LlamaSize:
     num_attention_heads: int
     num_key_value_heads: int
     vocab_size: int
-    shard_bytes: int  # like a hub checkpoint: several shards plus an index
+    shard_bytes: int  # like a hub checkpoint: several shards plus an index (greedy, in tensor order)
 
     def tensor_shapes(self) -> list[tuple[str, tuple[int, ...]]]:
         h, i, v = self.hidden_size, self.intermediate_size, self.vocab_size
@@ -55,6 +59,25 @@ class LlamaSize:
     @property
     def largest_tensor_bytes(self) -> int:
         return max(math.prod(s) for _, s in self.tensor_shapes()) * 2  # bf16
+
+    @property
+    def model_bytes(self) -> int:
+        """The tensor bytes of one model (bf16), as the index's total_size says; headers not counted."""
+        return self.parameters * 2
+
+    def shards(self) -> list[list[tuple[str, tuple[int, ...]]]]:
+        """The tensors of each shard, in order: a new shard starts where the next tensor would pass
+        shard_bytes (transformers' rule for max_shard_size)."""
+        shards: list[list[tuple[str, tuple[int, ...]]]] = [[]]
+        used = 0
+        for name, shape in self.tensor_shapes():
+            nbytes = math.prod(shape) * 2
+            if shards[-1] and used + nbytes > self.shard_bytes:
+                shards.append([])
+                used = 0
+            shards[-1].append((name, shape))
+            used += nbytes
+        return shards
 
     def config(self) -> dict:
         """A config.json that transformers' LlamaConfig and mergekit both accept."""
@@ -85,6 +108,10 @@ SIZES = {
     "small": LlamaSize("small", 1536, 4096, 12, 16, 4, 32000, 500_000_000),
     # ~1.1B (TinyLlama's shape): the benchmark.
     "1b": LlamaSize("1b", 2048, 5632, 22, 32, 4, 32000, 1_000_000_000),
+    # 6.74B, Llama-2-7B's shape (no grouped-query attention), sharded as meta-llama/Llama-2-7b-hf
+    # is (max_shard_size 10GB): model-00001-of-00002 9.98 GB (embeddings and layers 0-23),
+    # model-00002-of-00002 3.50 GB. The scaling curve's top size (largest tensor 262 MB).
+    "7b": LlamaSize("7b", 4096, 11008, 32, 32, 32, 32000, 10_000_000_000),
 }
 
 DELTA_SCALE = 0.05  # delta std relative to the base's
@@ -112,44 +139,83 @@ def model_names(variants: int) -> list[str]:
     return ["base"] + [f"ft{v}" for v in range(1, variants + 1)]
 
 
-def write_model(out: Path, size: LlamaSize, variant: int) -> None:
-    """Write one model (variant 0 = base) shard by shard; holds one shard in memory at a time."""
-    out.mkdir(parents=True, exist_ok=True)
-    shards: list[list[tuple[str, tuple[int, ...]]]] = [[]]
-    used = 0
-    for name, shape in size.tensor_shapes():
+def _header(entries: list[tuple[str, tuple[int, ...]]], metadata: dict[str, str]) -> bytes:
+    """The safetensors header of bf16 tensors laid out as save_file lays them: sorted by name
+    (save_file sorts by dtype, then name), compact JSON, padded with spaces to 8 bytes."""
+    header: dict[str, object] = {"__metadata__": metadata}
+    pos = 0
+    for name, shape in entries:
         nbytes = math.prod(shape) * 2
-        if shards[-1] and used + nbytes > size.shard_bytes:
-            shards.append([])
-            used = 0
-        shards[-1].append((name, shape))
-        used += nbytes
+        header[name] = {"dtype": "BF16", "shape": list(shape), "data_offsets": [pos, pos + nbytes]}
+        pos += nbytes
+    raw = json.dumps(header, separators=(",", ":")).encode()
+    raw += b" " * (-len(raw) % 8)
+    return len(raw).to_bytes(8, "little") + raw
+
+
+def write_shard(path: Path, shard: list[tuple[str, tuple[int, ...]]], tensor, metadata: dict[str, str] | None = None) -> int:
+    """Write one safetensors file of bf16 tensors, drawing each with `tensor(name, shape)` just
+    before its bytes are written; returns the tensor bytes written."""
+    entries = sorted(shard)
+    total = 0
+    with open(path, "wb") as f:
+        f.write(_header(entries, metadata or {"format": "pt"}))
+        for name, shape in entries:
+            t = tensor(name, shape).to(torch.bfloat16)
+            if tuple(t.shape) != tuple(shape):
+                raise ValueError(f"{name}: drew shape {tuple(t.shape)}, expected {shape}")
+            f.write(memoryview(t.contiguous().view(torch.int16).numpy()).cast("B"))
+            total += t.numel() * 2
+            del t
+    return total
+
+
+def write_model(out: Path, size: LlamaSize, variant: int) -> None:
+    """Write one model (variant 0 = base) shard by shard, tensor by tensor."""
+    out.mkdir(parents=True, exist_ok=True)
+    shards = size.shards()
     weight_map = {}
     total = 0
+
+    def draw(name: str, shape: tuple[int, ...]) -> torch.Tensor:
+        return _base_tensor(name, shape) if variant == 0 else _variant_tensor(name, shape, variant)
+
     for k, shard in enumerate(shards, 1):
         file = f"model-{k:05d}-of-{len(shards):05d}.safetensors"
-        tensors = {}
-        for name, shape in shard:
-            t = _base_tensor(name, shape) if variant == 0 else _variant_tensor(name, shape, variant)
-            tensors[name] = t.to(torch.bfloat16)
-            weight_map[name] = file
-            total += tensors[name].numel() * 2
-        save_file(tensors, str(out / file), metadata={"format": "pt"})
-        del tensors
+        total += write_shard(out / file, shard, draw)
+        weight_map.update({name: file for name, _ in shard})
     (out / "model.safetensors.index.json").write_text(json.dumps({"metadata": {"total_size": total}, "weight_map": weight_map}, indent=2))
     (out / "config.json").write_text(json.dumps(size.config(), indent=2))
 
 
+def _spec(size: LlamaSize, variants: int) -> str:
+    return json.dumps({"size": asdict(size), "variants": variants, "delta": DELTA_SCALE, "v": 1}, sort_keys=True)
+
+
+def models_ready(root: Path, size: LlamaSize, variants: int) -> bool:
+    """Whether root/size.name holds the base and `variants` fine-tunes of this spec, complete."""
+    folder = root / size.name
+    stamp = folder / "SPEC.json"
+    return stamp.exists() and stamp.read_text() == _spec(size, variants) and all((folder / n / "config.json").exists() for n in model_names(variants))
+
+
+def bytes_to_generate(root: Path, size: LlamaSize, variants: int) -> int:
+    """The disk space generating these models still needs: their bytes, less what earlier (partial
+    or outdated) files of the same names hold, which are overwritten."""
+    if models_ready(root, size, variants):
+        return 0
+    present = sum(f.stat().st_size for n in model_names(variants) for f in (root / size.name / n).glob("*.safetensors"))
+    return max(0, (variants + 1) * size.model_bytes - present)
+
+
 def ensure_models(root: Path, size: LlamaSize, variants: int, log=print) -> dict[str, Path]:
     """The base and `variants` fine-tunes under root/size.name, generated once (a stamp marks done)."""
-    spec = json.dumps({"size": asdict(size), "variants": variants, "delta": DELTA_SCALE, "v": 1}, sort_keys=True)
     folder = root / size.name
     paths = {name: folder / name for name in model_names(variants)}
-    stamp = folder / "SPEC.json"
-    if stamp.exists() and stamp.read_text() == spec and all((p / "config.json").exists() for p in paths.values()):
+    if models_ready(root, size, variants):
         return paths
     for v, (name, path) in enumerate(paths.items()):
         log(f"generating {size.name} {name} ({size.parameters / 1e9:.2f}B parameters, bf16) in {path}")
         write_model(path, size, v)
-    stamp.write_text(spec)
+    (folder / "SPEC.json").write_text(_spec(size, variants))
     return paths

@@ -19,7 +19,7 @@ from pathlib import Path
 
 import yaml
 
-from modelalloy.apps.demo import CORPORA, METHODS, DemoSettings, Laps, StepProgress, base_checkpoint, fine_tune
+from modelalloy.apps.demo import CORPORA, METHODS, DemoSettings, Laps, StepProgress, base_checkpoint, fine_tune, specialist_dir
 
 SEARCH_PREFIX = "search_"
 HELDOUT_PREFIX = "heldout_"
@@ -234,8 +234,7 @@ def run_demo_search(cache: str | Path = ".cache/demo", out_dir: str | Path | Non
 
     corpora = {name: CORPORA[name]() for name in (*demo.domains, CONTROL)}
     base = base_checkpoint(cache, progress)
-    train_key = demo.key("train_steps", "batch_size", "seq_len", "train_layers", "learning_rate", "seed")
-    specialists = {name: fine_tune(base, corpora[name], cache / f"ft-{name}-{train_key}", demo, progress) for name in demo.domains}
+    specialists = {name: fine_tune(base, corpora[name], specialist_dir(cache, name, demo), demo, progress) for name in demo.domains}
     lap("models (cached by alloy demo)")
 
     halves = {d: split_halves(d, corpora[d].held_out) for d in demo.domains}

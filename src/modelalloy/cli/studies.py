@@ -213,9 +213,9 @@ def study(
 def demo_study(
     cache: Annotated[Path, typer.Option(help="alloy demo's cache: the base and the specialists (built there if missing)")] = Path(".cache/demo"),
     out_dir: Annotated[Optional[Path], typer.Option("--out", help="study output (default: CACHE/study)")] = None,
-    domains: Annotated[str, typer.Option(help="specialist domains (news is always the held-out control)")] = "shakespeare,german,code",
+    domains: Annotated[str, typer.Option(help="specialist domains (news is always the held-out control)")] = "shakespeare,german,spanish,code",
     tokens: Annotated[int, typer.Option(help="held-out tokens scored per set (windows of 128)")] = 1536,
-    sample_per_k: Annotated[Optional[int], typer.Option(help="expert subsets drawn per k (default: every subset)")] = None,
+    sample_per_k: Annotated[Optional[int], typer.Option(help="expert subsets drawn per k; 0: every subset")] = 2,
     quick: Annotated[bool, typer.Option("--quick", help="a CI-sized study")] = False,
     as_json: JsonOpt = False,
 ) -> None:
@@ -223,7 +223,7 @@ def demo_study(
     from modelalloy.apps.demo_study import DemoStudySettings, run_demo_study
     from modelalloy.report.study_view import write_study_report
 
-    settings = DemoStudySettings(domains=tuple(d.strip() for d in domains.split(",") if d.strip()), eval_tokens=tokens, sample_per_k=sample_per_k, quick=quick)
+    settings = DemoStudySettings(domains=tuple(d.strip() for d in domains.split(",") if d.strip()), eval_tokens=tokens, sample_per_k=sample_per_k or None, quick=quick)
     bar, on_progress = eval_progress()
     with warnings.catch_warnings(record=True):
         warnings.simplefilter("ignore")

@@ -31,9 +31,20 @@ from modelalloy.evaluate.scoring import classification, multiple_choice, perplex
 from modelalloy.evaluate.sets import EvalError, EvalSet, read_choices, read_labeled, read_texts
 from modelalloy.methods import REQUIRED, get_method
 
-# label (model or "model / set"), done, total[, unit]: scoring passes its unit ("tokens", "items")
-# as a fourth argument, so a progress bar can show a rate; other steps pass three.
-Progress = Callable[..., None]
+# label (model or "model / set"), done, total
+Progress = Callable[[str, int, int], None]
+
+
+class ProgressLabel(str):
+    """A progress label that also says what done and total count (`unit`: "tokens", "items"),
+    so a progress bar can show a rate; to any other callback it is the plain label."""
+
+    unit: str = ""
+
+    def __new__(cls, text: str, unit: str = "") -> ProgressLabel:
+        label = super().__new__(cls, text)
+        label.unit = unit
+        return label
 
 # Part of every cache key: scores kept by an older layout (without per-unit records) are not reused.
 _CACHE_LAYOUT = "units-v1"
@@ -84,7 +95,7 @@ def load_model(ref: str | Path | MergeConfig, *, tokenizer: str | Path | None = 
     return model, tok
 
 
-def score(model, tokenizer, eval_set: EvalSet, *, progress: Callable[[int, int], None] | None = None) -> dict:
+def score(model, tokenizer, eval_set: EvalSet, *, progress: Callable[[int, int], None] | None = None, bottom=None) -> dict:
     """One model on one set: perplexity fields, or accuracy fields; always "score", "metric" and
     "units" (the per-unit record a bootstrap resamples; None where the scorer gives none)."""
     if eval_set.kind == "classification":
@@ -111,6 +122,7 @@ def score(model, tokenizer, eval_set: EvalSet, *, progress: Callable[[int, int],
             batch_size=eval_set.batch_size,
             unit=eval_set.unit,
             progress=progress,
+            bottom=bottom,
         )
         result["score"] = result["perplexity"]
     result["metric"] = eval_set.metric
@@ -283,10 +295,13 @@ def evaluate(
     cache: str | Path | ScoreCache | None = None,
     progress: Progress | None = None,
     bootstrap: Bootstrap | None = None,
+    share_bottom: bool = True,
 ) -> EvalResult:
     """Score every model on every set. `models` may map labels to refs (else labels are the refs).
 
     `bootstrap` sets the resamples and seed of the intervals (default: 1,000, seed 0).
+    `share_bottom`: models whose embedding and lower layers are bitwise the same compute those
+    layers once per perplexity set (`evaluate.shared`); the scores are the same either way.
     """
     if not sets:
         raise EvalError("no eval sets given")
@@ -294,6 +309,7 @@ def evaluate(
     store = cache if isinstance(cache, ScoreCache) else ScoreCache(cache)
     set_keys = {s.name: set_fingerprint(s) for s in sets}
     result = EvalResult(list(sets), bootstrap=bootstrap or Bootstrap())
+    sharing = _BottomSharing(named) if share_bottom and any(s.kind == "perplexity" for s in sets) else None
     for label, ref in named.items():
         mkey = model_fingerprint(ref)
         keys = {s.name: hashlib.sha256(f"{mkey}\0{set_keys[s.name]}\0{tokenizer}\0{_CACHE_LAYOUT}".encode()).hexdigest() for s in sets}
@@ -310,17 +326,59 @@ def evaluate(
         if progress:
             progress(what, 1, 1)
         per_set = {}
+        depth_key = sharing.enter(label, model) if sharing else None
         for s in sets:
             if cached[s.name] is not None:
                 per_set[s.name] = dict(cached[s.name])
                 continue
-            cb = (lambda d, t, _l=f"{label} / {s.name}": progress(_l, d, t)) if progress else None
-            per_set[s.name] = score(model, tok, s, progress=cb)
+            cb = (lambda d, t, _l=ProgressLabel(f"{label} / {s.name}", progress_unit(s)): progress(_l, d, t)) if progress else None
+            bottom = sharing.bottom(s, depth_key, tokenizer) if sharing and s.kind == "perplexity" else None
+            per_set[s.name] = score(model, tok, s, progress=cb, bottom=bottom)
             store.put(keys[s.name], dict(per_set[s.name]))  # a copy: `finish` adds intervals to ours
         result.scores[label] = per_set
         del model  # one model in memory at a time
     result.finish()
+    if sharing:
+        result.warnings.extend(sharing.run.notes)
     return result
+
+
+class _BottomSharing:
+    """Which models of one `evaluate` run share bottom layers, and the states kept for them."""
+
+    def __init__(self, named: Mapping[str, str | Path | MergeConfig]) -> None:
+        from modelalloy.evaluate import shared
+
+        self.shared = shared
+        self.run = shared.BottomRun()
+        # Model directories are hashed up front, so the first model scored already knows how
+        # deep its bottom is shared with those after it.
+        self.known: dict[str, dict[str, str]] = {}
+        for label, ref in named.items():
+            if not is_config(ref):
+                hashes = shared.directory_hashes(ref)
+                if hashes:
+                    self.known[label] = hashes
+        self.kept: dict[tuple[str, str], object] = {}
+
+    def enter(self, label: str, model) -> tuple[int, str] | None:
+        hashes = self.shared.model_hashes(model)
+        if hashes is None:
+            return None
+        self.known[label] = hashes
+        depth = max((self.shared.shared_depth(hashes, other) for name, other in self.known.items() if name != label), default=0)
+        n_layers = sum(1 for k in hashes if k != self.shared.EMBED)
+        depth = min(depth, n_layers - 1)  # the top layer is always the model's own (the head reads it)
+        return (depth, self.shared.bottom_key(hashes, depth)) if depth >= 1 else None
+
+    def bottom(self, eval_set: EvalSet, depth_key, tokenizer):
+        if depth_key is None:
+            return None
+        depth, key = depth_key
+        where = (eval_set.name, key)
+        if where not in self.kept:
+            self.kept[where] = self.shared.SharedBottom(depth, run=self.run)
+        return self.kept[where]
 
 
 # --- the merge-rate table ---------------------------------------------------------------------

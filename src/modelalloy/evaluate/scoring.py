@@ -73,6 +73,7 @@ def perplexity(
     batch_size: int = 4,
     unit: str = "auto",
     progress: ProgressFn | None = None,
+    bottom=None,
 ) -> dict:
     """Perplexity = exp(total negative log-likelihood / scored tokens), with sliding windows.
 
@@ -82,9 +83,14 @@ def perplexity(
     text into more units, so a set of one long text is split into windows and a set of many short
     documents keeps them whole. `progress(done, total)` counts scored tokens.
 
+    `bottom` (an `evaluate.shared.SharedBottom`) reuses the hidden states of layers this model
+    shares with one scored before it, or keeps its own for the next.
+
     Returns {"perplexity", "nll" (mean, nats), "tokens" (scored), "units": {"kind": "perplexity",
     "unit", "nll": [sum per unit], "tokens": [count per unit]}}.
     """
+    from modelalloy.evaluate.shared import forward
+
     if unit not in UNIT_KINDS:
         raise EvalError(f"unit {unit!r}: use one of {', '.join(UNIT_KINDS)}")
     ids, doc_of = token_stream_with_docs(tokenizer, texts, max_tokens)
@@ -108,7 +114,7 @@ def perplexity(
             input_ids[row, : end - start] = torch.tensor(ids[start:end])
             mask[row, : end - start] = 1
             targets[row, first - start - 1 : end - start - 1] = torch.tensor(ids[first:end])
-        logits = model(input_ids=input_ids.to(device), attention_mask=mask.to(device)).logits.float()
+        logits = forward(model, input_ids.to(device), mask.to(device), b // batch_size, bottom).float()
         nll = torch.nn.functional.cross_entropy(logits.flatten(0, 1), targets.to(device).flatten(), ignore_index=-100, reduction="none")
         nll = nll.view(len(batch), width).double().cpu()  # a sync point on CUDA, once per batch
         for row, (start, first, end) in enumerate(batch):
