@@ -69,7 +69,7 @@ def run_demo_study(cache: str | Path = ".cache/demo", out: str | Path | None = N
     """(study.json's data, wall time per step) of the demo's study, written to `out` (default CACHE/study)."""
     from modelalloy.study import parse_study, run_study
 
-    cache = Path(cache)
+    cache = Path(cache).resolve()  # the study's paths are taken as given, not from its folder
     cache.mkdir(parents=True, exist_ok=True)
     out = Path(out) if out else cache / ("study-quick" if settings.quick else "study")
     start = time.perf_counter()
