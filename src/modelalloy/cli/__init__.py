@@ -42,6 +42,8 @@ app.command(name="report")(evaluation.report_)
 app.command()(studies.demo)
 app.command("demo-search")(studies.demo_search)
 app.command()(studies.search)
+app.command()(studies.study)
+app.command("demo-study")(studies.demo_study)
 
 lora_app = typer.Typer(help="LoRA adapters: fold into a model, combine, extract.", no_args_is_help=True)
 lora_app.command("apply")(compose.lora_apply)

@@ -119,6 +119,7 @@ def analyze(
     models: Annotated[list[str], typer.Argument(help="fine-tuned model directories (same layout as the base)")],
     top_k: Annotated[int, typer.Option(help="singular vectors compared for the subspace overlap of 2-D tensors")] = 8,
     layers: Annotated[bool, typer.Option("--layers", help="print the per-layer table too")] = False,
+    study: Annotated[Optional[Path], typer.Option("--study", help="a study's study.json: print the merge rate these diagnostics predict there, with the study's ρ")] = None,
     save: SaveOpt = None,
     report: ReportOpt = None,
     as_json: JsonOpt = False,
@@ -135,6 +136,16 @@ def analyze(
     except ModelAlloyError as e:
         fail(e)
     payload = result.to_json()
+    if study is not None:
+        from modelalloy.study.predict import diagnostics_from_analysis, predict
+
+        try:
+            measured = json.loads(study.read_text())
+        except (OSError, ValueError) as e:
+            fail(ModelAlloyError(f"{study}: cannot read a study's JSON ({e})"))
+        if measured.get("kind") != "study":
+            fail(ModelAlloyError(f"{study}: not a study.json (written by alloy study)"))
+        payload["prediction"] = predict(measured, diagnostics_from_analysis(payload))
     if not as_json:
         o = result.overall
         t = Table(title=f"task vectors against {base}")
@@ -159,7 +170,25 @@ def analyze(
             for r in result.layers:
                 t.add_row(str(r["layer"]), *(fmt(r["norm"][n], 4) for n in result.models), *(fmt(r["cosine"][p]) for p in o["cosine"]), fmt(r["sign_conflict"]))
             common.out.print(t)
+        if study is not None:
+            _print_prediction(payload["prediction"], study)
     save_outputs(common.out, common.err, payload, save, report, as_json)
+
+
+def _print_prediction(rows: list[dict], study: Path) -> None:
+    from modelalloy.report.terminal import fmt
+
+    t = Table(title=f"the merge rate these diagnostics predict, from the merges of {study}")
+    for col in ("diagnostic", "these models", "study ρ", "95 % CI", "merges", "predicted NAI", "range", "trust"):
+        t.add_column(col, justify="left" if col in ("diagnostic", "trust") else "right", no_wrap=True)
+    for r in rows:
+        ci = f"[{r['ci95'][0]:.2f}, {r['ci95'][1]:.2f}]" if r["ci95"] else "-"
+        span = f"{r['range'][0]:.2f} to {r['range'][1]:.2f}" if r["range"] else "-"
+        trust = "ρ ≠ 0" if r["trusted"] else "ρ ≈ 0: no signal" if r["ci95"] else "not measured"
+        t.add_row(r["diagnostic"], fmt(r["value"]), fmt(r["spearman_rho"]), ci, str(r["n"]), fmt(r["predicted_nai"]), span, trust)
+    common.out.print(t)
+    common.out.print("predicted NAI: the mean of the study's merges nearest in this diagnostic (not a model of it); "
+                     "mean_cka needs the parents run on text, which analyze does not do", highlight=False)
 
 
 def report_(

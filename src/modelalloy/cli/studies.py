@@ -144,3 +144,99 @@ def search(
         common.out.print_json(json.dumps(summary))
     else:
         common.err.print(f"{result.trials} trials; best {', '.join(f'{v:.4g}' for v in result.best_values)} (trial {summary['best_trial']}); wrote {result.out_dir / 'best.yaml'}", highlight=False)
+
+
+def _print_study(data: dict) -> None:
+    """The study's curves over k, merge vs fusion with cost, and the predictors, as tables."""
+    from modelalloy.report.study_view import comparison, prediction_rows
+
+    def ci(x: dict) -> str:
+        if x["value"] is None:
+            return "-"
+        return f"{x['value']:.3f}" + (f" ±{(x['ci95'][1] - x['ci95'][0]) / 2:.3f}" if x.get("ci95") else "")
+
+    ks = data["axes"]["k"]
+    t = Table(title="mean NAI over expert subsets, by k (± half the 95 % interval)")
+    for col in ("method", "strength", *(f"k={k}" for k in ks)):
+        t.add_column(col, justify="left" if col in ("method", "strength") else "right", no_wrap=True)
+    rows: dict[tuple, dict] = {}
+    for r in data["curves"]["vs_k"]:
+        name = r["method"] + (" (fusion)" if r["family"] == "fusion" else "")
+        rows.setdefault((name, r["strength"]), {})[r["k"]] = ci(r["mean_nai"])
+    for (name, st), by_k in rows.items():
+        t.add_row(name, st, *(by_k.get(k, "-") for k in ks))
+    common.out.print(t)
+    t = Table(title="merging vs fusion, over all runs")
+    for col in ("method", "mean NAI", "params", "passes/token", "entropy ratio"):
+        t.add_column(col, justify="left" if col == "method" else "right", no_wrap=True)
+    for n, c in comparison(data).items():
+        t.add_row(n, f"{c['nai']:.3f}" if c["nai"] is not None else "-", f"{c['params']:.3g}", f"{c['forward_passes']:.2g}",
+                  f"{c['entropy_ratio']:.3f}" if c["entropy_ratio"] is not None else "-")
+    common.out.print(t)
+    t = Table(title="what predicts a failed merge: Spearman ρ of each diagnostic with mean NAI")
+    for col in ("diagnostic", "ρ", "95 % CI", "merges"):
+        t.add_column(col, justify="left" if col == "diagnostic" else "right", no_wrap=True)
+    for row in prediction_rows(data["prediction"]):
+        t.add_row(*row)
+    common.out.print(t)
+
+
+def study(
+    spec_file: Annotated[Path, typer.Argument(help="the study (STUDY.yaml): base, specialists, sets, axes")],
+    out_dir: Annotated[Path, typer.Argument(help="output: study.json, study.html, PNGs, the score cache")],
+    quick: Annotated[bool, typer.Option("--quick", help="a CI-sized study: one subset per k, two methods, short continuations")] = False,
+    as_json: JsonOpt = False,
+) -> None:
+    """Merge rates over methods, expert subsets and strengths, next to fusion (MoE, ensemble, oracle routing). Resumable."""
+    from modelalloy.report.study_view import write_study_report
+    from modelalloy.study import load_study, run_study
+
+    bar, on_progress = eval_progress()
+    with warnings.catch_warnings(record=True):
+        warnings.simplefilter("ignore")  # transformers' loading notices
+        try:
+            spec = load_study(spec_file)
+            with bar:
+                data = run_study(spec.quick() if quick else spec, out_dir, progress=on_progress)
+        except ModelAlloyError as e:
+            fail(e)
+    write_study_report(data, out_dir)
+    if as_json:
+        common.out.print_json(json.dumps(data))
+        return
+    _print_study(data)
+    for w in data["warnings"]:
+        common.err.print(f"[yellow]warning:[/] {w}", highlight=False, soft_wrap=True)
+    common.err.print(f"wrote {out_dir / 'study.json'} and {out_dir / 'study.html'}", highlight=False)
+
+
+def demo_study(
+    cache: Annotated[Path, typer.Option(help="alloy demo's cache: the base and the specialists (built there if missing)")] = Path(".cache/demo"),
+    out_dir: Annotated[Optional[Path], typer.Option("--out", help="study output (default: CACHE/study)")] = None,
+    domains: Annotated[str, typer.Option(help="specialist domains (news is always the held-out control)")] = "shakespeare,german,spanish,code",
+    tokens: Annotated[int, typer.Option(help="held-out tokens scored per set (windows of 128)")] = 1536,
+    sample_per_k: Annotated[Optional[int], typer.Option(help="expert subsets drawn per k; 0: every subset")] = 2,
+    quick: Annotated[bool, typer.Option("--quick", help="a CI-sized study")] = False,
+    as_json: JsonOpt = False,
+) -> None:
+    """`alloy study` on the demo's specialists at two strengths: merge rate vs k and strength, merge vs fusion."""
+    from modelalloy.apps.demo_study import DemoStudySettings, run_demo_study
+    from modelalloy.report.study_view import write_study_report
+
+    settings = DemoStudySettings(domains=tuple(d.strip() for d in domains.split(",") if d.strip()), eval_tokens=tokens, sample_per_k=sample_per_k or None, quick=quick)
+    bar, on_progress = eval_progress()
+    with warnings.catch_warnings(record=True):
+        warnings.simplefilter("ignore")
+        try:
+            with bar:
+                data, timings = run_demo_study(cache, out_dir, settings=settings, progress=on_progress)
+        except ModelAlloyError as e:
+            fail(e)
+    out = out_dir or cache / ("study-quick" if quick else "study")
+    write_study_report(data, out)
+    if as_json:
+        common.out.print_json(json.dumps(data))
+        return
+    _print_study(data)
+    common.out.print("timings: " + ", ".join(f"{k} {v:.0f}s" for k, v in timings.items()), highlight=False)
+    common.err.print(f"wrote {out / 'study.json'} and {out / 'study.html'}", highlight=False)

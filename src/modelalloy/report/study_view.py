@@ -1,0 +1,153 @@
+"""`study.html` and its PNGs, from a study's JSON (`alloy study`): the curves with error bars
+(mean NAI vs k per method, vs strength per method), merge vs fusion bars with their cost,
+coherence, and the table of diagnostics as predictors."""
+
+from __future__ import annotations
+
+import io
+from collections.abc import Mapping
+from pathlib import Path
+
+from modelalloy.report import plots  # noqa: F401  (selects the Agg backend before pyplot)
+from modelalloy.report.html import Report
+
+import matplotlib.pyplot as plt  # noqa: E402
+
+
+def _png(fig) -> bytes:
+    buf = io.BytesIO()
+    fig.tight_layout()
+    fig.savefig(buf, format="png", dpi=110)
+    plt.close(fig)
+    return buf.getvalue()
+
+
+def _err(points):
+    """matplotlib's [below, above] distances from (value, ci95) points; no interval draws none."""
+    return [[v - ci[0] if ci else 0.0 for v, ci in points], [ci[1] - v if ci else 0.0 for v, ci in points]]
+
+
+def _curve_plot(rows: list[dict], x_key: str, title: str, xlabel: str, metric: str = "mean_nai") -> bytes:
+    series: dict[str, list] = {}
+    for r in rows:
+        name = r["method"] if r["family"] == "merge" else f"{r['method']} (fusion)"
+        name += f" @ {r['strength']}" if x_key == "k" else ""
+        if r[metric]["value"] is not None:
+            series.setdefault(name, []).append((r[x_key], r[metric]["value"], r[metric]["ci95"]))
+    fig, ax = plt.subplots(figsize=(8, 4))
+    xs_all = list(dict.fromkeys(r[x_key] for r in rows))
+    for name, pts in series.items():
+        pts.sort(key=lambda p: xs_all.index(p[0]))
+        xs = [xs_all.index(p[0]) if x_key != "k" else p[0] for p in pts]
+        ax.errorbar(xs, [p[1] for p in pts], yerr=_err([(p[1], p[2]) for p in pts]), marker="o", capsize=3,
+                    linestyle="--" if "fusion" in name else "-", label=name)
+    if x_key != "k":
+        ax.set_xticks(range(len(xs_all)), xs_all)
+    else:
+        ax.set_xticks(sorted(set(xs_all)))
+    ax.axhline(0.0, color="black", linewidth=0.6)
+    ax.set_title(title)
+    ax.set_xlabel(xlabel)
+    ax.set_ylabel("mean NAI (1 = keeps every expert's gain)" if metric == "mean_nai" else "held-in cross-entropy (nats/token)")
+    ax.legend(fontsize=7, loc="upper left", bbox_to_anchor=(1.01, 1.0))
+    return _png(fig)
+
+
+def _bars(groups: Mapping[str, tuple[float | None, list | None]], title: str, ylabel: str, notes: Mapping[str, str]) -> bytes:
+    names = [n for n, (v, _) in groups.items() if v is not None]
+    fig, ax = plt.subplots(figsize=(max(6, 0.7 * len(names) + 2), 3.8))
+    vals = [groups[n][0] for n in names]
+    ax.bar(range(len(names)), vals, yerr=_err([(groups[n][0], groups[n][1]) for n in names]), capsize=3,
+           color=["#4c72b0" if "fusion" not in n else "#dd8452" for n in names])
+    ax.set_xticks(range(len(names)), [f"{n}\n{notes.get(n, '')}" for n in names], rotation=30, ha="right", fontsize=7)
+    ax.axhline(0.0, color="black", linewidth=0.6)
+    ax.set_title(title)
+    ax.set_ylabel(ylabel)
+    return _png(fig)
+
+
+def _fmt(v, digits: int = 3) -> str:
+    return "-" if v is None else f"{v:.{digits}g}"
+
+
+def _with_ci(x: Mapping) -> str:
+    if x["value"] is None:
+        return "-"
+    return f"{x['value']:.3f}" + (f" [{x['ci95'][0]:.3f}, {x['ci95'][1]:.3f}]" if x.get("ci95") else "")
+
+
+def comparison(study: Mapping) -> dict[str, dict]:
+    """Per method and fusion kind, over all its runs: mean NAI (and the interval of the mean over
+    per-run values, read off the curve rows by strength), params and forward passes per token."""
+    out: dict[str, dict] = {}
+    for r in study["runs"] + study["fusion"]:
+        name = r["method"] if "method" in r else f"{r['kind']} (fusion)"
+        e = out.setdefault(name, {"nai": [], "params": [], "forward_passes": [], "entropy_ratio": []})
+        if r["nai"]["value"] is not None:
+            e["nai"].append(r["nai"]["value"])
+        e["params"].append(r.get("params") or 0)
+        e["forward_passes"].append(r.get("forward_passes") or 0)
+        if r["coherence"].get("entropy_ratio") is not None:
+            e["entropy_ratio"].append(r["coherence"]["entropy_ratio"])
+    mean = lambda xs: sum(xs) / len(xs) if xs else None  # noqa: E731
+    return {n: {k: mean(v) for k, v in e.items()} | {"runs": len(e["nai"])} for n, e in out.items()}
+
+
+def write_study_report(study: Mapping, out_dir: str | Path) -> list[Path]:
+    """`out_dir/study.html` and the PNGs beside it; returns the paths written."""
+    out_dir = Path(out_dir)
+    figures: dict[str, bytes] = {}
+    vs_k = study["curves"]["vs_k"]
+    figures["nai_vs_k.png"] = _curve_plot(vs_k, "k", "merge rate vs number of experts merged (mean over subsets, 95 % CI)", "experts merged (k)")
+    figures["cross_entropy_vs_k.png"] = _curve_plot(vs_k, "k", "held-in cross-entropy vs k", "experts merged (k)", metric="held_in_cross_entropy")
+    figures["nai_vs_strength.png"] = _curve_plot(study["curves"]["vs_strength"], "strength", "merge rate vs specialist strength (all k)", "specialist strength")
+    cmp = comparison(study)
+    by_name = {}
+    for r in study["curves"]["vs_strength"]:
+        by_name.setdefault(r["method"] if r["family"] == "merge" else f"{r['method']} (fusion)", []).append(r)
+    notes = {n: f"{c['forward_passes']:.0f}× pass, {c['params'] / 1e6:.2g}M params" if c["params"] else "" for n, c in cmp.items()}
+    last = study["axes"]["strengths"][-1]
+    bars = {n: next(((r["mean_nai"]["value"], r["mean_nai"]["ci95"]) for r in rows if r["strength"] == last), (None, None)) for n, rows in by_name.items()}
+    figures["merge_vs_fusion.png"] = _bars(bars, f"merge vs fusion at strength {last} (mean NAI over subsets; cost below)", "mean NAI", notes)
+    coh = {n: (c["entropy_ratio"], None) for n, c in cmp.items()}
+    figures["coherence.png"] = _bars(coh, "predictive entropy on held-in sets / the expert's (1 = as confident; >1 flatter)", "entropy ratio", {})
+    paths = []
+    for name, png in figures.items():
+        (out_dir / name).write_bytes(png)
+        paths.append(out_dir / name)
+
+    rep = Report("modelalloy study")
+    ax = study["axes"]
+    rep.paragraph(f"{len(study['runs'])} merges ({', '.join(ax['methods'])}) of subsets of k = {', '.join(map(str, ax['k']))} experts, "
+                  f"at strengths {', '.join(ax['strengths'])}; fusion baselines: {', '.join(ax['fusion'])}. Intervals are 95 % bootstrap intervals.")
+    rep.heading("Merge rate vs the number of experts")
+    rep.figure(figures["nai_vs_k.png"], "mean NAI vs k")
+    rep.table(["method", "strength", "k", "subsets", "mean NAI [95 % CI]", "held-in cross-entropy [95 % CI]"],
+              [[r["method"] + (" (fusion)" if r["family"] == "fusion" else ""), r["strength"], r["k"], r["mean_nai"]["n_subsets"], _with_ci(r["mean_nai"]),
+                _with_ci(r["held_in_cross_entropy"])] for r in vs_k])
+    rep.figure(figures["cross_entropy_vs_k.png"], "cross-entropy vs k")
+    rep.heading("Merge rate vs specialist strength")
+    rep.figure(figures["nai_vs_strength.png"], "mean NAI vs strength")
+    rep.heading("Merging vs fusion, with cost")
+    rep.figure(figures["merge_vs_fusion.png"], "merge vs fusion")
+    rep.table(["method", "runs", "mean NAI", "params", "forward passes / token", "entropy ratio"],
+              [[n, c["runs"], _fmt(c["nai"]), f"{c['params']:.3g}" if c["params"] else "-", _fmt(c["forward_passes"]), _fmt(c["entropy_ratio"])] for n, c in cmp.items()])
+    rep.heading("Coherence")
+    rep.figure(figures["coherence.png"], "entropy ratio")
+    rep.table(["merge", "entropy ratio", "distinct-2", "parents' distinct-2", "repeated 4-grams", "parents' repeated 4-grams"],
+              [[r["id"], _fmt(r["coherence"].get("entropy_ratio")), _fmt(r["coherence"].get("distinct_2")), _fmt(r["coherence"].get("parents_distinct_2")),
+                _fmt(r["coherence"].get("repeated_4gram")), _fmt(r["coherence"].get("parents_repeated_4gram"))] for r in study["runs"]])
+    rep.heading("What predicts a failed merge")
+    rep.table(["diagnostic", "Spearman ρ with mean NAI", "95 % CI", "merges"], prediction_rows(study["prediction"]))
+    rep.paragraph("An interval that includes 0: the diagnostic did not rank this study's merges.", note=True)
+    rep.heading("Divergence of the parents (linear CKA of hidden states)")
+    rep.table(["strength", "pair", "mean CKA", "per layer"], [[d["strength"], " · ".join(d["pair"]), _fmt(d["mean_cka"]),
+                                                              " ".join(f"{v:.2f}" for v in d["cka_per_layer"])] for d in study["divergence"]])
+    for w in study.get("warnings", []):
+        rep.paragraph(w, note=True)
+    paths.append(rep.write(out_dir / "study.html"))
+    return paths
+
+
+def prediction_rows(prediction) -> list[list[str]]:
+    return [[p["diagnostic"], _fmt(p["spearman_rho"]), f"[{p['ci95'][0]:.2f}, {p['ci95'][1]:.2f}]" if p["ci95"] else "-", str(p["n"])] for p in prediction]

@@ -1,0 +1,256 @@
+"""`run_study`: every merge and fusion of a study scored, measured and rated; `OUT/study.json`.
+
+Stages, each reported as progress(stage, done, total): the base and specialists (scores, entropy,
+continuations), the weight diagnostics per strength, divergence per strength, the merges
+(methods × expert subsets × strengths, merged in memory), the fusion baselines, and the rating.
+
+Resumable: every model's scores, entropy and continuations are kept in `OUT/scores.json`, keyed
+by what the model is made of (its files, or its merge config and its inputs' files) and what the
+set is made of; the diagnostics in `OUT/diagnostics.json` likewise. A killed study rerun scores
+only what is missing. MoE checkpoints are built under `OUT/work/` and deleted once scored.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import shutil
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import torch
+
+from modelalloy.config import MergeConfig
+from modelalloy.evaluate import score
+from modelalloy.evaluate.runner import ScoreCache, load_model, method_variant, model_fingerprint, set_fingerprint
+from modelalloy.evaluate.scoring import token_stream, windows
+from modelalloy.evaluate.sets import read_texts
+from modelalloy.methods import get_method
+from modelalloy.study import diagnostics as diag
+from modelalloy.study.assemble import assemble
+from modelalloy.study.probes import EntropyTap, Ensemble, greedy_continuations, parameter_count, prompts_from, repetition
+from modelalloy.study.spec import StudySpec
+
+Progress = Callable[[str, int, int], None]
+_LAYOUT = "study-v1"  # part of every cache key: a new record layout never reuses old entries
+
+
+def _sha(*parts: str) -> str:
+    return hashlib.sha256("\0".join(parts).encode()).hexdigest()
+
+
+@dataclass
+class Scored:
+    """One model's record: per set the scorer's result (with "units" and "entropy"), and its
+    continuations' repetition (None for models that cannot generate, such as the ensemble)."""
+
+    label: str
+    sets: dict[str, dict]
+    repetition: dict | None = None
+    params: int | None = None
+    extra: dict = field(default_factory=dict)
+
+
+class _Scorer:
+    def __init__(self, spec: StudySpec, out: Path, tokenizer, progress: Progress | None):
+        self.spec, self.out, self.tok, self.progress = spec, out, tokenizer, progress
+        self.cache = ScoreCache(out / "scores.json")
+        self.set_keys = {s.name: set_fingerprint(s) for s in spec.sets}
+        per_set = -(-spec.coherence.prompts // len(spec.sets))  # an equal share of prompts from each set
+        self.prompts = [p for s in spec.sets for p in prompts_from(tokenizer, read_texts(s), n=per_set, tokens=spec.coherence.prompt_tokens)][: spec.coherence.prompts]
+        self.prompt_key = _sha(json.dumps(self.prompts), str(spec.coherence.new_tokens))
+
+    def run(self, label: str, key: str, load: Callable[[], torch.nn.Module], *, generate: bool = True) -> Scored:
+        """Scores of the model `load()` gives (called only if something is not cached)."""
+        keys = {s.name: _sha(key, self.set_keys[s.name], _LAYOUT) for s in self.spec.sets}
+        rep_key = _sha(key, self.prompt_key, _LAYOUT, "repetition")
+        found = {n: self.cache.get(k) for n, k in keys.items()}
+        rep = self.cache.get(rep_key) if generate else None
+        meta = self.cache.get(_sha(key, _LAYOUT, "params"))
+        if all(v is not None for v in found.values()) and (rep is not None or not generate) and meta is not None:
+            return Scored(label, {n: dict(v) for n, v in found.items()}, rep, meta["params"], meta.get("extra", {}))
+        model = load()
+        tap = EntropyTap(model)
+        for i, s in enumerate(self.spec.sets):
+            if found[s.name] is None:
+                cb = (lambda d, t, _w=f"{label} / {s.name}": self.progress(_w, d, t)) if self.progress else None
+                result = score(tap, self.tok, s, progress=cb)
+                result["entropy"] = tap.take(_spans(self.tok, s)) if s.kind == "perplexity" else None
+                tap.take()  # other kinds: no entropy kept
+                self.cache.put(keys[s.name], result)
+                found[s.name] = result
+        if generate and rep is None:
+            rep = repetition(greedy_continuations(model, self.prompts, self.spec.coherence.new_tokens))
+            self.cache.put(rep_key, rep)
+        meta = {"params": parameter_count(model), "extra": getattr(model, "study_extra", {})}
+        self.cache.put(_sha(key, _LAYOUT, "params"), meta)
+        del model, tap  # one model (or one ensemble) in memory at a time
+        return Scored(label, {n: dict(v) for n, v in found.items()}, rep, meta["params"], meta["extra"])
+
+
+def _spans(tok, s) -> list[tuple[int, int, int]]:
+    """The windows `evaluate.score` runs on a perplexity set, in its order."""
+    n = len(token_stream(tok, read_texts(s), s.max_tokens))
+    return windows(n, s.window, s.stride or s.window - 1)
+
+
+def _load_dir(path: str) -> torch.nn.Module:
+    import transformers
+
+    return transformers.AutoModelForCausalLM.from_pretrained(path, dtype=torch.float32).eval()
+
+
+def merge_config(spec: StudySpec, method, experts: list[str]) -> MergeConfig:
+    """The merge of `experts` (checkpoint dirs) onto the base with `method` (a `MethodSpec`)."""
+    m = get_method(method.method)
+    per_model = {k: v for k, v in method.parameters.items() if m.param(k) is not None and m.param(k).per_model}
+    top = {k: v for k, v in method.parameters.items() if k not in per_model}
+    template = MergeConfig.model_validate({
+        "merge_method": method.method,
+        "base_model": spec.base,
+        # weight 1 and density 0.5 are the demo's defaults; a method drops what it does not take.
+        "models": [{"model": e, "parameters": {"weight": 1.0, "density": 0.5} | per_model} for e in experts],
+        "parameters": top,
+        "random_seed": 0,
+    })
+    return method_variant(template, method.method).model_copy(update={"name": method.label})
+
+
+def _moe(spec: StudySpec, experts: dict[str, str], prompts: dict[str, list[str]], work: Path):
+    """A mixture of the experts' MLPs over the base (hidden gates from each expert's prompts)."""
+    from modelalloy.compose.moe_config import MoEConfig
+
+    cfg = MoEConfig.model_validate({
+        "base_model": spec.base,
+        "gate_mode": "hidden",
+        "experts_per_token": min(2, len(experts)),
+        "experts": [{"source_model": path, "positive_prompts": prompts[name]} for name, path in experts.items()],
+    })
+    return cfg, lambda: _build_and_load(cfg, work)
+
+
+def _build_and_load(cfg, work: Path) -> torch.nn.Module:
+    from modelalloy.compose.moe import build_moe
+
+    out = work / _sha(cfg.model_dump_json())[:16]
+    build_moe(cfg, out, force=True)
+    model = _load_dir(str(out))
+    shutil.rmtree(out, ignore_errors=True)  # scored from memory; the scores are what is kept
+    model.study_extra = {"experts_per_token": cfg.experts_per_token}
+    return model
+
+
+def _mlp_params(base_dir: str) -> int:
+    from modelalloy.io.opener import open_checkpoint
+
+    with open_checkpoint(base_dir) as c:
+        return sum(int(torch.Size(t.shape).numel()) for n, t in c.tensors.items() if ".mlp." in n)
+
+
+def run_study(spec: StudySpec, out: str | Path, *, progress: Progress | None = None) -> dict:
+    """Run (or resume) the study into `out`; returns what `OUT/study.json` holds (see `assemble`)."""
+    import transformers
+
+    out = Path(out)
+    out.mkdir(parents=True, exist_ok=True)
+    tok = transformers.AutoTokenizer.from_pretrained(spec.base)
+    scorer = _Scorer(spec, out, tok, progress)
+    names = [s.name for s in spec.specialists]
+    strengths = spec.strength_labels
+    subsets = spec.subsets()
+    prompts = {s.name: list(s.prompts) or _default_prompts(spec, s.name) for s in spec.specialists}
+    models: dict[str, Scored] = {}
+
+    def stage(name: str, done: int, total: int) -> None:
+        if progress:
+            progress(name, done, total)
+
+    refs = {"base": spec.base} | {f"{n}@{st}": s.paths[i] for i, st in enumerate(strengths) for n, s in zip(names, spec.specialists)}
+    for i, (label, path) in enumerate(refs.items()):
+        stage("stage 1/5: base and specialists", i, len(refs))
+        models[label] = scorer.run(label, model_fingerprint(path), lambda p=path: _load_dir(p))
+    stage("stage 1/5: base and specialists", len(refs), len(refs))
+
+    dstore = ScoreCache(out / "diagnostics.json")
+    interference, divergence = {}, {}
+    shared = _shared_ids(spec, tok)
+    for i, st in enumerate(strengths):
+        experts = {n: refs[f"{n}@{st}"] for n in names}
+        key = _sha(model_fingerprint(spec.base), *(model_fingerprint(p) for p in experts.values()), json.dumps(subsets), _LAYOUT)
+        if (found := dstore.get("interference/" + key)) is None:
+            cb = (lambda d, t, _s=st: stage(f"stage 2/5: weight diagnostics ({_s})", d, t))
+            found = {"|".join(s): v for s, v in diag.interference(spec.base, experts, subsets, progress=cb).items()}
+            dstore.put("interference/" + key, found)
+        interference[st] = {tuple(k.split("|")): v for k, v in found.items()}
+        dkey = _sha(key, json.dumps(shared))
+        if (pairs := dstore.get("divergence/" + dkey)) is None:
+            stage(f"stage 3/5: divergence ({st})", 0, 1)
+            pairs = diag.divergence(diag.parent_states(experts, shared, _load_dir))
+            dstore.put("divergence/" + dkey, pairs)
+        divergence[st] = pairs
+        stage(f"stage 3/5: divergence ({st})", 1, 1)
+
+    runs = []
+    total = len(strengths) * len(spec.methods) * len(subsets)
+    for st in strengths:
+        for method in spec.methods:
+            for subset in subsets:
+                stage("stage 4/5: merges (in memory)", len(runs), total)
+                cfg = merge_config(spec, method, [refs[f"{n}@{st}"] for n in subset])
+                label = f"{method.label}|{st}|{'+'.join(subset)}"
+                scored = scorer.run(label, model_fingerprint(cfg), lambda c=cfg: load_model(c)[0])
+                runs.append({"label": label, "method": method.label, "experts": list(subset), "strength": st, "scored": scored,
+                             "interference": interference[st][subset] | {"mean_cka": diag.subset_cka(divergence[st], subset)}})
+    stage("stage 4/5: merges (in memory)", total, total)
+
+    fusion = []
+    base_params = models["base"].params
+    mlp = _mlp_params(spec.base) if "moe" in spec.fusion else 0
+    total = len(strengths) * len(subsets) * len(spec.fusion)
+    for st in strengths:
+        for subset in subsets:
+            experts = {n: refs[f"{n}@{st}"] for n in subset}
+            for kind in spec.fusion:
+                stage("stage 5/5: fusion", len(fusion), total)
+                label = f"{kind}|{st}|{'+'.join(subset)}"
+                record = {"label": label, "kind": kind, "experts": list(subset), "strength": st}
+                if kind == "ensemble":
+                    key = _sha("ensemble", *(model_fingerprint(p) for p in experts.values()))
+                    record["scored"] = scorer.run(label, key, lambda e=experts: Ensemble([_load_dir(p) for p in e.values()]), generate=False)
+                    record |= {"params": len(subset) * base_params, "forward_passes": len(subset)}
+                elif kind == "moe":
+                    cfg, load = _moe(spec, experts, prompts, out / "work")
+                    key = _sha("moe", cfg.model_dump_json(), *(model_fingerprint(p) for p in experts.values()))
+                    record["scored"] = scored = scorer.run(label, key, load)
+                    top = scored.extra.get("experts_per_token", 2)
+                    # A token runs attention once and `top` of the k expert MLPs: one pass, its
+                    # active parameters those of the dense model plus (top − 1) more MLPs.
+                    record |= {"params": scored.params, "active_params": base_params + (top - 1) * mlp, "forward_passes": 1}
+                else:  # oracle_routing: each set scored by its own expert, others by the best of the subset
+                    record |= {"scored": None, "params": len(subset) * base_params, "forward_passes": 1}
+                fusion.append(record)
+    stage("stage 5/5: fusion", total, total)
+
+    stage("rating", 0, 1)
+    result = assemble(spec, models, runs, fusion, divergence, out=out)
+    stage("rating", 1, 1)
+    (out / "study.json").write_text(json.dumps(result, indent=1))
+    return result
+
+
+def _default_prompts(spec: StudySpec, name: str) -> list[str]:
+    """The router's prompts for a specialist without any: four pieces of its own set's text."""
+    texts = [t for s in spec.sets if s.expert == name for t in read_texts(s)]
+    text = "\n".join(texts)
+    step = max(1, len(text) // 4)
+    return [text[i : i + 200] for i in range(0, 4 * step, step)][:4] or [name]
+
+
+def _shared_ids(spec: StudySpec, tok) -> list[int]:
+    """The shared text for CKA: an equal share of `divergence.tokens` tokens from every set."""
+    share = max(2, spec.divergence.tokens // len(spec.sets))
+    ids: list[int] = []
+    for s in spec.sets:
+        ids += tok("\n".join(read_texts(s)), add_special_tokens=False)["input_ids"][:share]
+    return ids

@@ -1,0 +1,85 @@
+"""The study's measures against independent NumPy (and SciPy) computations."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+import scipy.stats
+import torch
+
+from modelalloy.study.measures import distinct_n, entropy, linear_cka, ranks, repeated_ngram_share, spearman, spearman_interval
+
+
+def cka_by_gram(x: np.ndarray, y: np.ndarray) -> float:
+    """Kornblith et al. 2019 eq. 3 with linear kernels: HSIC(K, L) / sqrt(HSIC(K, K) HSIC(L, L)), H = I − 11ᵀ/n."""
+    n = x.shape[0]
+    h = np.eye(n) - np.ones((n, n)) / n
+    k, l_ = x @ x.T, y @ y.T
+    hsic = lambda a, b: np.trace(a @ h @ b @ h)  # noqa: E731
+    return hsic(k, l_) / np.sqrt(hsic(k, k) * hsic(l_, l_))
+
+
+def test_linear_cka_matches_the_gram_matrix_form():
+    rng = np.random.default_rng(0)
+    x = rng.normal(size=(40, 8))
+    y = x @ rng.normal(size=(8, 5)) + 0.5 * rng.normal(size=(40, 5))
+    assert linear_cka(x, y) == pytest.approx(cka_by_gram(x, y), rel=1e-10)
+    assert linear_cka(x, rng.normal(size=(40, 6))) == pytest.approx(cka_by_gram(x, rng.normal(size=(40, 6))), abs=0.5)
+
+
+def test_linear_cka_is_one_under_rotation_and_scale():
+    rng = np.random.default_rng(1)
+    x = rng.normal(size=(30, 6))
+    q, _ = np.linalg.qr(rng.normal(size=(6, 6)))
+    assert linear_cka(x, 3.0 * x @ q + 2.0) == pytest.approx(1.0, abs=1e-12)
+    with pytest.raises(ValueError, match="same inputs"):
+        linear_cka(x, x[:5])
+
+
+def test_entropy_matches_numpy():
+    logits = torch.randn(3, 7, 11, generator=torch.Generator().manual_seed(0))
+    p = np.exp(logits.numpy().astype(np.float64))
+    p /= p.sum(-1, keepdims=True)
+    expected = -(p * np.log(p)).sum(-1)
+    np.testing.assert_allclose(entropy(logits).numpy(), expected, rtol=1e-6)
+    assert float(entropy(torch.zeros(1, 16))[0]) == pytest.approx(np.log(16))
+
+
+def test_distinct_and_repeated_ngrams_match_numpy():
+    rng = np.random.default_rng(2)
+    seq = rng.integers(0, 4, size=50).tolist()
+    for n in (2, 3, 4):
+        grams = np.lib.stride_tricks.sliding_window_view(np.array(seq), n)
+        unique = np.unique(grams, axis=0)
+        assert distinct_n(seq, n) == pytest.approx(len(unique) / len(grams))
+        # Repeated = positions minus first occurrences: 1 − distinct-n.
+        assert repeated_ngram_share(seq, n) == pytest.approx(1 - len(unique) / len(grams))
+    assert repeated_ngram_share([1, 2, 3, 4, 1, 2, 3, 4], 4) == pytest.approx(1 / 5)
+    assert distinct_n([5, 5, 5, 5], 2) == pytest.approx(1 / 3)
+    assert distinct_n([1], 2) is None and repeated_ngram_share([1, 2, 3], 4) is None
+
+
+def test_spearman_matches_numpy_and_scipy():
+    rng = np.random.default_rng(3)
+    x, y = rng.normal(size=25), rng.normal(size=25)
+    y = y + x
+    # No ties: 1 − 6 Σ d² / (n (n² − 1)), ranks by a double argsort.
+    rx, ry = np.argsort(np.argsort(x)), np.argsort(np.argsort(y))
+    n = len(x)
+    assert spearman(x, y) == pytest.approx(1 - 6 * ((rx - ry) ** 2).sum() / (n * (n * n - 1)))
+    # Ties: average ranks, the Pearson correlation of the ranks.
+    xt, yt = np.round(x), np.round(y * 2) / 2
+    np.testing.assert_allclose(ranks(xt), scipy.stats.rankdata(xt))
+    assert spearman(xt, yt) == pytest.approx(scipy.stats.spearmanr(xt, yt).statistic)
+    assert spearman([1, 2], [3, 4]) is None and spearman([1, 1, 1], [1, 2, 3]) is None
+
+
+def test_spearman_interval_is_seeded_and_covers_rho():
+    rng = np.random.default_rng(4)
+    x = rng.normal(size=40)
+    y = x + rng.normal(size=40)
+    ci = spearman_interval(x, y, resamples=300, seed=0)
+    assert ci == spearman_interval(x, y, resamples=300, seed=0)
+    assert ci[0] < spearman(x, y) < ci[1] and ci[0] > 0
+    wide = spearman_interval(x[:8], y[:8], resamples=300, seed=0)
+    assert wide[1] - wide[0] > ci[1] - ci[0]  # fewer merges, less certainty
