@@ -88,3 +88,31 @@ def test_the_fit_is_seeded():
     a, b = (fit_scaling_law(points, free_alpha=False, resamples=100, seed=3) for _ in range(2))
     assert public(a) == public(b)
     assert list(itertools.islice(a["params"], 3)) == ["L_inf", "A", "b"]
+
+
+def test_a_study_gets_one_law_per_method_and_strength_with_the_planning_answer():
+    """study_scaling_laws reads study.json's own fields: the specialists alone are k = 1, the runs
+    the rest, and the target sits between the base and oracle routing."""
+    from modelalloy.study.scaling_law import study_scaling_laws, summary_line
+
+    experts = [f"e{i}" for i in range(6)]
+    sets = [{"name": f"s{i}", "expert": e, "metric": "perplexity"} for i, e in enumerate(experts)]
+    ce = lambda k: 2.0 + 1.5 / (k + 0.5)  # noqa: E731 - the law the runs follow
+    runs = [{"method": "linear", "strength": "all", "k": k, "experts": experts[j : j + k],
+             "held_in_cross_entropy": {"value": ce(k) + 0.002 * ((j % 3) - 1), "ci95": [ce(k) - 0.01, ce(k) + 0.01]}}
+            for k in range(2, 7) for j in range(0, 7 - k)]
+    study = {
+        "axes": {"sets": sets, "strengths": ["all"], "methods": ["linear"]},
+        "specialists": {f"{e}@all": {"scores": {f"s{i}": {"value": float(np.exp(ce(1))), "ci95": [float(np.exp(ce(1) - 0.01)), float(np.exp(ce(1) + 0.01))]}}} for i, e in enumerate(experts)},
+        "runs": runs,
+        "fusion": [{"kind": "oracle_routing", "strength": "all", "k": 6, "experts": experts, "held_in_cross_entropy": {"value": 1.9}}],
+        "base": {"scores": {f"s{i}": {"cross_entropy": 3.0} for i in range(6)}},
+    }
+    (entry,) = study_scaling_laws(study, resamples=200)
+    assert entry["fitted"] and entry["method"] == "linear" and entry["points"][0]["k"] == 1
+    assert entry["params"]["A"]["ci95"][0] <= 1.5 <= entry["params"]["A"]["ci95"][1]
+    target = 3.0 + 0.75 * (1.9 - 3.0)  # 2.175: the law reaches it at k = 1.5/0.175 - 0.5 ≈ 8.07
+    plan = entry["experts_for_target"]
+    assert plan["target"] == pytest.approx(target) and plan["k"] == pytest.approx(1.5 / (target - 2.0) - 0.5, rel=0.1)
+    assert entry["marginal_gain"]["k"] == 6
+    assert "scaling law, linear @ all" in summary_line(entry) and "oracle routing needs k" in summary_line(entry)

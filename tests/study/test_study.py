@@ -50,6 +50,9 @@ def test_quick_study_has_the_keys_others_read(quick):
     assert all(p["n"] == 8 and -1 <= p["spearman_rho"] <= 1 for p in result["prediction"])
     curve = [c for c in result["curves"]["vs_k"] if c["family"] == "merge" and c["method"] == "linear" and c["strength"] == "long"]
     assert [c["k"] for c in curve] == [2, 3] and all(c["mean_nai"]["ci95"] for c in curve)
+    # k = 1 (each specialist alone), 2 and 3: three points, too few for the three-parameter law.
+    assert [(e["method"], e["strength"]) for e in result["scaling_law"]] == [(m, st) for st in ("short", "long") for m in ("linear", "task_arithmetic")]
+    assert all(not e["fitted"] and e["reason"].startswith("3 distinct k (1, 2, 3)") for e in result["scaling_law"])
     assert (out / "draws.npz").is_file()
     assert [s for s in dict.fromkeys(stages) if s.startswith("stage")][:2] == ["stage 1/5: base and specialists", "stage 2/5: weight diagnostics (short)"]
 

@@ -179,6 +179,10 @@ def _print_study(data: dict) -> None:
     for row in prediction_rows(data["prediction"]):
         t.add_row(*row)
     common.out.print(t)
+    from modelalloy.study.scaling_law import summary_line
+
+    for entry in data.get("scaling_law", []):
+        common.out.print(summary_line(entry), highlight=False, soft_wrap=True)
 
 
 def study(

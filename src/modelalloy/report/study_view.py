@@ -53,6 +53,26 @@ def _curve_plot(rows: list[dict], x_key: str, title: str, xlabel: str, metric: s
     return _png(fig)
 
 
+def _law_plot(laws: list[dict]) -> bytes:
+    """Each fitted law as a curve over its measured per-k means (with their intervals)."""
+    import numpy as np
+
+    from modelalloy.study.scaling_law import law
+
+    fig, ax = plt.subplots(figsize=(7, 4))
+    for e in laws:
+        ks = [p["k"] for p in e["points"]]
+        ys = [p["measured"] for p in e["points"]]
+        err = [[y - p["ci95"][0] for y, p in zip(ys, e["points"])], [p["ci95"][1] - y for y, p in zip(ys, e["points"])]]
+        line = ax.errorbar(ks, ys, yerr=err, fmt="o", capsize=3, label=f"{e['method']} @ {e['strength']}")
+        grid = np.linspace(min(ks), max(ks), 100)
+        ax.plot(grid, law(grid, *[v["value"] for v in e["params"].values()]), "--", color=line[0].get_color())
+    ax.set_xlabel("experts merged (k)")
+    ax.set_ylabel("held-in cross-entropy (nats)")
+    ax.legend(fontsize=7)
+    return _png(fig)
+
+
 def _bars(groups: Mapping[str, tuple[float | None, list | None]], title: str, ylabel: str, notes: Mapping[str, str]) -> bytes:
     names = [n for n, (v, _) in groups.items() if v is not None]
     fig, ax = plt.subplots(figsize=(max(6, 0.7 * len(names) + 2), 3.8))
@@ -126,6 +146,18 @@ def write_study_report(study: Mapping, out_dir: str | Path) -> list[Path]:
               [[r["method"] + (" (fusion)" if r["family"] == "fusion" else ""), r["strength"], r["k"], r["mean_nai"]["n_subsets"], _with_ci(r["mean_nai"]),
                 _with_ci(r["held_in_cross_entropy"])] for r in vs_k])
     rep.figure(figures["cross_entropy_vs_k.png"], "cross-entropy vs k")
+    laws = [e for e in study.get("scaling_law", []) if e.get("fitted")]
+    if laws:
+        rep.heading("The merging scaling law (arXiv 2509.24244)")
+        rep.figure(_law_plot(laws), "fitted law over the measured points")
+        rep.table(["method", "strength", "form", "parameters [95 % CI]", "R²", "leave largest k out", "experts for the target"],
+                  [[e["method"], e["strength"], e["form"], "; ".join(f"{n} {_with_ci(v)}" for n, v in e["params"].items()), _fmt(e["r2"]),
+                    (f"k={e['loo']['k']}: {_fmt(e['loo']['predicted'])} vs {_fmt(e['loo']['measured'])}" + ("" if e["loo"]["agrees"] else " (disagrees)")) if e["loo"].get("done") else e["loo"].get("reason", "-"),
+                    (f"{_fmt(e['experts_for_target']['k'])} {e['experts_for_target']['ci95']}" if e["experts_for_target"]["reachable"] else e["experts_for_target"]["reason"]) if "experts_for_target" in e else "-"]
+                   for e in laws])
+    for e in study.get("scaling_law", []):
+        if not e.get("fitted"):
+            rep.paragraph(f"{e['method']} @ {e['strength']}: the law was not fitted ({e['reason']}).", note=True)
     rep.heading("Merge rate vs specialist strength")
     rep.figure(figures["nai_vs_strength.png"], "mean NAI vs strength")
     rep.heading("Merging vs fusion, with cost")

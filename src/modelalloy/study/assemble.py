@@ -23,6 +23,7 @@ from modelalloy.evaluate import Bootstrap, EvalResult, SetInfo, merge_rate
 from modelalloy.evaluate.bootstrap import percentile_interval
 from modelalloy.study.diagnostics import DIAGNOSTICS
 from modelalloy.study.measures import spearman, spearman_interval
+from modelalloy.study.scaling_law import study_scaling_laws
 
 
 def _num(v: float | None, ci: list[float] | None = None) -> dict:
@@ -117,6 +118,7 @@ def assemble(spec, models: dict, runs: list[dict], fusion: list[dict], divergenc
         "bootstrap": {"resamples": spec.bootstrap.resamples, "seed": spec.bootstrap.seed, "interval": "95 % percentile"},
         "warnings": result.warnings,
     }
+    data["scaling_law"] = study_scaling_laws(data, resamples=spec.bootstrap.resamples, seed=spec.bootstrap.seed)
     if out is not None and saved:
         np.savez_compressed(Path(out) / "draws.npz", **saved)
     return data

@@ -239,3 +239,69 @@ def marginal_gain(fit: Mapping, k: int) -> dict:
 def public(fit: Mapping) -> dict:
     """The fit as study.json stores it (without the bootstrap draws)."""
     return {key: value for key, value in fit.items() if not key.startswith("_")}
+
+
+def _log_point(score: Mapping) -> tuple[float, float] | None:
+    """Cross-entropy and its 95 % half-width from a perplexity score (log of the value and interval)."""
+    if score.get("value") is None or not score["value"] > 0:
+        return None
+    ci = score.get("ci95") or [score["value"], score["value"]]
+    return math.log(score["value"]), (math.log(ci[1]) - math.log(ci[0])) / 2 if ci[0] and ci[0] > 0 else 0.0
+
+
+def study_scaling_laws(study: Mapping, *, share: float = 0.75, resamples: int = 1000, seed: int = 0) -> list[dict]:
+    """The `scaling_law` entries of study.json: one per (method, strength), over the runs' mean
+    held-in cross-entropy, with each specialist alone on its own set as the k = 1 point (a merge of
+    one expert is that expert). The target for planning is `share` of the way from the base's
+    held-in cross-entropy to oracle routing's (the fusion ceiling) on all the study's sets."""
+    sets = {s["name"]: s["expert"] for s in study["axes"]["sets"] if s.get("expert") and s.get("metric", "perplexity") == "perplexity"}
+    out = []
+    for strength in study["axes"]["strengths"]:
+        singles = []
+        for name, expert in sets.items():
+            score = study["specialists"].get(f"{expert}@{strength}", {}).get("scores", {}).get(name)
+            if score is not None and (p := _log_point(score)) is not None:
+                singles.append(LawPoint(1, (expert,), p[0], p[1]))
+        oracle = [f for f in study["fusion"] if f["kind"] == "oracle_routing" and f["strength"] == strength]
+        ceiling = max(oracle, key=lambda f: f["k"], default=None)
+        for method in study["axes"]["methods"]:
+            runs = [r for r in study["runs"] if r["method"] == method and r["strength"] == strength and r["held_in_cross_entropy"]["value"] is not None]
+            points = singles + [
+                LawPoint(r["k"], tuple(r["experts"]), r["held_in_cross_entropy"]["value"], _half(r["held_in_cross_entropy"].get("ci95"))) for r in runs
+            ]
+            fit = fit_scaling_law(points, resamples=resamples, seed=seed)
+            entry = {"method": method, "strength": strength} | public(fit)
+            if fit.get("fitted") and ceiling is not None and runs:
+                top = max(runs, key=lambda r: r["k"])
+                held = [n for n, e in sets.items() if e in ceiling["experts"]]
+                base_ce = float(np.mean([study["base"]["scores"][n]["cross_entropy"] for n in held]))
+                target = target_between(base_ce, ceiling["held_in_cross_entropy"]["value"], share)
+                entry["experts_for_target"] = {"share_of_ceiling": share, "ceiling": "oracle_routing"} | experts_for_target(fit, target)
+                entry["marginal_gain"] = marginal_gain(fit, top["k"])
+            out.append(entry)
+    return out
+
+
+def _half(ci) -> float:
+    return (ci[1] - ci[0]) / 2 if ci else 0.0
+
+
+def summary_line(entry: Mapping) -> str:
+    """One line for the CLI: the fit, its check, and the planning answer."""
+    head = f"scaling law, {entry['method']} @ {entry['strength']}: "
+    if not entry.get("fitted"):
+        return head + "not fitted (" + entry["reason"] + ")"
+    p = entry["params"]
+    parts = [f"{name} {v['value']:.3g} [{v['ci95'][0]:.3g}, {v['ci95'][1]:.3g}]" for name, v in p.items()]
+    text = head + ", ".join(parts) + f"; R² {entry['r2']:.3f}"
+    loo = entry["loo"]
+    if loo.get("done"):
+        text += f"; k={loo['k']} predicted {loo['predicted']:.3f} vs measured {loo['measured']:.3f} ({'agrees' if loo['agrees'] else 'does not agree'})"
+    plan = entry.get("experts_for_target")
+    if plan:
+        text += (f"; {plan['share_of_ceiling']:.0%} of the way to oracle routing needs k ≈ {plan['k']:.1f} [{plan['ci95'][0]:.1f}, {plan['ci95'][1]:.1f}]"
+                 if plan["reachable"] else f"; {plan['share_of_ceiling']:.0%} of the way to oracle routing: {plan['reason']}")
+    if entry.get("marginal_gain", {}).get("gain") is not None:
+        g = entry["marginal_gain"]
+        text += f"; one more expert at k={g['k']}: {g['gain']:+.4f} nats"
+    return text
