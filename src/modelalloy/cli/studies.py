@@ -26,7 +26,7 @@ def _print_trial(r) -> None:
 def demo(
     cache: Annotated[Path, typer.Option(help="where the base, the specialists and the scores are kept")] = Path(".cache/demo"),
     methods: Annotated[str, typer.Option(help="merge methods to compare")] = "linear,task_arithmetic,ties,dare_ties,dare_linear,della",
-    domains: Annotated[str, typer.Option(help="specialist domains: shakespeare, german, code (news is always the held-out control)")] = "shakespeare,german",
+    domains: Annotated[str, typer.Option(help="specialist domains: shakespeare, german, spanish, code (news is always the held-out control)")] = "shakespeare,german,spanish,code",
     report: Annotated[Optional[Path], typer.Option("--report", help="HTML report (default: CACHE/report.html)")] = None,
     save: SaveOpt = None,
     as_json: JsonOpt = False,
