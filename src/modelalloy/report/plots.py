@@ -11,7 +11,8 @@ matplotlib.use("Agg")  # before pyplot: render to memory, never open a window
 import matplotlib.pyplot as plt  # noqa: E402
 
 
-def _png(fig) -> bytes:
+def png(fig) -> bytes:
+    """A finished figure as PNG bytes (the figure is closed)."""
     buf = io.BytesIO()
     fig.tight_layout()
     fig.savefig(buf, format="png", dpi=110)
@@ -51,7 +52,7 @@ def grouped_bars(
     ax.set_title(title)
     ax.set_ylabel(ylabel)
     ax.legend(fontsize=8, loc="upper left", bbox_to_anchor=(1.01, 1.0))  # beside the bars, never over them
-    return _png(fig)
+    return png(fig)
 
 
 def lines(xs: Sequence[float], series: Mapping[str, Sequence[float | None]], *, title: str, xlabel: str, ylabel: str) -> bytes:
@@ -64,7 +65,7 @@ def lines(xs: Sequence[float], series: Mapping[str, Sequence[float | None]], *, 
     ax.set_ylabel(ylabel)
     if len(series) > 1:
         ax.legend(fontsize=8)
-    return _png(fig)
+    return png(fig)
 
 
 def heatmap(matrix: Sequence[Sequence[float | None]], rows: Sequence[str], cols: Sequence[str], *, title: str, vmin=None, vmax=None) -> bytes:
@@ -82,4 +83,4 @@ def heatmap(matrix: Sequence[Sequence[float | None]], rows: Sequence[str], cols:
                     ax.text(j, i, f"{data[i, j]:.2f}", ha="center", va="center", color="white", fontsize=8)
     fig.colorbar(im, ax=ax)
     ax.set_title(title)
-    return _png(fig)
+    return png(fig)

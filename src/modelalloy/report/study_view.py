@@ -4,22 +4,13 @@ coherence, and the table of diagnostics as predictors."""
 
 from __future__ import annotations
 
-import io
 from collections.abc import Mapping
 from pathlib import Path
 
-from modelalloy.report import plots  # noqa: F401  (selects the Agg backend before pyplot)
+from modelalloy.report.plots import png  # (importing plots selects the Agg backend before pyplot)
 from modelalloy.report.html import Report
 
 import matplotlib.pyplot as plt  # noqa: E402
-
-
-def _png(fig) -> bytes:
-    buf = io.BytesIO()
-    fig.tight_layout()
-    fig.savefig(buf, format="png", dpi=110)
-    plt.close(fig)
-    return buf.getvalue()
 
 
 def _err(points):
@@ -50,7 +41,7 @@ def _curve_plot(rows: list[dict], x_key: str, title: str, xlabel: str, metric: s
     ax.set_xlabel(xlabel)
     ax.set_ylabel("mean NAI (1 = keeps every expert's gain)" if metric == "mean_nai" else "held-in cross-entropy (nats/token)")
     ax.legend(fontsize=7, loc="upper left", bbox_to_anchor=(1.01, 1.0))
-    return _png(fig)
+    return png(fig)
 
 
 def _law_plot(laws: list[dict]) -> bytes:
@@ -70,7 +61,7 @@ def _law_plot(laws: list[dict]) -> bytes:
     ax.set_xlabel("experts merged (k)")
     ax.set_ylabel("held-in cross-entropy (nats)")
     ax.legend(fontsize=7)
-    return _png(fig)
+    return png(fig)
 
 
 def _bars(groups: Mapping[str, tuple[float | None, list | None]], title: str, ylabel: str, notes: Mapping[str, str]) -> bytes:
@@ -83,7 +74,7 @@ def _bars(groups: Mapping[str, tuple[float | None, list | None]], title: str, yl
     ax.axhline(0.0, color="black", linewidth=0.6)
     ax.set_title(title)
     ax.set_ylabel(ylabel)
-    return _png(fig)
+    return png(fig)
 
 
 def _fmt(v, digits: int = 3) -> str:
@@ -132,8 +123,8 @@ def write_study_report(study: Mapping, out_dir: str | Path) -> list[Path]:
     coh = {n: (c["entropy_ratio"], None) for n, c in cmp.items()}
     figures["coherence.png"] = _bars(coh, "predictive entropy on held-in sets / the expert's (1 = as confident; >1 flatter)", "entropy ratio", {})
     paths = []
-    for name, png in figures.items():
-        (out_dir / name).write_bytes(png)
+    for name, data in figures.items():
+        (out_dir / name).write_bytes(data)
         paths.append(out_dir / name)
 
     rep = Report("modelalloy study")
