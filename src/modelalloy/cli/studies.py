@@ -28,6 +28,7 @@ def demo(
     methods: Annotated[str, typer.Option(help="merge methods to compare")] = "linear,task_arithmetic,ties,dare_ties,dare_linear,della",
     domains: Annotated[str, typer.Option(help="specialist domains: shakespeare, german, spanish, code (news is always the held-out control)")] = "shakespeare,german,spanish,code",
     report: Annotated[Optional[Path], typer.Option("--report", help="HTML report (default: CACHE/report.html)")] = None,
+    quick: Annotated[bool, typer.Option("--quick", help="the size the test suite runs: two specialists (shakespeare, code), two steps, 640 tokens a domain (about a minute; too small to decide anything)")] = False,
     save: SaveOpt = None,
     as_json: JsonOpt = False,
 ) -> None:
@@ -42,7 +43,7 @@ def demo(
 
     start = _time.perf_counter()
     bar, on_progress = eval_progress()
-    settings = DemoSettings(domains=tuple(d.strip() for d in domains.split(",") if d.strip()))
+    settings = DemoSettings.quick() if quick else DemoSettings(domains=tuple(d.strip() for d in domains.split(",") if d.strip()))
     with warnings.catch_warnings(record=True):
         warnings.simplefilter("ignore")  # transformers' GGUF and tokenizer notices are not the user's concern here
         try:
