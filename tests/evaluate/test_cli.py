@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import re
 
 import yaml
 from typer.testing import CliRunner
@@ -55,3 +56,27 @@ def test_analyze_command_prints_and_reports(lm_family, tmp_path):
     assert result.exit_code == 0, result.output
     assert "sign-conflict rate" in result.output and "per layer" in result.output
     assert (tmp_path / "a.html").read_text().count("data:image/png") >= 5
+
+
+def test_rate_tables_fit_80_columns_with_every_method_whole(lm_family, tmp_path):
+    docs = "\n".join(f"Line {i}: shall I compare thee to a summer's day?" for i in range(30))
+    (tmp_path / "t.txt").write_text(docs)
+    (tmp_path / "evals.yaml").write_text(yaml.safe_dump({"sets": [
+        {"name": "verse", "path": "t.txt", "max_tokens": 600, "window": 40, "expert": str(lm_family["ft_a"])},
+        {"name": "control", "path": "t.txt", "max_tokens": 400, "window": 40}]}))
+    cfg = tmp_path / "merge.yaml"
+    cfg.write_text(yaml.safe_dump({"merge_method": "ties", "base_model": str(lm_family["base"]),
+                                   "models": [{"model": str(lm_family["ft_a"]), "parameters": {"weight": 1.0, "density": 0.5}},
+                                              {"model": str(lm_family["ft_b"]), "parameters": {"weight": 1.0, "density": 0.5}}]}))
+    methods = ["linear", "task_arithmetic", "ties", "dare_ties", "dare_linear", "della"]
+    for width in (80, 200):
+        result = CliRunner(env={"COLUMNS": str(width)}).invoke(app, ["rate", str(cfg), "--eval", str(tmp_path / "evals.yaml"), "--methods", ",".join(methods),
+                                                                      "--resamples", "200", "--cache", str(tmp_path / "s.json")])
+        assert result.exit_code == 0, result.output
+        out = result.stdout
+        assert "…" not in out and "±" in out
+        assert max(len(line) for line in out.splitlines()) <= width
+        for m in methods:  # each name whole, as a word of its own (ties is not only inside dare_ties)
+            assert re.search(rf"(?<!\w){m}(?!\w)", out), m
+    result = CliRunner().invoke(app, ["rate", str(cfg), "--eval", str(tmp_path / "evals.yaml"), "--resamples", "0"])
+    assert result.exit_code == 2 and "--resamples 0: give at least 1" in result.output

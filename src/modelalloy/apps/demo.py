@@ -37,7 +37,9 @@ from modelalloy.apps.corpora import CORPORA, Corpus, DemoError, pieces  # noqa: 
 
 GGUF_NAME = "SmolLM2-135M-Instruct.Q4_1.gguf"
 METHODS = ("linear", "task_arithmetic", "ties", "dare_ties", "dare_linear", "della")
-DOMAINS = ("shakespeare", "german", "spanish", "code")
+# Python code (`code`) is a domain too, but SmolLM2 already knows the standard library's style: its
+# LoRA specialist gained 7-9 % on validation text in 48 steps, short of the 25 % a demo needs.
+DOMAINS = ("shakespeare", "german", "spanish", "italian")
 
 # (done, total, what): the CLI draws progress bars from these.
 StepProgress = Callable[[str, int, int], None]
@@ -308,7 +310,7 @@ def run_demo(
         get_method(m)  # an unknown method fails now, not after minutes of fine-tuning
     unknown = [d for d in settings.domains if d not in CORPORA or d == "news"]
     if unknown:
-        raise DemoError(f"unknown demo domain {unknown[0]!r}; choose from {', '.join(DOMAINS)}")
+        raise DemoError(f"unknown demo domain {unknown[0]!r}; choose from {', '.join(d for d in CORPORA if d != 'news')}")
     if settings.train not in ("lora", "full"):
         raise DemoError(f"train {settings.train!r}: use lora or full")
     corpora = {name: CORPORA[name]() for name in (*settings.domains, "news")}

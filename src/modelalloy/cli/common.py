@@ -68,12 +68,18 @@ def show_warnings(caught: list[warnings.WarningMessage], quiet: bool) -> None:
 
 def eval_progress(label: str = "scoring"):
     """A rich progress bar and the callback the evaluate library reports to."""
-    bar = Progress(TextColumn("{task.description}"), BarColumn(), TextColumn("{task.completed}/{task.total}"), TimeElapsedColumn(), console=err, transient=False)
+    bar = Progress(TextColumn("{task.description}"), BarColumn(), TextColumn("{task.completed}/{task.total} {task.fields[unit]}"),
+                   TextColumn("{task.fields[rate]}"), TimeElapsedColumn(), console=err, transient=False)
     tasks: dict[str, int] = {}
 
     def on_progress(name: str, done: int, total: int) -> None:
+        # Scoring labels say what they count (evaluate.runner.ProgressLabel): tokens, items.
+        unit = getattr(name, "unit", "")
         if name not in tasks:
-            tasks[name] = bar.add_task(name, total=total)
+            tasks[name] = bar.add_task(name, total=total, unit=unit, rate="")
         bar.update(tasks[name], completed=done, total=total)
+        speed = bar.tasks[tasks[name]].speed if unit else None
+        if speed:
+            bar.update(tasks[name], rate=f"{speed:,.0f} {unit}/s")
 
     return bar, on_progress

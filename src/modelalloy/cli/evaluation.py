@@ -64,23 +64,28 @@ def eval_(
     evals: Annotated[Path, typer.Option("--eval", "-e", help="evals YAML: the sets to score on")],
     tokenizer: Annotated[Optional[Path], typer.Option(help="tokenizer directory (default: each model's own)")] = None,
     cache: Annotated[Optional[Path], typer.Option(help="JSON score cache: unchanged models and sets are not rescored")] = None,
+    resamples: Annotated[int, typer.Option(help="bootstrap resamples behind every 95 % interval and paired comparison")] = 1000,
+    seed: Annotated[int, typer.Option(help="seed of the bootstrap resamples (per set), so reruns give the same intervals")] = 0,
     save: SaveOpt = None,
     report: ReportOpt = None,
     as_json: JsonOpt = False,
 ) -> None:
-    """Score models on eval sets: perplexity on text, accuracy on multiple choice."""
-    from modelalloy.evaluate import evaluate, load_evals
-    from modelalloy.report.terminal import print_scores, save_outputs
+    """Score models on eval sets: perplexity on text, accuracy on multiple choice; each with a 95 % interval."""
+    from modelalloy.evaluate import Bootstrap, evaluate, load_evals
+    from modelalloy.report.terminal import print_scores, print_warnings, save_outputs
 
     bar, on_progress = eval_progress()
     try:
+        if resamples < 1:
+            raise ModelAlloyError(f"--resamples {resamples}: give at least 1 (1000 is the default)")
         sets = load_evals(evals)
         with bar:
-            result = evaluate(models, sets, tokenizer=tokenizer, cache=cache, progress=on_progress)
+            result = evaluate(models, sets, tokenizer=tokenizer, cache=cache, progress=on_progress, bootstrap=Bootstrap(resamples=resamples, seed=seed))
     except ModelAlloyError as e:
         fail(e)
     if not as_json:
-        print_scores(common.out, result.table(), sets)
+        print_scores(common.out, result)
+        print_warnings(common.err, result.warnings)
     save_outputs(common.out, common.err, result.to_json(), save, report, as_json)
 
 
@@ -90,12 +95,14 @@ def rate(
     methods: Annotated[Optional[str], typer.Option(help="comma-separated methods to run on the same parents and rank, e.g. linear,ties,dare_ties")] = None,
     tokenizer: Annotated[Optional[Path], typer.Option(help="tokenizer directory (default: the base's)")] = None,
     cache: Annotated[Optional[Path], typer.Option(help="JSON score cache: unchanged models and sets are not rescored")] = None,
+    resamples: Annotated[int, typer.Option(help="bootstrap resamples behind every 95 % interval and paired comparison")] = 1000,
+    seed: Annotated[int, typer.Option(help="seed of the bootstrap resamples (per set), so reruns give the same intervals")] = 0,
     save: SaveOpt = None,
     report: ReportOpt = None,
     as_json: JsonOpt = False,
 ) -> None:
     """The merge-rate table: base vs each parent vs the merge (or one merge per method), per set."""
-    from modelalloy.evaluate import load_evals, rate as run_rate
+    from modelalloy.evaluate import Bootstrap, load_evals, rate as run_rate
     from modelalloy.report.terminal import print_rates, save_outputs
 
     bar, on_progress = eval_progress()
@@ -103,9 +110,12 @@ def rate(
     with warnings.catch_warnings(record=True) as caught:
         warnings.simplefilter("always")
         try:
+            if resamples < 1:
+                raise ModelAlloyError(f"--resamples {resamples}: give at least 1 (1000 is the default)")
             sets = load_evals(evals)
             with bar:
-                result = run_rate(config, sets, methods=method_list, tokenizer=tokenizer, cache=cache, progress=on_progress)
+                result = run_rate(config, sets, methods=method_list, tokenizer=tokenizer, cache=cache, progress=on_progress,
+                                  bootstrap=Bootstrap(resamples=resamples, seed=seed))
         except ModelAlloyError as e:
             fail(e)
     show_warnings(caught, as_json)

@@ -26,9 +26,12 @@ def _print_trial(r) -> None:
 def demo(
     cache: Annotated[Path, typer.Option(help="where the base, the specialists and the scores are kept")] = Path(".cache/demo"),
     methods: Annotated[str, typer.Option(help="merge methods to compare")] = "linear,task_arithmetic,ties,dare_ties,dare_linear,della",
-    domains: Annotated[str, typer.Option(help="specialist domains: shakespeare, german, spanish, code (news is always the held-out control)")] = "shakespeare,german,spanish,code",
+    domains: Annotated[str, typer.Option(help="specialist domains: shakespeare, german, spanish, italian, code (news is always the held-out control)")] = "shakespeare,german,spanish,italian",
+    train: Annotated[str, typer.Option(help="lora (PEFT adapters on the top layers, folded in) or full (those layers whole)")] = "lora",
+    quick: Annotated[bool, typer.Option("--quick", help="the test suite's size: two specialists, two steps, 640 tokens per domain (a minute or two)")] = False,
+    resamples: Annotated[int, typer.Option(help="bootstrap resamples behind every interval")] = 1000,
+    seed: Annotated[int, typer.Option(help="seed of training, merges and the bootstrap")] = 0,
     report: Annotated[Optional[Path], typer.Option("--report", help="HTML report (default: CACHE/report.html)")] = None,
-    quick: Annotated[bool, typer.Option("--quick", help="the size the test suite runs: two specialists (shakespeare, code), two steps, 640 tokens a domain (about a minute; too small to decide anything)")] = False,
     save: SaveOpt = None,
     as_json: JsonOpt = False,
 ) -> None:
@@ -39,11 +42,14 @@ def demo(
     import time as _time
 
     from modelalloy.apps.demo import DemoSettings, run_demo
-    from modelalloy.report.terminal import print_rates, save_outputs
+    from modelalloy.report.terminal import print_rates, print_specialists, save_outputs
 
     start = _time.perf_counter()
     bar, on_progress = eval_progress()
-    settings = DemoSettings.quick() if quick else DemoSettings(domains=tuple(d.strip() for d in domains.split(",") if d.strip()))
+    chosen = {"train": train, "resamples": resamples, "seed": seed}
+    if not quick or domains != "shakespeare,german,spanish,italian":  # --quick keeps its own two domains unless told
+        chosen["domains"] = tuple(d.strip() for d in domains.split(",") if d.strip())
+    settings = DemoSettings.quick(**chosen) if quick else DemoSettings(**chosen)
     with warnings.catch_warnings(record=True):
         warnings.simplefilter("ignore")  # transformers' GGUF and tokenizer notices are not the user's concern here
         try:
@@ -54,17 +60,14 @@ def demo(
     payload = result.to_json()
     payload["timings"]["total"] = _time.perf_counter() - start
     if not as_json:
-        t = Table(title="each specialist on held-out text of its own domain (perplexity, lower is better)")
-        for col in ("specialist", "domain", "base", "specialist ", "change", "better?"):
-            t.add_column(col, justify="right" if col not in ("specialist", "domain") else "left")
-        for s in result.specialists:
-            t.add_row(s["name"], s["set"], f"{s['base']:.2f}", f"{s['specialist']:.2f}", f"{100 * (s['specialist'] / s['base'] - 1):+.1f}%", "yes" if s["better"] else "[red]NO[/]")
-        common.out.print(t)
+        print_specialists(common.out, result.specialists)
         print_rates(common.out, common.err, result.rate)
+        common.out.print("held-out text: " + ", ".join(f"{k} {v['n_tokens']} tokens in {v['n_units']} units" for k, v in result.sizes.items()), highlight=False)
         common.out.print("timings: " + ", ".join(f"{k} {v:.1f}s" for k, v in payload["timings"].items()), highlight=False)
     for s in result.specialists:
         if not s["better"]:
-            common.err.print(f"[yellow]warning:[/] the {s['name']} specialist is not measurably better than the base on {s['set']}", highlight=False)
+            common.err.print(f"[yellow]warning:[/] the {s['name']} specialist is not 25 % better than the base on {s['set']} "
+                             f"({100 * s['gain']:+.1f} %); train longer (DemoSettings.max_steps) for a demo that decides", highlight=False)
     save_outputs(common.out, common.err, payload, save, report or cache / "report.html", as_json)
 
 

@@ -1,7 +1,8 @@
 """The terminal side of results: score and merge-rate tables (rich), and saving a command's results.
 
 Used by `alloy eval`, `rate` and `demo`; the consoles to print through are passed in (`out` for
-the tables and JSON, `err` for notes and where a report was written).
+the tables and JSON, `err` for notes, warnings and where a report was written). Tables come from
+`report.tables`: every score with its interval, never a name or number cut at any width.
 """
 
 from __future__ import annotations
@@ -10,7 +11,7 @@ import json
 from pathlib import Path
 from typing import TYPE_CHECKING, Optional
 
-from rich.table import Table
+from modelalloy.report import tables
 
 if TYPE_CHECKING:
     from rich.console import Console
@@ -20,32 +21,32 @@ def fmt(x, digits: int = 3) -> str:
     return "—" if x is None else f"{x:.{digits}f}"
 
 
-def print_scores(out: Console, table: dict[str, dict[str, float]], sets, title: str = "scores") -> None:
-    t = Table(title=title)
-    t.add_column("model")
-    for s in sets:
-        t.add_column(f"{s.name}\n{'ppl ↓' if s.metric == 'perplexity' else 'acc ↑' if s.metric == 'accuracy' else 'score ↑'}" + (f"\n(expert: {s.expert})" if s.expert else "\n(control)"), justify="right")
-    for model, row in table.items():
-        t.add_row(model, *(fmt(row[s.name], 2 if s.metric == "perplexity" else 3) for s in sets))
-    out.print(t)
+def print_warnings(err: Console, warnings: list[str]) -> None:
+    for w in warnings:
+        err.print(f"[yellow]warning:[/] {w}", highlight=False, soft_wrap=True, markup=True)
+
+
+def print_scores(out: Console, evaluation, title: str = "scores") -> None:
+    """Models × sets, ``value ± half-width`` of each 95 % interval."""
+    for t in tables.score_tables(evaluation, width=out.width, title=title):
+        out.print(t)
 
 
 def print_rates(out: Console, err: Console, result) -> None:
-    print_scores(out, result.evaluation.table(), result.evaluation.sets, title=f"per-set scores (base: {result.base})")
-    t = Table(title="merge rate, best first (NAI: share of each expert's gain over the base the merge kept)")
-    for col in ("rank", "merge", "mean NAI", "norm. score", "gain vs best parent", "forgetting (control)", "P[merged > base]"):
-        t.add_column(col, justify="right" if col not in ("merge",) else "left")
-    expert_sets = [s for s in result.evaluation.sets if s.expert]
-    for s in expert_sets:
-        t.add_column(f"NAI {s.name}", justify="right")
-    for i, r in enumerate(result.rates, 1):
-        by = {x.set: x for x in r.sets}
-        pct = lambda v: "—" if v is None else f"{100 * v:+.1f}%"  # noqa: E731
-        t.add_row(str(i), r.model, fmt(r.mean_nai), fmt(r.mean_normalized_score), pct(r.mean_gain_over_best), pct(r.mean_forgetting), f"{r.p_beats_base:.2f}", *(fmt(by[s.name].nai) for s in expert_sets))
-    out.print(t)
-    for r in result.rates[:1]:
+    print_scores(out, result.evaluation, title=f"per-set scores (base: {result.base})")
+    for t in tables.rate_tables(result, width=out.width):
+        out.print(t)
+    for line in tables.legend(result):
+        out.print(line, highlight=False)
+    print_warnings(err, result.evaluation.warnings)
+    for r in result.rates:
         for note in r.notes:
-            err.print(f"[yellow]note:[/] {note}", highlight=False)
+            err.print(f"[yellow]note:[/] {r.model}: {note}", highlight=False, soft_wrap=True)
+
+
+def print_specialists(out: Console, specialists: list[dict]) -> None:
+    for t in tables.specialist_tables(specialists, width=out.width):
+        out.print(t)
 
 
 def save_outputs(out: Console, err: Console, payload: dict, save: Optional[Path], report: Optional[Path], as_json: bool) -> None:
