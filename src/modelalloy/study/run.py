@@ -7,7 +7,7 @@ continuations), the weight diagnostics per strength, divergence per strength, th
 Resumable: every model's scores, entropy and continuations are kept in `OUT/scores.json`, keyed
 by what the model is made of (its files, or its merge config and its inputs' files) and what the
 set is made of; the diagnostics in `OUT/diagnostics.json` likewise. A killed study rerun scores
-only what is missing. MoE checkpoints are built under `OUT/work/` and deleted once scored.
+only what is missing. MoE checkpoints are built in a `work` folder inside OUT and deleted once scored.
 """
 
 from __future__ import annotations
