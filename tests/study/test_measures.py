@@ -7,7 +7,8 @@ import pytest
 import scipy.stats
 import torch
 
-from modelalloy.study.measures import distinct_n, entropy, linear_cka, ranks, repeated_ngram_share, spearman, spearman_interval
+from modelalloy.evaluate.scoring import predictive_entropy as entropy
+from modelalloy.study.measures import distinct_n, linear_cka, ranks, repeated_ngram_share, spearman, spearman_interval
 
 
 def cka_by_gram(x: np.ndarray, y: np.ndarray) -> float:

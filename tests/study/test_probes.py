@@ -10,7 +10,7 @@ import torch
 import transformers
 
 from modelalloy.evaluate.scoring import perplexity
-from modelalloy.study.probes import EntropyTap, Ensemble, hidden_states, prompts_from, repetition, greedy_continuations
+from modelalloy.study.probes import Ensemble, hidden_states, prompts_from, repetition, greedy_continuations
 
 
 def _models(study_models):
@@ -35,16 +35,13 @@ def test_ensemble_is_the_mean_of_the_experts_probabilities(study_models):
     assert result["perplexity"] == pytest.approx(math.exp(nll.mean()), rel=1e-5)
 
 
-def test_entropy_tap_averages_over_the_scored_positions(study_models):
+def test_perplexity_keeps_the_entropy_of_the_scored_positions(study_models):
     tok, experts = _models(study_models)
     texts = study_models["held"]["digits"][:3]
-    tap = EntropyTap(experts[0])
-    perplexity(tap, tok, texts, max_tokens=150, window=32, batch_size=3)
+    result = perplexity(experts[0], tok, texts, max_tokens=150, window=32, batch_size=3, entropy=True)
     from modelalloy.evaluate.scoring import token_stream, windows
 
-    spans = windows(len(token_stream(tok, texts, 150)), 32, 31)
     assert (150 - 1) % 31  # the last window is partial: its first positions predict nothing new
-    got = tap.take(spans)
     # By hand: the same windows, one at a time; a window's last position predicts nothing in it.
     ids = token_stream(tok, texts, 150)
     hs = []
@@ -53,8 +50,25 @@ def test_entropy_tap_averages_over_the_scored_positions(study_models):
             logits = experts[0](input_ids=torch.tensor([ids[start:end]])).logits[0].double()
         p = torch.softmax(logits, -1).numpy()
         hs += list(-(p * np.log(p)).sum(-1)[first - start - 1 : end - start - 1])
-    assert got == pytest.approx(float(np.mean(hs)), rel=1e-6)
-    assert tap.take() is None  # taken: a fresh start
+    assert len(hs) == result["tokens"]
+    assert result["entropy"] == pytest.approx(float(np.mean(hs)), rel=1e-6)
+    assert "entropy" not in perplexity(experts[0], tok, texts, max_tokens=150, window=32)  # only when asked
+
+
+def test_ensemble_of_top_layer_fine_tunes_runs_their_shared_bottom_once(study_models):
+    tok, experts = _models(study_models)
+    base = transformers.AutoModelForCausalLM.from_pretrained(study_models["base"], dtype=torch.float32).eval()
+    bottom = {k: v for k, v in base.state_dict().items() if k.startswith(("model.embed_tokens.", "model.layers.0."))}
+    for e in experts[:2]:
+        e.load_state_dict(bottom, strict=False)  # the base's embedding and first layer: only the rest differs
+    ensemble = Ensemble(experts[:2])
+    assert ensemble.shared_depth == 1 and Ensemble(experts).shared_depth == 0  # the third expert shares nothing
+    ids = torch.tensor([tok(study_models["held"]["prose"][0][:40], add_special_tokens=False)["input_ids"]] * 2)
+    with torch.no_grad():
+        probs = np.mean([torch.softmax(e(input_ids=ids).logits, -1).double().numpy() for e in experts[:2]], axis=0)
+        got = torch.softmax(ensemble(input_ids=ids, attention_mask=torch.ones_like(ids)).logits, -1).double().numpy()
+    np.testing.assert_allclose(got, probs, rtol=1e-5, atol=1e-7)
+    assert ensemble.shared_depth == 1  # the one-time check against the full forward passed
 
 
 def test_prompts_continuations_and_hidden_states(study_models):

@@ -170,6 +170,7 @@ def fine_tune(base: Path, corpus: Corpus, out: Path, settings: DemoSettings, pro
         raise DemoError(f"train {settings.train!r}: use lora or full")
     import transformers
 
+    from modelalloy.evaluate.allocator import reused_buffers
     from modelalloy.evaluate.shared import states_after, top_only
 
     torch.manual_seed(settings.seed)
@@ -213,30 +214,31 @@ def fine_tune(base: Path, corpus: Corpus, out: Path, settings: DemoSettings, pro
     rng = random.Random(settings.seed)
     what = f"fine-tuning the {corpus.name} specialist ({settings.train})"
     log = {"train": settings.train, "validation_base": base_ppl, "checks": []}
-    for step in range(settings.max_steps):
-        starts = [rng.randrange(0, len(train_ids) - settings.seq_len) for _ in range(settings.batch_size)]
-        batch = torch.stack([train_ids[s : s + settings.seq_len] for s in starts])
-        with torch.inference_mode():
-            states = states_after(model, depth, batch)
-        lr_scale = min(1.0, (step + 1) / 4)  # a short warm-up; Adam's first steps are the noisiest
-        for group in optimizer.param_groups:
-            group["lr"] = settings.lr * lr_scale
-        model.train()
-        with top_only(model, depth):
-            # inference-mode states are not autograd leaves; a plain copy is.
-            loss = model(inputs_embeds=states.clone(), labels=batch).loss
-        loss.backward()
-        torch.nn.utils.clip_grad_norm_(trained, 1.0)
-        optimizer.step()
-        optimizer.zero_grad(set_to_none=True)
-        model.eval()
-        if progress:
-            progress(what, step + 1, settings.max_steps)
-        if (step + 1) % settings.check_every == 0 or step + 1 == settings.max_steps:
-            gain = 1 - val_ppl() / base_ppl
-            log["checks"].append({"step": step + 1, "validation_gain": gain})
-            if gain >= settings.target_gain:
-                break
+    with reused_buffers():  # each step's logits and their gradient reuse the last step's memory
+        for step in range(settings.max_steps):
+            starts = [rng.randrange(0, len(train_ids) - settings.seq_len) for _ in range(settings.batch_size)]
+            batch = torch.stack([train_ids[s : s + settings.seq_len] for s in starts])
+            with torch.inference_mode():
+                states = states_after(model, depth, batch)
+            lr_scale = min(1.0, (step + 1) / 4)  # a short warm-up; Adam's first steps are the noisiest
+            for group in optimizer.param_groups:
+                group["lr"] = settings.lr * lr_scale
+            model.train()
+            with top_only(model, depth):
+                # inference-mode states are not autograd leaves; a plain copy is.
+                loss = model(inputs_embeds=states.clone(), labels=batch).loss
+            loss.backward()
+            torch.nn.utils.clip_grad_norm_(trained, 1.0)
+            optimizer.step()
+            optimizer.zero_grad(set_to_none=True)
+            model.eval()
+            if progress:
+                progress(what, step + 1, settings.max_steps)
+            if (step + 1) % settings.check_every == 0 or step + 1 == settings.max_steps:
+                gain = 1 - val_ppl() / base_ppl
+                log["checks"].append({"step": step + 1, "validation_gain": gain})
+                if gain >= settings.target_gain:
+                    break
     log["steps"] = step + 1
     if wrapped is not None:
         model = wrapped.merge_and_unload()  # W + scale * B A, in the top layers only

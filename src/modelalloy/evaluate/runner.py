@@ -92,9 +92,11 @@ def load_model(ref: str | Path | MergeConfig, *, tokenizer: str | Path | None = 
     return model, tok
 
 
-def score(model, tokenizer, eval_set: EvalSet, *, progress: Callable[[int, int], None] | None = None, bottom=None) -> dict:
+def score(model, tokenizer, eval_set: EvalSet, *, progress: Callable[[int, int], None] | None = None, bottom=None,
+          entropy: bool = False) -> dict:
     """One model on one set: perplexity fields, or accuracy fields; always "score", "metric" and
-    "units" (the per-unit record a bootstrap resamples; None where the scorer gives none)."""
+    "units" (the per-unit record a bootstrap resamples; None where the scorer gives none). With
+    `entropy`, a perplexity set's result also holds its mean predictive entropy (None for other kinds)."""
     if eval_set.kind == "classification":
         if not hasattr(model.config, "id2label") or "ForSequenceClassification" not in type(model).__name__:
             raise EvalError(f"eval set {eval_set.name!r}: classification needs a model with a classification head (*ForSequenceClassification), not {type(model).__name__}")
@@ -120,10 +122,13 @@ def score(model, tokenizer, eval_set: EvalSet, *, progress: Callable[[int, int],
             unit=eval_set.unit,
             progress=progress,
             bottom=bottom,
+            entropy=entropy,
         )
         result["score"] = result["perplexity"]
     result["metric"] = eval_set.metric
     result.setdefault("units", None)
+    if entropy:
+        result.setdefault("entropy", None)
     return result
 
 

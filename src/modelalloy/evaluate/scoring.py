@@ -74,6 +74,7 @@ def perplexity(
     unit: str = "auto",
     progress: ProgressFn | None = None,
     bottom=None,
+    entropy: bool = False,
 ) -> dict:
     """Perplexity = exp(total negative log-likelihood / scored tokens), with sliding windows.
 
@@ -84,11 +85,14 @@ def perplexity(
     documents keeps them whole. `progress(done, total)` counts scored tokens.
 
     `bottom` (an `evaluate.shared.SharedBottom`) reuses the hidden states of layers this model
-    shares with one scored before it, or keeps its own for the next.
+    shares with one scored before it, or keeps its own for the next. With `entropy`, the result
+    also holds "entropy": the mean predictive entropy (nats) of the next-token distributions that
+    predicted a scored token, from the same logits (no second pass).
 
     Returns {"perplexity", "nll" (mean, nats), "tokens" (scored), "units": {"kind": "perplexity",
     "unit", "nll": [sum per unit], "tokens": [count per unit]}}.
     """
+    from modelalloy.evaluate.allocator import reused_buffers
     from modelalloy.evaluate.shared import forward
 
     if unit not in UNIT_KINDS:
@@ -101,28 +105,32 @@ def perplexity(
     device = next(model.parameters()).device
     model.eval()
     token_nll = torch.zeros(len(ids), dtype=torch.float64)  # NLL of predicting token t; t = 0 is never a target
+    token_entropy = torch.zeros(len(ids), dtype=torch.float64) if entropy else None  # of the distribution that predicted t
     n_targets = len(ids) - 1
     done = 0
-    for b in range(0, len(spans), batch_size):
-        batch = spans[b : b + batch_size]
-        width = max(end - start for start, _, end in batch)
-        # Right padding: a causal model's earlier positions never see the pad tokens after them.
-        input_ids = torch.zeros((len(batch), width), dtype=torch.long)
-        mask = torch.zeros((len(batch), width), dtype=torch.long)
-        targets = torch.full((len(batch), width), -100, dtype=torch.long)  # target of position j is token j+1
-        for row, (start, first, end) in enumerate(batch):
-            input_ids[row, : end - start] = torch.tensor(ids[start:end])
-            mask[row, : end - start] = 1
-            targets[row, first - start - 1 : end - start - 1] = torch.tensor(ids[first:end])
-        logits = forward(model, input_ids.to(device), mask.to(device), b // batch_size, bottom).float()
-        nll = torch.nn.functional.cross_entropy(logits.flatten(0, 1), targets.to(device).flatten(), ignore_index=-100, reduction="none")
-        nll = nll.view(len(batch), width).double().cpu()  # a sync point on CUDA, once per batch
-        for row, (start, first, end) in enumerate(batch):
-            token_nll[first:end] = nll[row, first - start - 1 : end - start - 1]
-            done += end - first
-        del logits  # [batch, width, vocab] floats: the largest buffer here, freed before the next batch
-        if progress is not None:
-            progress(done, n_targets)
+    with reused_buffers():  # each batch's logits reuse the last one's memory (evaluate.allocator)
+        for b in range(0, len(spans), batch_size):
+            batch = spans[b : b + batch_size]
+            width = max(end - start for start, _, end in batch)
+            # Right padding: a causal model's earlier positions never see the pad tokens after them.
+            input_ids = torch.zeros((len(batch), width), dtype=torch.long)
+            mask = torch.zeros((len(batch), width), dtype=torch.long)
+            targets = torch.full((len(batch), width), -100, dtype=torch.long)  # target of position j is token j+1
+            for row, (start, first, end) in enumerate(batch):
+                input_ids[row, : end - start] = torch.tensor(ids[start:end])
+                mask[row, : end - start] = 1
+                targets[row, first - start - 1 : end - start - 1] = torch.tensor(ids[first:end])
+            logits = forward(model, input_ids.to(device), mask.to(device), b // batch_size, bottom).float()
+            nll = torch.nn.functional.cross_entropy(logits.flatten(0, 1), targets.to(device).flatten(), ignore_index=-100, reduction="none")
+            nll = nll.view(len(batch), width).double().cpu()  # a sync point on CUDA, once per batch
+            for row, (start, first, end) in enumerate(batch):
+                token_nll[first:end] = nll[row, first - start - 1 : end - start - 1]
+                if token_entropy is not None:
+                    token_entropy[first:end] = predictive_entropy(logits[row, first - start - 1 : end - start - 1]).cpu()
+                done += end - first
+            del logits  # [batch, width, vocab] floats: the largest buffer here, freed before the next batch
+            if progress is not None:
+                progress(done, n_targets)
     per_token = token_nll[1:].numpy()
     if unit == "auto":
         unit = "document" if doc_of[-1] + 1 >= len(spans) else "window"
@@ -135,12 +143,21 @@ def perplexity(
     kept = unit_tokens > 0  # a document whose only token is the first of the stream scores nothing
     total = float(per_token.sum())
     mean = total / n_targets
-    return {
+    result = {
         "perplexity": math.exp(mean),
         "nll": mean,
         "tokens": n_targets,
         "units": {"kind": "perplexity", "unit": unit, "nll": unit_nll[kept].tolist(), "tokens": unit_tokens[kept].tolist()},
     }
+    if token_entropy is not None:
+        result["entropy"] = float(token_entropy[1:].mean())
+    return result
+
+
+def predictive_entropy(logits: torch.Tensor) -> torch.Tensor:
+    """−Σ p log p over the last dimension (nats) of each next-token distribution, in float64 for a stable sum."""
+    logp = torch.log_softmax(logits.double(), dim=-1)
+    return -(logp.exp() * logp).sum(-1)
 
 
 def continuation_ids(tokenizer, context: str, continuation: str) -> tuple[list[int], list[int]]:

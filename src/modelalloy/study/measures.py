@@ -4,7 +4,6 @@
   inputs (Kornblith et al. 2019, "Similarity of Neural Network Representations Revisited",
   eq. 5): ‖Yᶜᵀ Xᶜ‖_F² / (‖Xᶜᵀ Xᶜ‖_F ‖Yᶜᵀ Yᶜ‖_F) with columns centered; 1 = the same up to a
   rotation and isotropic scale, near 0 = unrelated.
-- `entropy(logits)`: the predictive entropy −Σ p log p (nats) of each next-token distribution.
 - `distinct_n(tokens, n)`: distinct n-grams / n-grams of one sequence (Li et al. 2016, "A
   Diversity-Promoting Objective Function for Neural Conversation Models", §4.3).
 - `repeated_ngram_share(tokens, n)`: the share of a sequence's n-grams already seen earlier in it
@@ -18,7 +17,6 @@ from __future__ import annotations
 from collections.abc import Sequence
 
 import numpy as np
-import torch
 
 
 def linear_cka(x: np.ndarray, y: np.ndarray) -> float:
@@ -33,12 +31,6 @@ def linear_cka(x: np.ndarray, y: np.ndarray) -> float:
     cross = np.linalg.norm(y.T @ x) ** 2
     denom = np.linalg.norm(x.T @ x) * np.linalg.norm(y.T @ y)
     return float(cross / denom) if denom > 0 else float("nan")
-
-
-def entropy(logits: torch.Tensor) -> torch.Tensor:
-    """−Σ p log p over the last dimension (nats), in float64 for a stable sum."""
-    logp = torch.log_softmax(logits.double(), dim=-1)
-    return -(logp.exp() * logp).sum(-1)
 
 
 def _ngrams(tokens: Sequence[int], n: int) -> list[tuple[int, ...]]:

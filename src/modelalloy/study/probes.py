@@ -1,10 +1,11 @@
-"""What the study measures by running a model: beside its scores, predictive entropy; greedy
-continuations; hidden states for CKA. And the ensemble, a model made of k experts.
+"""What the study measures by running a model beside its scores (which `evaluate.score` gives,
+with the predictive entropy): greedy continuations; hidden states for CKA. And the ensemble, a
+model made of k experts.
 
-`EntropyTap` wraps a causal LM so that scoring it (`evaluate.score`) also keeps the entropy of
-every next-token distribution it computes; `take(spans)` averages it over exactly the positions
-that predicted a scored token, so entropy costs no second pass. `Ensemble` is a causal LM whose next-token distribution is the mean of its experts'
-(logits = log of the mean probability, so cross-entropy on them is −log of the mean).
+`Ensemble` is a causal LM whose next-token distribution is the mean of its experts' (logits = log
+of the mean probability, so cross-entropy on them is −log of the mean). Experts that share their
+bottom layers with each other bit for bit (fine-tunes of the top layers) run those layers once
+per batch, as `evaluate.shared` does across models.
 """
 
 from __future__ import annotations
@@ -16,41 +17,8 @@ from types import SimpleNamespace
 import numpy as np
 import torch
 
-from modelalloy.study.measures import distinct_n, entropy, repeated_ngram_share
-
-
-class EntropyTap(torch.nn.Module):
-    """`model`, keeping the predictive entropy (nats) of every real position of every row it runs."""
-
-    def __init__(self, model: torch.nn.Module):
-        super().__init__()
-        self.inner = model
-        self.config = model.config
-        self.rows: list[np.ndarray] = []
-
-    def forward(self, input_ids=None, attention_mask=None, **kw):
-        out = self.inner(input_ids=input_ids, attention_mask=attention_mask, **kw)
-        lengths = attention_mask.sum(-1).tolist() if attention_mask is not None else [input_ids.shape[1]] * input_ids.shape[0]
-        h = entropy(out.logits).cpu().numpy()  # [batch, width]
-        self.rows += [h[i, :n] for i, n in enumerate(lengths)]  # right padding: a row's real positions come first
-        return out
-
-    def take(self, spans: Sequence[tuple[int, int, int]] | None = None) -> float | None:
-        """The mean entropy over the positions that predict a scored token, and a fresh start.
-
-        `spans` are the scorer's windows in the order it ran them (`evaluate.scoring.windows`):
-        row i's scored targets [first, end) are predicted at positions first − start − 1 to
-        end − start − 2. Without spans: every position but each row's last.
-        """
-        rows, self.rows = self.rows, []
-        if spans is None:
-            picked = [r[:-1] for r in rows]
-        else:
-            if len(spans) != len(rows):
-                raise ValueError(f"{len(rows)} rows ran but {len(spans)} windows were given")
-            picked = [r[first - start - 1 : end - start - 1] for r, (start, first, end) in zip(rows, spans)]
-        values = np.concatenate(picked) if picked else np.zeros(0)
-        return float(values.mean()) if values.size else None
+from modelalloy.evaluate.shared import EMBED, model_hashes, shared_depth, states_after, top_only
+from modelalloy.study.measures import distinct_n, repeated_ngram_share
 
 
 class Ensemble(torch.nn.Module):
@@ -60,11 +28,40 @@ class Ensemble(torch.nn.Module):
         super().__init__()
         self.experts = torch.nn.ModuleList(experts)
         self.config = experts[0].config
+        self.shared_depth = _common_bottom(experts)
+        self._checked = False
 
     def forward(self, input_ids=None, attention_mask=None, **kw):
         # log mean_i p_i = logsumexp_i(log p_i) − log k; one forward pass per expert.
-        logps = torch.stack([torch.log_softmax(e(input_ids=input_ids, attention_mask=attention_mask).logits.float(), -1) for e in self.experts])
+        logps = torch.stack([torch.log_softmax(logits.float(), -1) for logits in self._expert_logits(input_ids, attention_mask)])
         return SimpleNamespace(logits=torch.logsumexp(logps, 0) - math.log(len(self.experts)))
+
+    def _expert_logits(self, input_ids, attention_mask):
+        depth = self.shared_depth
+        if not depth:
+            return [e(input_ids=input_ids, attention_mask=attention_mask).logits for e in self.experts]
+        states = states_after(self.experts[0], depth, input_ids, attention_mask)
+        out = []
+        for e in self.experts:
+            with top_only(e, depth):
+                out.append(e(inputs_embeds=states, attention_mask=attention_mask).logits)
+        if not self._checked:
+            # Once: the shortcut must give what the expert's own forward gives (as evaluate.shared checks).
+            self._checked = True
+            full = self.experts[0](input_ids=input_ids, attention_mask=attention_mask).logits
+            if not torch.allclose(full, out[0], rtol=1e-4, atol=1e-4):
+                self.shared_depth = 0
+                return self._expert_logits(input_ids, attention_mask)
+        return out
+
+
+def _common_bottom(experts: Sequence[torch.nn.Module]) -> int:
+    """How many decoder layers, from the bottom, all experts share bit for bit (0: none, or another layout)."""
+    hashes = [model_hashes(e) for e in experts]
+    if len(experts) < 2 or any(h is None for h in hashes):
+        return 0
+    n_layers = sum(1 for k in hashes[0] if k != EMBED)
+    return min(min(shared_depth(hashes[0], h) for h in hashes[1:]), n_layers - 1)
 
 
 def parameter_count(model: torch.nn.Module) -> int:

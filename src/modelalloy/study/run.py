@@ -24,12 +24,12 @@ import torch
 from modelalloy.config import MergeConfig
 from modelalloy.evaluate import score
 from modelalloy.evaluate.runner import ScoreCache, load_model, method_variant, model_fingerprint, set_fingerprint
-from modelalloy.evaluate.scoring import token_stream, windows
+from modelalloy.evaluate.shared import BottomSharing
 from modelalloy.evaluate.sets import read_texts
 from modelalloy.methods import get_method
 from modelalloy.study import diagnostics as diag
 from modelalloy.study.assemble import assemble
-from modelalloy.study.probes import EntropyTap, Ensemble, greedy_continuations, parameter_count, prompts_from, repetition
+from modelalloy.study.probes import Ensemble, greedy_continuations, parameter_count, prompts_from, repetition
 from modelalloy.study.spec import StudySpec
 
 Progress = Callable[[str, int, int], None]
@@ -60,6 +60,8 @@ class _Scorer:
         per_set = -(-spec.coherence.prompts // len(spec.sets))  # an equal share of prompts from each set
         self.prompts = [p for s in spec.sets for p in prompts_from(tokenizer, read_texts(s), n=per_set, tokens=spec.coherence.prompt_tokens)][: spec.coherence.prompts]
         self.prompt_key = _sha(json.dumps(self.prompts), str(spec.coherence.new_tokens))
+        # Merges of top-layer fine-tunes keep the base's bottom layers: those run once per set and batch.
+        self.sharing = BottomSharing({"base": spec.base} | {f"{sp.name}@{i}": p for sp in spec.specialists for i, p in enumerate(sp.paths)})
 
     def run(self, label: str, key: str, load: Callable[[], torch.nn.Module], *, generate: bool = True) -> Scored:
         """Scores of the model `load()` gives (called only if something is not cached)."""
@@ -71,13 +73,12 @@ class _Scorer:
         if all(v is not None for v in found.values()) and (rep is not None or not generate) and meta is not None:
             return Scored(label, {n: dict(v) for n, v in found.items()}, rep, meta["params"], meta.get("extra", {}))
         model = load()
-        tap = EntropyTap(model)
-        for i, s in enumerate(self.spec.sets):
+        depth_key = self.sharing.enter(label, model)
+        for s in self.spec.sets:
             if found[s.name] is None:
                 cb = (lambda d, t, _w=f"{label} / {s.name}": self.progress(_w, d, t)) if self.progress else None
-                result = score(tap, self.tok, s, progress=cb)
-                result["entropy"] = tap.take(_spans(self.tok, s)) if s.kind == "perplexity" else None
-                tap.take()  # other kinds: no entropy kept
+                bottom = self.sharing.bottom(s, depth_key, self.tok) if s.kind == "perplexity" else None
+                result = score(model, self.tok, s, progress=cb, bottom=bottom, entropy=True)
                 self.cache.put(keys[s.name], result)
                 found[s.name] = result
         if generate and rep is None:
@@ -85,14 +86,8 @@ class _Scorer:
             self.cache.put(rep_key, rep)
         meta = {"params": parameter_count(model), "extra": getattr(model, "study_extra", {})}
         self.cache.put(_sha(key, _LAYOUT, "params"), meta)
-        del model, tap  # one model (or one ensemble) in memory at a time
+        del model  # one model (or one ensemble) in memory at a time
         return Scored(label, {n: dict(v) for n, v in found.items()}, rep, meta["params"], meta["extra"])
-
-
-def _spans(tok, s) -> list[tuple[int, int, int]]:
-    """The windows `evaluate.score` runs on a perplexity set, in its order."""
-    n = len(token_stream(tok, read_texts(s), s.max_tokens))
-    return windows(n, s.window, s.stride or s.window - 1)
 
 
 def _load_dir(path: str) -> torch.nn.Module:
