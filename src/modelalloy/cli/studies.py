@@ -221,7 +221,7 @@ def study(
 def demo_study(
     cache: Annotated[Path, typer.Option(help="alloy demo's cache: the base and the specialists (built there if missing)")] = Path(".cache/demo"),
     out_dir: Annotated[Optional[Path], typer.Option("--out", help="study output (default: CACHE/study)")] = None,
-    domains: Annotated[str, typer.Option(help="specialist domains (news is always the held-out control)")] = "shakespeare,german,spanish,code",
+    domains: Annotated[str, typer.Option(help="specialist domains (news is always the held-out control)")] = "shakespeare,german,spanish,italian",
     tokens: Annotated[int, typer.Option(help="held-out tokens scored per set (windows of 128)")] = 1536,
     sample_per_k: Annotated[Optional[int], typer.Option(help="expert subsets drawn per k; 0: every subset")] = 2,
     quick: Annotated[bool, typer.Option("--quick", help="a CI-sized study")] = False,
