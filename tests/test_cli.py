@@ -148,3 +148,14 @@ def test_real_subprocess_progress_and_error_exit_code(tmp_path, llama):
     assert "wrote" in ok.stderr and (tmp_path / "out" / "config.json").exists()
     again = subprocess.run([*cmd, "merge", str(cfg), str(tmp_path / "out")], capture_output=True, text=True, timeout=120)
     assert again.returncode == 2 and "already exists; pass --force" in again.stderr and "Traceback" not in again.stderr
+
+
+def test_the_demo_commands_default_to_the_demos_domains_and_methods():
+    import inspect
+
+    from modelalloy.apps.demo import DOMAINS, METHODS
+    from modelalloy.cli import studies
+
+    for command in (studies.demo, studies.demo_study):
+        assert inspect.signature(command).parameters["domains"].default == ",".join(DOMAINS), command.__name__
+    assert inspect.signature(studies.demo).parameters["methods"].default == ",".join(METHODS)

@@ -109,3 +109,16 @@ def test_subsets_are_every_one_or_a_seeded_sample(study_yaml):
     assert spec.subsets() == [("prose", "digits"), ("prose", "shout"), ("digits", "shout"), ("prose", "digits", "shout")]
     sampled = spec.model_copy(update={"experts": spec.experts.model_copy(update={"sample_per_k": 2, "seed": 3})})
     assert sampled.subsets() == sampled.subsets() and len(sampled.subsets()) == 3
+
+
+def test_merges_measured_on_a_local_ray_instance_match_one_process(quick, study_yaml, tmp_path):
+    ray = pytest.importorskip("ray")
+    try:
+        result = run_study(load_study(study_yaml).quick(), tmp_path / "ray", ray=True, workers=2)
+    finally:
+        ray.shutdown()
+    one = quick[0]["runs"]
+    assert [(r["method"], r["experts"], r["strength"]) for r in result["runs"]] == [(r["method"], r["experts"], r["strength"]) for r in one]
+    for a, b in zip(result["runs"], one):
+        assert a["nai"]["value"] == pytest.approx(b["nai"]["value"], rel=1e-6, abs=1e-9)
+        assert a["coherence"]["distinct_2"] == pytest.approx(b["coherence"]["distinct_2"])

@@ -65,8 +65,9 @@ def study_spec(cache: Path, settings: DemoStudySettings, progress: StepProgress 
 
 
 def run_demo_study(cache: str | Path = ".cache/demo", out: str | Path | None = None, *, settings: DemoStudySettings = DemoStudySettings(),
-                   progress: StepProgress | None = None) -> tuple[dict, dict[str, float]]:
-    """(study.json's data, wall time per step) of the demo's study, written to `out` (default CACHE/study)."""
+                   progress: StepProgress | None = None, **ray) -> tuple[dict, dict[str, float]]:
+    """(study.json's data, wall time per step) of the demo's study, written to `out` (default CACHE/study);
+    `ray` (ray=, ray_address=, workers=) as `run_study` takes them."""
     from modelalloy.study import parse_study, run_study
 
     cache = Path(cache).resolve()  # the study's paths are taken as given, not from its folder
@@ -78,7 +79,7 @@ def run_demo_study(cache: str | Path = ".cache/demo", out: str | Path | None = N
     if settings.quick:
         spec = spec.quick()
     built = time.perf_counter()
-    result = run_study(spec, out, progress=progress)
+    result = run_study(spec, out, progress=progress, **ray)
     timings = {"base and specialists": built - start, "study": time.perf_counter() - built}
     (out / "timings.json").write_text(json.dumps(timings))
     return result, timings

@@ -193,6 +193,9 @@ def study(
     spec_file: Annotated[Path, typer.Argument(help="the study (STUDY.yaml): base, specialists, sets, axes")],
     out_dir: Annotated[Path, typer.Argument(help="output: study.json, study.html, PNGs, the score cache")],
     quick: Annotated[bool, typer.Option("--quick", help="a CI-sized study: one subset per k, two methods, short continuations")] = False,
+    use_ray: Annotated[bool, typer.Option("--ray", help="measure the merges on Ray actors, one CPU each (a local Ray instance)")] = False,
+    ray_address: Annotated[Optional[str], typer.Option("--ray-address", help="join an existing Ray cluster")] = None,
+    workers: Annotated[int, typer.Option(help="Ray actors of a local instance")] = 2,
     as_json: JsonOpt = False,
 ) -> None:
     """Merge rates over methods, expert subsets and strengths, next to fusion (MoE, ensemble, oracle routing). Resumable."""
@@ -205,7 +208,7 @@ def study(
         try:
             spec = load_study(spec_file)
             with bar:
-                data = run_study(spec.quick() if quick else spec, out_dir, progress=on_progress)
+                data = run_study(spec.quick() if quick else spec, out_dir, progress=on_progress, ray=use_ray, ray_address=ray_address, workers=workers)
         except ModelAlloyError as e:
             fail(e)
     write_study_report(data, out_dir)
@@ -225,6 +228,9 @@ def demo_study(
     tokens: Annotated[int, typer.Option(help="held-out tokens scored per set (windows of 128)")] = 1536,
     sample_per_k: Annotated[Optional[int], typer.Option(help="expert subsets drawn per k; 0: every subset")] = 2,
     quick: Annotated[bool, typer.Option("--quick", help="a CI-sized study")] = False,
+    use_ray: Annotated[bool, typer.Option("--ray", help="measure the merges on Ray actors, one CPU each (a local Ray instance)")] = False,
+    ray_address: Annotated[Optional[str], typer.Option("--ray-address", help="join an existing Ray cluster")] = None,
+    workers: Annotated[int, typer.Option(help="Ray actors of a local instance")] = 2,
     as_json: JsonOpt = False,
 ) -> None:
     """`alloy study` on the demo's specialists at two strengths: merge rate vs k and strength, merge vs fusion."""
@@ -237,7 +243,8 @@ def demo_study(
         warnings.simplefilter("ignore")
         try:
             with bar:
-                data, timings = run_demo_study(cache, out_dir, settings=settings, progress=on_progress)
+                data, timings = run_demo_study(cache, out_dir, settings=settings, progress=on_progress, ray=use_ray, ray_address=ray_address,
+                                               workers=workers)
         except ModelAlloyError as e:
             fail(e)
     out = out_dir or cache / ("study-quick" if quick else "study")

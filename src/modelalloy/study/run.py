@@ -4,6 +4,9 @@ Stages, each reported as progress(stage, done, total): the base and specialists 
 continuations), the weight diagnostics per strength, divergence per strength, the merges
 (methods × expert subsets × strengths, merged in memory), the fusion baselines, and the rating.
 
+Merges can be measured on Ray (`ray=True`, or a cluster's address): the search's way, one actor
+per CPU, each merging in memory and scoring; the driver keeps what they return.
+
 Resumable: every model's scores, entropy and continuations are kept in `OUT/scores.json`, keyed
 by what the model is made of (its files, or its merge config and its inputs' files) and what the
 set is made of; the diagnostics in `OUT/diagnostics.json` likewise. A killed study rerun scores
@@ -22,6 +25,7 @@ from pathlib import Path
 import torch
 
 from modelalloy.config import MergeConfig
+from modelalloy.errors import ModelAlloyError
 from modelalloy.evaluate import score
 from modelalloy.evaluate.runner import ScoreCache, load_model, method_variant, model_fingerprint, set_fingerprint
 from modelalloy.evaluate.shared import BottomSharing
@@ -52,42 +56,111 @@ class Scored:
     extra: dict = field(default_factory=dict)
 
 
-class _Scorer:
-    def __init__(self, spec: StudySpec, out: Path, tokenizer, progress: Progress | None):
-        self.spec, self.out, self.tok, self.progress = spec, out, tokenizer, progress
-        self.cache = ScoreCache(out / "scores.json")
-        self.set_keys = {s.name: set_fingerprint(s) for s in spec.sets}
+class _Measurer:
+    """What running one model gives: per set the scorer's result (with the predictive entropy),
+    the repetition of its greedy continuations, its parameter count. Holds no cache, so a Ray
+    worker runs one too (`_StudyWorker`)."""
+
+    def __init__(self, spec: StudySpec, tokenizer, progress: Progress | None = None):
+        self.spec, self.tok, self.progress = spec, tokenizer, progress
         per_set = -(-spec.coherence.prompts // len(spec.sets))  # an equal share of prompts from each set
         self.prompts = [p for s in spec.sets for p in prompts_from(tokenizer, read_texts(s), n=per_set, tokens=spec.coherence.prompt_tokens)][: spec.coherence.prompts]
-        self.prompt_key = _sha(json.dumps(self.prompts), str(spec.coherence.new_tokens))
         # Merges of top-layer fine-tunes keep the base's bottom layers: those run once per set and batch.
         self.sharing = BottomSharing({"base": spec.base} | {f"{sp.name}@{i}": p for sp in spec.specialists for i, p in enumerate(sp.paths)})
 
-    def run(self, label: str, key: str, load: Callable[[], torch.nn.Module], *, generate: bool = True) -> Scored:
-        """Scores of the model `load()` gives (called only if something is not cached)."""
-        keys = {s.name: _sha(key, self.set_keys[s.name], _LAYOUT) for s in self.spec.sets}
-        rep_key = _sha(key, self.prompt_key, _LAYOUT, "repetition")
-        found = {n: self.cache.get(k) for n, k in keys.items()}
-        rep = self.cache.get(rep_key) if generate else None
-        meta = self.cache.get(_sha(key, _LAYOUT, "params"))
-        if all(v is not None for v in found.values()) and (rep is not None or not generate) and meta is not None:
-            return Scored(label, {n: dict(v) for n, v in found.items()}, rep, meta["params"], meta.get("extra", {}))
-        model = load()
+    def measure(self, label: str, model: torch.nn.Module, sets: list[str], generate: bool) -> dict:
+        """{"sets": {name: result} for the named sets, "repetition" (if `generate`), "meta"}."""
         depth_key = self.sharing.enter(label, model)
+        results = {}
         for s in self.spec.sets:
-            if found[s.name] is None:
+            if s.name in sets:
                 cb = (lambda d, t, _w=f"{label} / {s.name}": self.progress(_w, d, t)) if self.progress else None
                 bottom = self.sharing.bottom(s, depth_key, self.tok) if s.kind == "perplexity" else None
-                result = score(model, self.tok, s, progress=cb, bottom=bottom, entropy=True)
-                self.cache.put(keys[s.name], result)
-                found[s.name] = result
-        if generate and rep is None:
-            rep = repetition(greedy_continuations(model, self.prompts, self.spec.coherence.new_tokens))
-            self.cache.put(rep_key, rep)
-        meta = {"params": parameter_count(model), "extra": getattr(model, "study_extra", {})}
-        self.cache.put(_sha(key, _LAYOUT, "params"), meta)
-        del model  # one model (or one ensemble) in memory at a time
-        return Scored(label, {n: dict(v) for n, v in found.items()}, rep, meta["params"], meta["extra"])
+                results[s.name] = score(model, self.tok, s, progress=cb, bottom=bottom, entropy=True)
+        rep = repetition(greedy_continuations(model, self.prompts, self.spec.coherence.new_tokens)) if generate else None
+        return {"sets": results, "repetition": rep, "meta": {"params": parameter_count(model), "extra": getattr(model, "study_extra", {})}}
+
+
+class _Scorer:
+    """Models' records, from `OUT/scores.json` where kept there, else measured (and then kept)."""
+
+    def __init__(self, spec: StudySpec, out: Path, tokenizer, progress: Progress | None):
+        self.spec = spec
+        self.cache = ScoreCache(out / "scores.json")
+        self.set_keys = {s.name: set_fingerprint(s) for s in spec.sets}
+        self.measurer = _Measurer(spec, tokenizer, progress)
+        self.prompt_key = _sha(json.dumps(self.measurer.prompts), str(spec.coherence.new_tokens))
+
+    def _keys(self, key: str) -> tuple[dict[str, str], str, str]:
+        sets = {s.name: _sha(key, self.set_keys[s.name], _LAYOUT) for s in self.spec.sets}
+        return sets, _sha(key, self.prompt_key, _LAYOUT, "repetition"), _sha(key, _LAYOUT, "params")
+
+    def missing(self, key: str, *, generate: bool = True) -> tuple[list[str], bool]:
+        """(sets not yet scored, whether the continuations are still to run) for the model `key` names."""
+        sets, rep_key, _ = self._keys(key)
+        return [n for n, k in sets.items() if self.cache.get(k) is None], generate and self.cache.get(rep_key) is None
+
+    def keep(self, key: str, measured: dict) -> None:
+        sets, rep_key, meta_key = self._keys(key)
+        for name, result in measured["sets"].items():
+            self.cache.put(sets[name], result)
+        if measured["repetition"] is not None:
+            self.cache.put(rep_key, measured["repetition"])
+        self.cache.put(meta_key, measured["meta"])
+
+    def run(self, label: str, key: str, load: Callable[[], torch.nn.Module], *, generate: bool = True) -> Scored:
+        """The model's record; `load()` is called only if something is not kept yet."""
+        todo, rep = self.missing(key, generate=generate)
+        if todo or rep or self.cache.get(self._keys(key)[2]) is None:
+            model = load()
+            self.keep(key, self.measurer.measure(label, model, todo, rep))
+            del model  # one model (or one ensemble) in memory at a time
+        sets, rep_key, meta_key = self._keys(key)
+        meta = self.cache.get(meta_key)
+        return Scored(label, {n: dict(self.cache.get(k)) for n, k in sets.items()}, self.cache.get(rep_key) if generate else None,
+                      meta["params"], meta.get("extra", {}))
+
+
+class _StudyWorker:
+    """A Ray actor: merges in memory and measures them, as the driver's `_Measurer` would."""
+
+    def __init__(self, spec_json: str, threads: int):
+        import transformers
+
+        torch.set_num_threads(max(1, threads))  # this actor's own process: its declared CPUs
+        self.spec = StudySpec.model_validate_json(spec_json)
+        self.measurer = _Measurer(self.spec, transformers.AutoTokenizer.from_pretrained(self.spec.base))
+
+    def measure(self, label: str, config_json: str, sets: list[str], generate: bool) -> tuple[str, dict]:
+        model = load_model(MergeConfig.model_validate_json(config_json))[0]
+        return label, self.measurer.measure(label, model, sets, generate)
+
+
+def _measure_on_ray(spec: StudySpec, jobs: list[tuple[str, str, MergeConfig, list[str], bool]], *, workers: int, address: str | None,
+                    done: Callable[[str, str, dict], None]) -> None:
+    """Each (label, key, config, sets, generate) measured by a pool of Ray actors, one CPU each;
+    `done(label, key, measured)` as each comes back (in the order they finish)."""
+    import ray
+    from ray.util import ActorPool
+
+    if not ray.is_initialized():
+        kwargs = dict(include_dashboard=False, log_to_driver=False, configure_logging=False)
+        ray.init(address=address, **kwargs) if address else ray.init(num_cpus=workers, **kwargs)
+    actor = ray.remote(num_cpus=1)(_StudyWorker)
+    actors = [actor.remote(spec.model_dump_json(), 1) for _ in range(workers)]
+    keys = {label: key for label, key, *_ in jobs}
+    try:
+        pool = ActorPool(actors)
+        for label, measured in pool.map_unordered(lambda a, j: a.measure.remote(j[0], j[2].model_dump_json(), j[3], j[4]), jobs):
+            done(label, keys[label], measured)
+    except ray.exceptions.RayTaskError as e:
+        cause = e.as_instanceof_cause()
+        if isinstance(cause, ModelAlloyError):
+            raise cause from None
+        raise
+    finally:
+        for a in actors:
+            ray.kill(a)
 
 
 def _load_dir(path: str) -> torch.nn.Module:
@@ -143,8 +216,13 @@ def _mlp_params(base_dir: str) -> int:
         return sum(int(torch.Size(t.shape).numel()) for n, t in c.tensors.items() if ".mlp." in n)
 
 
-def run_study(spec: StudySpec, out: str | Path, *, progress: Progress | None = None) -> dict:
-    """Run (or resume) the study into `out`; returns what `OUT/study.json` holds (see `assemble`)."""
+def run_study(spec: StudySpec, out: str | Path, *, progress: Progress | None = None, ray: bool = False, ray_address: str | None = None,
+              workers: int = 2) -> dict:
+    """Run (or resume) the study into `out`; returns what `OUT/study.json` holds (see `assemble`).
+
+    With `ray` (a local Ray instance of `workers` CPUs) or `ray_address` (a cluster), the merges are
+    measured by Ray actors, one CPU each; every result is kept in `OUT/scores.json` by the driver,
+    so a killed run resumes either way, and the numbers are the same as in one process."""
     import transformers
 
     out = Path(out)
@@ -186,17 +264,31 @@ def run_study(spec: StudySpec, out: str | Path, *, progress: Progress | None = N
         divergence[st] = pairs
         stage(f"stage 3/5: divergence ({st})", 1, 1)
 
-    runs = []
-    total = len(strengths) * len(spec.methods) * len(subsets)
+    jobs = []
     for st in strengths:
         for method in spec.methods:
             for subset in subsets:
-                stage("stage 4/5: merges (in memory)", len(runs), total)
                 cfg = merge_config(spec, method, [refs[f"{n}@{st}"] for n in subset])
-                label = f"{method.label}|{st}|{'+'.join(subset)}"
-                scored = scorer.run(label, model_fingerprint(cfg), lambda c=cfg: load_model(c)[0])
-                runs.append({"label": label, "method": method.label, "experts": list(subset), "strength": st, "scored": scored,
-                             "interference": interference[st][subset] | {"mean_cka": diag.subset_cka(divergence[st], subset)}})
+                jobs.append((f"{method.label}|{st}|{'+'.join(subset)}", model_fingerprint(cfg), cfg, method, st, subset))
+    total = len(jobs)
+    if ray or ray_address:
+        todo = [(label, key, cfg, *scorer.missing(key)) for label, key, cfg, *_ in jobs]
+        todo = [j for j in todo if j[3] or j[4]]
+        finished = [total - len(todo)]
+
+        def kept(label: str, key: str, measured: dict) -> None:
+            scorer.keep(key, measured)
+            finished[0] += 1
+            stage("stage 4/5: merges (in memory, on Ray)", finished[0], total)
+
+        if todo:
+            _measure_on_ray(spec, todo, workers=workers, address=ray_address, done=kept)
+    runs = []
+    for label, key, cfg, method, st, subset in jobs:
+        stage("stage 4/5: merges (in memory)", len(runs), total)
+        scored = scorer.run(label, key, lambda c=cfg: load_model(c)[0])  # kept already when Ray measured it
+        runs.append({"label": label, "method": method.label, "experts": list(subset), "strength": st, "scored": scored,
+                     "interference": interference[st][subset] | {"mean_cka": diag.subset_cka(divergence[st], subset)}})
     stage("stage 4/5: merges (in memory)", total, total)
 
     fusion = []
