@@ -5,6 +5,7 @@ from __future__ import annotations
 import json
 import time
 
+import numpy as np
 import pytest
 
 from modelalloy.study import StudyError, load_study, parse_study, predict, run_study
@@ -122,3 +123,19 @@ def test_merges_measured_on_a_local_ray_instance_match_one_process(quick, study_
     for a, b in zip(result["runs"], one):
         assert a["nai"]["value"] == pytest.approx(b["nai"]["value"], rel=1e-6, abs=1e-9)
         assert a["coherence"]["distinct_2"] == pytest.approx(b["coherence"]["distinct_2"])
+
+
+def test_diagnostics_are_also_ranked_within_each_method(quick):
+    stats = pytest.importorskip("scipy.stats")
+    result = quick[0]
+    methods = sorted({r["method"] for r in result["runs"]})
+    for row in result["prediction"]:
+        assert sorted(row["by_method"]) == methods
+        for m, within in row["by_method"].items():
+            pairs = [(r["interference"][row["diagnostic"]], r["nai"]["value"]) for r in result["runs"] if r["method"] == m]
+            assert within["n"] == len(pairs)
+            expected = stats.spearmanr(*zip(*pairs)).statistic  # an independent implementation (average ranks for ties)
+            if np.isnan(expected):
+                assert within["spearman_rho"] is None or np.isnan(within["spearman_rho"])
+            else:
+                assert within["spearman_rho"] == pytest.approx(float(expected))

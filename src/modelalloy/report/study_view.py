@@ -162,7 +162,11 @@ def write_study_report(study: Mapping, out_dir: str | Path) -> list[Path]:
                 _fmt(r["coherence"].get("repeated_4gram")), _fmt(r["coherence"].get("parents_repeated_4gram"))] for r in study["runs"]])
     rep.heading("What predicts a failed merge")
     rep.table(["diagnostic", "Spearman ρ with mean NAI", "95 % CI", "merges"], prediction_rows(study["prediction"]))
-    rep.paragraph("An interval that includes 0: the diagnostic did not rank this study's merges.", note=True)
+    rep.paragraph("An interval that includes 0: the diagnostic did not rank this study's merges. Pooled over methods, ρ also "
+                  "ranks the methods against each other (the diagnostics describe the expert subset); within a method, below, it "
+                  "says only which subsets merge worse.", note=True)
+    rep.table(["diagnostic", "method", "Spearman ρ with mean NAI", "95 % CI", "merges"],
+              [[p["diagnostic"], m, *prediction_rows([r])[0][1:]] for p in study["prediction"] for m, r in p.get("by_method", {}).items()])
     rep.heading("Divergence of the parents (linear CKA of hidden states)")
     rep.table(["strength", "pair", "mean CKA", "per layer"], [[d["strength"], " · ".join(d["pair"]), _fmt(d["mean_cka"]),
                                                               " ".join(f"{v:.2f}" for v in d["cka_per_layer"])] for d in study["divergence"]])
@@ -173,4 +177,4 @@ def write_study_report(study: Mapping, out_dir: str | Path) -> list[Path]:
 
 
 def prediction_rows(prediction) -> list[list[str]]:
-    return [[p["diagnostic"], _fmt(p["spearman_rho"]), f"[{p['ci95'][0]:.2f}, {p['ci95'][1]:.2f}]" if p["ci95"] else "-", str(p["n"])] for p in prediction]
+    return [[p.get("diagnostic", ""), _fmt(p["spearman_rho"]), f"[{p['ci95'][0]:.2f}, {p['ci95'][1]:.2f}]" if p["ci95"] else "-", str(p["n"])] for p in prediction]

@@ -152,11 +152,15 @@ def curves(runs: list[dict], fusion: list[dict], saved: dict, seed: int) -> dict
 
 
 def prediction(runs: list[dict], *, resamples: int = 1000, seed: int = 0) -> list[dict]:
-    """Per pre-evaluation diagnostic: Spearman ρ with the runs' mean NAI, its bootstrap interval, n."""
-    out = []
-    for d in DIAGNOSTICS:
-        pairs = [(r["interference"].get(d), r["nai"]["value"]) for r in runs]
+    """Per pre-evaluation diagnostic: Spearman ρ with the runs' mean NAI, its bootstrap interval, n;
+    over all runs, and in `by_method` within each method. The diagnostics describe an expert
+    subset, the same whatever the method, so pooled over methods ρ also ranks methods against each
+    other; within a method it says only which subsets merge worse."""
+    def rho(rs: list[dict], d: str) -> dict:
+        pairs = [(r["interference"].get(d), r["nai"]["value"]) for r in rs]
         pairs = [(x, y) for x, y in pairs if x is not None and y is not None and math.isfinite(x) and math.isfinite(y)]
         xs, ys = [p[0] for p in pairs], [p[1] for p in pairs]
-        out.append({"diagnostic": d, "spearman_rho": spearman(xs, ys), "ci95": spearman_interval(xs, ys, resamples=resamples, seed=seed), "n": len(pairs)})
-    return out
+        return {"spearman_rho": spearman(xs, ys), "ci95": spearman_interval(xs, ys, resamples=resamples, seed=seed), "n": len(pairs)}
+
+    methods = list(dict.fromkeys(r["method"] for r in runs))
+    return [{"diagnostic": d} | rho(runs, d) | {"by_method": {m: rho([r for r in runs if r["method"] == m], d) for m in methods}} for d in DIAGNOSTICS]

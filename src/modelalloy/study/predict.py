@@ -32,12 +32,15 @@ def diagnostics_from_analysis(analysis: Mapping) -> dict[str, float | None]:
 def predict(study: Mapping, diagnostics: Mapping[str, float | None], *, neighbours: int = 5, method: str | None = None) -> list[dict]:
     """Per diagnostic: the new value, the study's ρ (ci95, n), and the predicted mean NAI.
 
-    `method` restricts the neighbours to the study's merges with that method.
+    `method` restricts the neighbours to the study's merges with that method, and the ρ to the one
+    measured within it.
     """
     runs = [r for r in study["runs"] if method is None or r["method"] == method]
     out = []
     for row in study["prediction"]:
         d = row["diagnostic"]
+        if method is not None and method in row.get("by_method", {}):
+            row = {"diagnostic": d} | row["by_method"][method]
         x = diagnostics.get(d)
         entry = {"diagnostic": d, "value": x, "spearman_rho": row["spearman_rho"], "ci95": row["ci95"], "n": row["n"],
                  "predicted_nai": None, "range": None, "trusted": row["ci95"] is not None and (row["ci95"][0] > 0 or row["ci95"][1] < 0)}
