@@ -10,6 +10,7 @@ import pytest
 
 from modelalloy.study import StudyError, load_study, parse_study, predict, run_study
 from modelalloy.study import run as study_run
+from modelalloy.study.spec import MethodSpec
 
 
 @pytest.fixture(scope="module")
@@ -76,7 +77,7 @@ def test_a_rerun_scores_nothing(quick, study_yaml, monkeypatch):
         raise AssertionError("a cached study loaded a model")
 
     monkeypatch.setattr(study_run, "_load_dir", no)
-    monkeypatch.setattr(study_run, "load_model", no)
+    monkeypatch.setattr(study_run._Merges, "load", no)
     again = run_study(load_study(study_yaml).quick(), out)
     assert [r["nai"] for r in again["runs"]] == [r["nai"] for r in quick[0]["runs"]]
 
@@ -139,3 +140,31 @@ def test_diagnostics_are_also_ranked_within_each_method(quick):
                 assert within["spearman_rho"] is None or np.isnan(within["spearman_rho"])
             else:
                 assert within["spearman_rho"] == pytest.approx(float(expected))
+
+
+def test_study_merges_equal_the_in_memory_merge_of_evaluate(study_models, tmp_path):
+    """The study's merges (inputs kept, untouched tensors taken from the base) give exactly what
+    `evaluate.load_model` merges, for specialists that share their lower layers with the base."""
+    import torch
+    import transformers
+
+    from modelalloy.evaluate.runner import load_model
+
+    base = transformers.AutoModelForCausalLM.from_pretrained(study_models["base"], dtype=torch.float32)
+    frozen = {k: v for k, v in base.state_dict().items() if k.startswith(("model.embed_tokens.", "model.layers.0."))}
+    experts = []
+    for name, paths in list(study_models["specialists"].items())[:2]:
+        model = transformers.AutoModelForCausalLM.from_pretrained(paths[1], dtype=torch.float32)
+        model.load_state_dict(frozen, strict=False)  # as a top-layer fine-tune: the base's bottom, bit for bit
+        model.save_pretrained(tmp_path / name)
+        experts.append(str(tmp_path / name))
+    spec = parse_study({"base": str(study_models["base"]), "specialists": [{"name": f"e{i}", "model": p} for i, p in enumerate(experts)],
+                        "sets": [{"name": "t", "texts": ["abc " * 20], "expert": "e0"}]}, folder=tmp_path, source="test")
+    merges = study_run._Merges(spec)
+    for method in ("ties", "dare_ties", "della", "task_arithmetic"):
+        cfg = study_run.merge_config(spec, MethodSpec(method=method), experts)
+        want = load_model(cfg)[0].state_dict()
+        got = merges.load(cfg).state_dict()
+        assert want.keys() == got.keys()
+        for k in want:
+            assert torch.equal(want[k], got[k]), (method, k)

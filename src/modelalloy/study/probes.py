@@ -81,11 +81,13 @@ def prompts_from(tokenizer, texts: Sequence[str], *, n: int, tokens: int) -> lis
 
 
 @torch.inference_mode()
-def greedy_continuations(model, prompts: Sequence[Sequence[int]], new_tokens: int, *, batch_size: int = 16) -> list[list[int]]:
+def greedy_continuations(model, prompts: Sequence[Sequence[int]], new_tokens: int, *, batch_size: int = 32) -> list[list[int]]:
     """The greedy continuation (`new_tokens` tokens, no early stop) of each prompt.
 
     Prompts are of equal length here (`prompts_from`), so no padding is needed; the model's own
-    KV cache is used (`generate` with do_sample off).
+    KV cache is used (`generate` with do_sample off). A step of a small batch costs about what
+    reading the weights costs, so the study's 32 prompts run as one batch (on the demo's 135M
+    model 8 s for 32 × 64 tokens, against 12 s in batches of 16).
     """
     out: list[list[int]] = []
     model.eval()

@@ -27,7 +27,7 @@ import torch
 from modelalloy.config import MergeConfig
 from modelalloy.errors import ModelAlloyError
 from modelalloy.evaluate import score
-from modelalloy.evaluate.runner import ScoreCache, load_model, method_variant, model_fingerprint, set_fingerprint
+from modelalloy.evaluate.runner import ScoreCache, method_variant, model_fingerprint, set_fingerprint
 from modelalloy.evaluate.shared import BottomSharing
 from modelalloy.evaluate.sets import read_texts
 from modelalloy.methods import get_method
@@ -121,6 +121,24 @@ class _Scorer:
                       meta["params"], meta.get("extra", {}))
 
 
+class _Merges:
+    """The study's merges in memory, the search's way (`search.trial.TrialEvaluator`): every input
+    tensor read once and kept, and a tensor no specialist changed (the frozen lower layers, the
+    embeddings) taken from the base without running the method on zero task vectors; one model
+    instance, its weights replaced for each merge. Built on first use."""
+
+    def __init__(self, spec: StudySpec):
+        self.refs = [spec.base, *(p for s in spec.specialists for p in s.paths)]
+        self._evaluator = None
+
+    def load(self, config: MergeConfig) -> torch.nn.Module:
+        from modelalloy.search.trial import TrialEvaluator
+
+        if self._evaluator is None:
+            self._evaluator = TrialEvaluator(self.refs, [])
+        return self._evaluator.load(config)
+
+
 class _StudyWorker:
     """A Ray actor: merges in memory and measures them, as the driver's `_Measurer` would."""
 
@@ -130,9 +148,10 @@ class _StudyWorker:
         torch.set_num_threads(max(1, threads))  # this actor's own process: its declared CPUs
         self.spec = StudySpec.model_validate_json(spec_json)
         self.measurer = _Measurer(self.spec, transformers.AutoTokenizer.from_pretrained(self.spec.base))
+        self.merges = _Merges(self.spec)
 
     def measure(self, label: str, config_json: str, sets: list[str], generate: bool) -> tuple[str, dict]:
-        model = load_model(MergeConfig.model_validate_json(config_json))[0]
+        model = self.merges.load(MergeConfig.model_validate_json(config_json))
         return label, self.measurer.measure(label, model, sets, generate)
 
 
@@ -284,9 +303,10 @@ def run_study(spec: StudySpec, out: str | Path, *, progress: Progress | None = N
         if todo:
             _measure_on_ray(spec, todo, workers=workers, address=ray_address, done=kept)
     runs = []
+    merges = _Merges(spec)
     for label, key, cfg, method, st, subset in jobs:
         stage("stage 4/5: merges (in memory)", len(runs), total)
-        scored = scorer.run(label, key, lambda c=cfg: load_model(c)[0])  # kept already when Ray measured it
+        scored = scorer.run(label, key, lambda c=cfg: merges.load(c))  # kept already when Ray measured it
         runs.append({"label": label, "method": method.label, "experts": list(subset), "strength": st, "scored": scored,
                      "interference": interference[st][subset] | {"mean_cka": diag.subset_cka(divergence[st], subset)}})
     stage("stage 4/5: merges (in memory)", total, total)
