@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import json
 
+import pytest
+
 from typer.testing import CliRunner
 
 from modelalloy.cli import app, common
@@ -34,3 +36,17 @@ def test_study_command_and_analyze_with_its_prediction(study_yaml, study_models,
 
     result = runner.invoke(app, ["analyze", str(study_models["base"]), *ft, "--study", str(tmp_path / "a.json")])
     assert result.exit_code == 2 and "not a study.json" in result.output
+
+    study_json = json.loads((out / "study.json").read_text())
+    method = study_json["runs"][0]["method"]
+    result = runner.invoke(app, ["analyze", str(study_models["base"]), *ft, "--study", str(out / "study.json"), "--method", method,
+                                 "--save", str(tmp_path / "m.json")])
+    assert result.exit_code == 0, result.output
+    within = {p["diagnostic"]: p["by_method"][method] for p in study_json["prediction"]}
+    for row in json.loads((tmp_path / "m.json").read_text())["prediction"]:
+        want = within[row["diagnostic"]]
+        assert row["n"] == want["n"] and (row["spearman_rho"] is None) == (want["spearman_rho"] is None)
+        if want["spearman_rho"] is not None:
+            assert row["spearman_rho"] == pytest.approx(want["spearman_rho"], nan_ok=True)
+    result = runner.invoke(app, ["analyze", str(study_models["base"]), *ft, "--study", str(out / "study.json"), "--method", "slerp"])
+    assert result.exit_code == 2 and "--method slerp" in result.output

@@ -42,7 +42,7 @@ def test_entropy_matches_numpy():
     p = np.exp(logits.numpy().astype(np.float64))
     p /= p.sum(-1, keepdims=True)
     expected = -(p * np.log(p)).sum(-1)
-    np.testing.assert_allclose(entropy(logits).numpy(), expected, rtol=1e-6)
+    np.testing.assert_allclose(entropy(logits).numpy(), expected, rtol=1e-5)
     assert float(entropy(torch.zeros(1, 16))[0]) == pytest.approx(np.log(16))
 
 

@@ -51,7 +51,7 @@ def test_perplexity_keeps_the_entropy_of_the_scored_positions(study_models):
         p = torch.softmax(logits, -1).numpy()
         hs += list(-(p * np.log(p)).sum(-1)[first - start - 1 : end - start - 1])
     assert len(hs) == result["tokens"]
-    assert result["entropy"] == pytest.approx(float(np.mean(hs)), rel=1e-6)
+    assert result["entropy"] == pytest.approx(float(np.mean(hs)), rel=1e-5)
     assert "entropy" not in perplexity(experts[0], tok, texts, max_tokens=150, window=32)  # only when asked
 
 

