@@ -93,10 +93,13 @@ def test_kill_9_at_several_points_then_resume_bit_identical(tmp_path, llama):
 def test_ctrl_c_stops_cleanly_and_says_how_to_resume(tmp_path, llama):
     cfg = write_config(tmp_path / "merge.yaml", dare_config(llama))
     out, partial = tmp_path / "out", tmp_path / "out.partial"
-    proc = start_merge(cfg, out, "-j", "2", delay="0.1")
+    # 0.2 s per tensor: on a loaded machine the merge must still be running when the signal comes
+    # (with 0.1 s it once finished first under a full CI load).
+    proc = start_merge(cfg, out, "-j", "2", delay="0.2")
     deadline = time.monotonic() + 120
     while len(finished_shards(partial)) < 2 and time.monotonic() < deadline:
         time.sleep(0.01)
+    assert proc.poll() is None, f"the merge ended before it could be interrupted: {proc.communicate()}"
     proc.send_signal(signal.SIGINT)
     stdout, stderr = proc.communicate(timeout=60)
     assert proc.returncode == 130, stderr

@@ -50,3 +50,4 @@ def test_study_command_and_analyze_with_its_prediction(study_yaml, study_models,
             assert row["spearman_rho"] == pytest.approx(want["spearman_rho"], nan_ok=True)
     result = runner.invoke(app, ["analyze", str(study_models["base"]), *ft, "--study", str(out / "study.json"), "--method", "slerp"])
     assert result.exit_code == 2 and "--method slerp" in result.output
+

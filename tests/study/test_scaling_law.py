@@ -69,6 +69,7 @@ def test_planning_inverts_the_law_and_knows_when_the_floor_is_out_of_reach():
         target = 2.0 + a / (5 + 0.5)
         plan = experts_for_target(fit, target)
         assert plan["reachable"] and plan["k"] == pytest.approx(5, abs=0.3)
+        assert plan["meaning"] == ("needs" if a > 0 else "holds up to")  # rising: the most experts that still meet it
         assert plan["ci95"][0] <= 5 <= plan["ci95"][1] + 0.3
         assert not experts_for_target(fit, 2.0 - a)["reachable"]  # beyond the floor, on the wrong side
         gain = marginal_gain(fit, 4)

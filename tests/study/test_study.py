@@ -168,3 +168,18 @@ def test_study_merges_equal_the_in_memory_merge_of_evaluate(study_models, tmp_pa
         assert want.keys() == got.keys()
         for k in want:
             assert torch.equal(want[k], got[k]), (method, k)
+
+
+def test_the_study_summary_truncates_nothing_at_80_columns(monkeypatch, quick):
+    from rich.console import Console
+
+    from modelalloy.cli import common, studies
+
+    console = Console(width=80, force_terminal=False, record=True)
+    monkeypatch.setattr(common, "out", console)
+    studies._print_study(quick[0])
+    text = console.export_text()
+    assert "…" not in text
+    flat = "".join(text.split())  # a folded cell continues on the next line
+    for r in quick[0]["runs"]:
+        assert r["method"] in flat and "".join(r["strength"].split()) in flat

@@ -4,7 +4,7 @@ The specialists are `alloy demo`'s (same corpora, same fine-tuning code), each t
 its validation perplexity is half of the demo's target gain below the base's, and until the whole
 target (the full-strength specialist is the demo's own, reused from its cache): the two strengths
 of the study. Held-out text of each domain (in the demo's pieces, the bootstrap's units) plus the
-BBC news control are the sets. Sizes for a first run of about half an hour on two CPU cores:
+BBC news control are the sets. Sizes for a first run of about half an hour on two CPU cores (32 min measured):
 `eval_tokens` per set in windows of 128 (so ≥ 10 units, an interval per score),
 every subset of k = 2..N, the six methods, the three fusion kinds, 32 prompts × 64 tokens of
 greedy continuation per merge. Everything is cached under the demo's cache, so a rerun only

@@ -162,7 +162,7 @@ def _print_study(data: dict) -> None:
     ks = data["axes"]["k"]
     t = Table(title="mean NAI over expert subsets, by k (± half the 95 % interval)")
     for col in ("method", "strength", *(f"k={k}" for k in ks)):
-        t.add_column(col, justify="left" if col in ("method", "strength") else "right", no_wrap=True)
+        t.add_column(col, justify="left" if col in ("method", "strength") else "right", overflow="fold")
     rows: dict[tuple, dict] = {}
     for r in data["curves"]["vs_k"]:
         name = r["method"] + (" (fusion)" if r["family"] == "fusion" else "")
@@ -172,14 +172,14 @@ def _print_study(data: dict) -> None:
     common.out.print(t)
     t = Table(title="merging vs fusion, over all runs")
     for col in ("method", "mean NAI", "params", "passes/token", "entropy ratio"):
-        t.add_column(col, justify="left" if col == "method" else "right", no_wrap=True)
+        t.add_column(col, justify="left" if col == "method" else "right", overflow="fold")
     for n, c in comparison(data).items():
         t.add_row(n, f"{c['nai']:.3f}" if c["nai"] is not None else "-", f"{c['params']:.3g}", f"{c['forward_passes']:.2g}",
                   f"{c['entropy_ratio']:.3f}" if c["entropy_ratio"] is not None else "-")
     common.out.print(t)
     t = Table(title="what predicts a failed merge: Spearman ρ of each diagnostic with mean NAI")
     for col in ("diagnostic", "ρ", "95 % CI", "merges"):
-        t.add_column(col, justify="left" if col == "diagnostic" else "right", no_wrap=True)
+        t.add_column(col, justify="left" if col == "diagnostic" else "right", overflow="fold")
     for row in prediction_rows(data["prediction"]):
         t.add_row(*row)
     common.out.print(t)

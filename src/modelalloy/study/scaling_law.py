@@ -218,7 +218,10 @@ def experts_for_target(fit: Mapping, target: float) -> dict:
     ci = _interval(finite) if len(finite) else [math.nan, math.nan]
     if len(finite) < len(boot) * 0.975:  # some resampled laws never get there: the interval is open above
         ci[1] = math.inf
-    return {"target": target, "reachable": True, "k": value, "ci95": ci}
+    # A rising loss (A < 0: each expert dilutes the others on their own sets) crosses the target on
+    # its way up: k is then the most experts a merge can take while still meeting the target.
+    meaning = "needs" if fit["params"]["A"]["value"] > 0 else "holds up to"
+    return {"target": target, "reachable": True, "k": value, "ci95": ci, "meaning": meaning}
 
 
 def target_between(base_loss: float, ceiling_loss: float, share: float) -> float:
@@ -299,7 +302,7 @@ def summary_line(entry: Mapping) -> str:
         text += f"; k={loo['k']} predicted {loo['predicted']:.3f} vs measured {loo['measured']:.3f} ({'agrees' if loo['agrees'] else 'does not agree'})"
     plan = entry.get("experts_for_target")
     if plan:
-        text += (f"; {plan['share_of_ceiling']:.0%} of the way to oracle routing needs k ≈ {plan['k']:.1f} [{plan['ci95'][0]:.1f}, {plan['ci95'][1]:.1f}]"
+        text += (f"; {plan['share_of_ceiling']:.0%} of the way to oracle routing {plan.get('meaning', 'needs')} k ≈ {plan['k']:.1f} [{plan['ci95'][0]:.1f}, {plan['ci95'][1]:.1f}]"
                  if plan["reachable"] else f"; {plan['share_of_ceiling']:.0%} of the way to oracle routing: {plan['reason']}")
     if entry.get("marginal_gain", {}).get("gain") is not None:
         g = entry["marginal_gain"]
