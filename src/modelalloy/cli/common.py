@@ -33,6 +33,10 @@ DEFAULTS = MergeOptions()
 SaveOpt = Annotated[Optional[Path], typer.Option("--save", help="write the results as JSON (for `alloy report`)")]
 ReportOpt = Annotated[Optional[Path], typer.Option("--report", help="write a self-contained HTML report")]
 JsonOpt = Annotated[bool, typer.Option("--json", help="print the results as JSON")]
+# A study's merges on Ray (`alloy study`, `alloy demo-study`).
+RayOpt = Annotated[bool, typer.Option("--ray", help="measure the merges on Ray actors, one CPU each (a local Ray instance)")]
+RayAddressOpt = Annotated[Optional[str], typer.Option("--ray-address", help="join an existing Ray cluster")]
+WorkersOpt = Annotated[int, typer.Option(help="Ray actors of a local instance")]
 
 
 class State:

@@ -11,7 +11,7 @@ import typer
 from rich.table import Table
 
 from modelalloy.cli import common
-from modelalloy.cli.common import DEFAULTS, JsonOpt, SaveOpt, eval_progress, fail, option_help, show_warnings
+from modelalloy.cli.common import DEFAULTS, JsonOpt, RayAddressOpt, RayOpt, SaveOpt, WorkersOpt, eval_progress, fail, option_help, show_warnings
 from modelalloy.errors import ModelAlloyError
 
 
@@ -193,9 +193,9 @@ def study(
     spec_file: Annotated[Path, typer.Argument(help="the study (STUDY.yaml): base, specialists, sets, axes")],
     out_dir: Annotated[Path, typer.Argument(help="output: study.json, study.html, PNGs, the score cache")],
     quick: Annotated[bool, typer.Option("--quick", help="a CI-sized study: one subset per k, two methods, short continuations")] = False,
-    use_ray: Annotated[bool, typer.Option("--ray", help="measure the merges on Ray actors, one CPU each (a local Ray instance)")] = False,
-    ray_address: Annotated[Optional[str], typer.Option("--ray-address", help="join an existing Ray cluster")] = None,
-    workers: Annotated[int, typer.Option(help="Ray actors of a local instance")] = 2,
+    use_ray: RayOpt = False,
+    ray_address: RayAddressOpt = None,
+    workers: WorkersOpt = 2,
     as_json: JsonOpt = False,
 ) -> None:
     """Merge rates over methods, expert subsets and strengths, next to fusion (MoE, ensemble, oracle routing). Resumable."""
@@ -228,9 +228,9 @@ def demo_study(
     tokens: Annotated[int, typer.Option(help="held-out tokens scored per set (windows of 128)")] = 1536,
     sample_per_k: Annotated[Optional[int], typer.Option(help="expert subsets drawn per k; 0: every subset")] = 2,
     quick: Annotated[bool, typer.Option("--quick", help="a CI-sized study")] = False,
-    use_ray: Annotated[bool, typer.Option("--ray", help="measure the merges on Ray actors, one CPU each (a local Ray instance)")] = False,
-    ray_address: Annotated[Optional[str], typer.Option("--ray-address", help="join an existing Ray cluster")] = None,
-    workers: Annotated[int, typer.Option(help="Ray actors of a local instance")] = 2,
+    use_ray: RayOpt = False,
+    ray_address: RayAddressOpt = None,
+    workers: WorkersOpt = 2,
     as_json: JsonOpt = False,
 ) -> None:
     """`alloy study` on the demo's specialists at two strengths: merge rate vs k and strength, merge vs fusion."""

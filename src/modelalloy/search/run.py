@@ -147,18 +147,27 @@ class _Worker:
         return self.evaluator.scores(MergeConfig.model_validate(config), sets)
 
 
+def start_ray(address: str | None, *, num_cpus: int, num_gpus: int = 0) -> None:
+    """Join the cluster at `address`, or start a local instance of that size (the same code path,
+    sized for this machine); nothing if Ray is already running in this process."""
+    import ray
+
+    if ray.is_initialized():
+        return
+    kwargs: dict[str, Any] = dict(include_dashboard=False, log_to_driver=False, configure_logging=False)
+    if address:
+        ray.init(address=address, **kwargs)
+    else:
+        ray.init(num_cpus=num_cpus, num_gpus=num_gpus, **kwargs)
+
+
 class _RayPool:
     """Trials as calls on a pool of Ray actors, each declaring its CPUs and GPUs."""
 
     def __init__(self, spec: SearchSpec, refs: list[str], sets, address: str | None, device: str):
         import ray
 
-        if not ray.is_initialized():
-            kwargs: dict[str, Any] = dict(include_dashboard=False, log_to_driver=False, configure_logging=False)
-            if address:
-                ray.init(address=address, **kwargs)
-            else:  # a local instance: the same code path as a cluster, sized for this machine
-                ray.init(num_cpus=max(1, int(spec.parallel * spec.num_cpus)), num_gpus=int(spec.num_gpus * spec.parallel), **kwargs)
+        start_ray(address, num_cpus=max(1, int(spec.parallel * spec.num_cpus)), num_gpus=int(spec.num_gpus * spec.parallel))
         self.ray = ray
         actor = ray.remote(num_cpus=spec.num_cpus, num_gpus=spec.num_gpus)(_Worker)
         payload = [s.model_dump() for s in sets]

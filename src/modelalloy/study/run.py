@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+import os
 import shutil
 from collections.abc import Callable
 from dataclasses import dataclass, field
@@ -110,12 +111,12 @@ class _Scorer:
 
     def run(self, label: str, key: str, load: Callable[[], torch.nn.Module], *, generate: bool = True) -> Scored:
         """The model's record; `load()` is called only if something is not kept yet."""
+        sets, rep_key, meta_key = self._keys(key)
         todo, rep = self.missing(key, generate=generate)
-        if todo or rep or self.cache.get(self._keys(key)[2]) is None:
+        if todo or rep or self.cache.get(meta_key) is None:
             model = load()
             self.keep(key, self.measurer.measure(label, model, todo, rep))
             del model  # one model (or one ensemble) in memory at a time
-        sets, rep_key, meta_key = self._keys(key)
         meta = self.cache.get(meta_key)
         return Scored(label, {n: dict(self.cache.get(k)) for n, k in sets.items()}, self.cache.get(rep_key) if generate else None,
                       meta["params"], meta.get("extra", {}))
@@ -123,7 +124,7 @@ class _Scorer:
 
 class _Merges:
     """The study's merges in memory, the search's way (`search.trial.TrialEvaluator`): every input
-    tensor read once and kept, and a tensor no specialist changed (the frozen lower layers, the
+    tensor read once and kept (when the inputs fit in half the memory), and a tensor no specialist changed (the frozen lower layers, the
     embeddings) taken from the base without running the method on zero task vectors; one model
     instance, its weights replaced for each merge. Built on first use."""
 
@@ -135,7 +136,11 @@ class _Merges:
         from modelalloy.search.trial import TrialEvaluator
 
         if self._evaluator is None:
-            self._evaluator = TrialEvaluator(self.refs, [])
+            # Keeping every input costs their size in memory: only when they take at most half of it
+            # (the demo's nine 135M checkpoints, 4.9 GB); otherwise each merge reads them again.
+            size = sum(f.stat().st_size for r in self.refs for f in Path(r).glob("*.safetensors"))
+            memory = os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES") if hasattr(os, "sysconf") else 0
+            self._evaluator = TrialEvaluator(self.refs, [], cache_inputs=bool(memory) and size <= memory // 2)
         return self._evaluator.load(config)
 
 
@@ -162,9 +167,9 @@ def _measure_on_ray(spec: StudySpec, jobs: list[tuple[str, str, MergeConfig, lis
     import ray
     from ray.util import ActorPool
 
-    if not ray.is_initialized():
-        kwargs = dict(include_dashboard=False, log_to_driver=False, configure_logging=False)
-        ray.init(address=address, **kwargs) if address else ray.init(num_cpus=workers, **kwargs)
+    from modelalloy.search.run import start_ray
+
+    start_ray(address, num_cpus=workers)
     actor = ray.remote(num_cpus=1)(_StudyWorker)
     actors = [actor.remote(spec.model_dump_json(), 1) for _ in range(workers)]
     keys = {label: key for label, key, *_ in jobs}
