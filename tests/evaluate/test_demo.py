@@ -56,6 +56,22 @@ def test_training_stops_once_the_validation_gain_is_reached(tmp_path):
     assert all(c["validation_gain"] < 0.2 for c in log["checks"][:-1])
 
 
+def test_a_run_cut_short_is_the_full_runs_checkpoint_at_that_step(tmp_path):
+    # demo-study's half-strength specialists: the first half of the full run, not another run.
+    import dataclasses
+
+    base_dir = tmp_path / "base"
+    tiny_llama(0).save_pretrained(base_dir)
+    char_tokenizer().save_pretrained(base_dir)
+    corpus = demo.Corpus("verse", "test", ["abcabcabc " * 30] * 4, [])
+    full = demo.DemoSettings(max_steps=6, check_every=3, batch_size=2, seq_len=16, train_layers=1, learning_rate=3e-2, validation_tokens=32, target_gain=10.0)
+    half = dataclasses.replace(full, stop_after=3)
+    logs = [json.loads((demo.fine_tune(base_dir, corpus, tmp_path / n, s) / "demo_training.json").read_text()) for n, s in (("full", full), ("half", half))]
+    assert [c["step"] for c in logs[0]["checks"]] == [3, 6] and logs[1]["steps"] == 3
+    assert logs[1]["checks"] == logs[0]["checks"][:1]  # the same validation perplexity at step 3, to the last bit
+    assert logs[0]["checks"][1]["validation_gain"] != logs[0]["checks"][0]["validation_gain"]
+
+
 def test_held_out_pieces_spread_over_documents():
     docs = ["a\n" * 400, "b\n" * 400, "c\n" * 10]
     out = demo.pieces(docs, chars=100)

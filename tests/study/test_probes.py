@@ -81,3 +81,31 @@ def test_prompts_continuations_and_hidden_states(study_models):
     assert 0 <= rep["distinct_2"] <= 1 and 0 <= rep["repeated_4gram"] <= 1 and rep["n_continuations"] == 5
     states = hidden_states(experts[0], prompts[0] * 3, window=7)
     assert len(states) == experts[0].config.num_hidden_layers and states[0].shape == (18, 32)
+
+
+def test_ensemble_family_scores_each_subset_as_its_ensemble_alone(study_models):
+    from modelalloy.evaluate.scoring import perplexities
+    from modelalloy.evaluate.shared import SharedBottom
+    from modelalloy.study.probes import EnsembleFamily
+
+    tok, experts = _models(study_models)
+    base = transformers.AutoModelForCausalLM.from_pretrained(study_models["base"], dtype=torch.float32).eval()
+    bottom = {k: v for k, v in base.state_dict().items() if k.startswith(("model.embed_tokens.", "model.layers.0."))}
+    for e in experts:
+        e.load_state_dict(bottom, strict=False)  # one shared bottom layer, so the family runs it once per batch
+    named = dict(zip("abc", experts))
+    subsets = [("a", "b"), ("a", "c"), ("b", "c"), ("a", "b", "c")]
+    texts = study_models["held"]["prose"][:4]
+    kw = dict(max_tokens=200, window=48, batch_size=2, entropy=True)
+    alone = {s: perplexity(Ensemble([named[n] for n in s]), tok, texts, **kw) for s in subsets}
+    family = EnsembleFamily(named, subsets)
+    assert family.ensemble.shared_depth == 1
+    kept = SharedBottom(1)
+    first = perplexities(family.logits_of(kept), tok, texts, **kw)
+    assert len(kept.states) == 3  # 200 tokens in windows of 48: five windows, batches of two
+    again = perplexities(family.logits_of(kept), tok, texts, **kw)  # from the kept states this time
+    for s in subsets:
+        for got in (first[s], again[s]):
+            assert got["units"] == alone[s]["units"]  # per-unit sums: what the bootstrap resamples
+            assert got["perplexity"] == pytest.approx(alone[s]["perplexity"], rel=1e-6)
+            assert got["entropy"] == pytest.approx(alone[s]["entropy"], rel=1e-6)

@@ -56,6 +56,8 @@ def test_quick_study_has_the_keys_others_read(quick):
     assert [(e["method"], e["strength"]) for e in result["scaling_law"]] == [(m, st) for st in ("short", "long") for m in ("linear", "task_arithmetic")]
     assert all(not e["fitted"] and e["reason"].startswith("3 distinct k (1, 2, 3)") for e in result["scaling_law"])
     assert (out / "draws.npz").is_file()
+    assert set(result["timings"]) == {"base and specialists", "weight diagnostics and divergence", "merges", "ensembles", "mixtures of experts", "rating"}
+    assert sum(result["timings"].values()) == pytest.approx(seconds, abs=5)
     assert [s for s in dict.fromkeys(stages) if s.startswith("stage")][:2] == ["stage 1/5: base and specialists", "stage 2/5: weight diagnostics (short)"]
 
 

@@ -58,6 +58,7 @@ class DemoSettings:
     max_steps: int = 48  # optimizer steps per specialist, at most
     target_gain: float = 0.30  # stop once the validation perplexity is this much below the base's
     check_every: int = 8  # steps between validation checks
+    stop_after: int | None = None  # end the run after this many steps: the same run up to there (same data, same batches)
     batch_size: int = 8  # sequences per step
     seq_len: int = 128  # tokens per training sequence
     train_layers: int = 4  # the top N of the 30 transformer blocks are trained, the rest frozen
@@ -87,8 +88,8 @@ class DemoSettings:
         return hashlib.sha256(text.encode()).hexdigest()[:10]
 
     def train_key(self) -> str:
-        return self.key("train", "max_steps", "target_gain", "check_every", "batch_size", "seq_len", "train_layers", "lr", "lora_rank",
-                        "validation_tokens", "seed")
+        fields = ("train", "max_steps", "target_gain", "check_every", "batch_size", "seq_len", "train_layers", "lr", "lora_rank", "validation_tokens", "seed")
+        return self.key(*fields, *(("stop_after",) if self.stop_after is not None else ()))  # the full runs keep their keys
 
 
 def specialist_dir(cache: Path, domain: str, settings: DemoSettings) -> Path:
@@ -214,8 +215,9 @@ def fine_tune(base: Path, corpus: Corpus, out: Path, settings: DemoSettings, pro
     rng = random.Random(settings.seed)
     what = f"fine-tuning the {corpus.name} specialist ({settings.train})"
     log = {"train": settings.train, "validation_base": base_ppl, "checks": []}
+    last = min(settings.max_steps, settings.stop_after or settings.max_steps)
     with reused_buffers():  # each step's logits and their gradient reuse the last step's memory
-        for step in range(settings.max_steps):
+        for step in range(last):
             starts = [rng.randrange(0, len(train_ids) - settings.seq_len) for _ in range(settings.batch_size)]
             batch = torch.stack([train_ids[s : s + settings.seq_len] for s in starts])
             with torch.inference_mode():
@@ -233,8 +235,8 @@ def fine_tune(base: Path, corpus: Corpus, out: Path, settings: DemoSettings, pro
             optimizer.zero_grad(set_to_none=True)
             model.eval()
             if progress:
-                progress(what, step + 1, settings.max_steps)
-            if (step + 1) % settings.check_every == 0 or step + 1 == settings.max_steps:
+                progress(what, step + 1, last)
+            if (step + 1) % settings.check_every == 0 or step + 1 == last:
                 gain = 1 - val_ppl() / base_ppl
                 log["checks"].append({"step": step + 1, "validation_gain": gain})
                 if gain >= settings.target_gain:

@@ -1,9 +1,11 @@
 """`alloy demo-study`: `alloy study` on the demo's specialists (SmolLM2-135M fine-tuned on CPU).
 
-The specialists are `alloy demo`'s (same corpora, same fine-tuning code), each trained twice: until
-its validation perplexity is half of the demo's target gain below the base's, and until the whole
-target (the full-strength specialist is the demo's own, reused from its cache): the two strengths
-of the study. Held-out text of each domain (in the demo's pieces, the bootstrap's units) plus the
+The specialists are `alloy demo`'s (same corpora, same fine-tuning code, reused from its cache),
+and each one's checkpoint after a share of its own training steps (half of them by default): the
+two strengths of the study. Cutting the same run short (same seed, same batches, a warm-up that
+does not depend on the length) makes that checkpoint the one the full run passed through; a
+half-strength specialist trained to half the target gain instead would be the full one for the
+three language domains, which reach the whole target at their first check. Held-out text of each domain (in the demo's pieces, the bootstrap's units) plus the
 BBC news control are the sets. Sizes for a first run of about half an hour on two CPU cores (32 min measured):
 `eval_tokens` per set in windows of 128 (so ≥ 10 units, an interval per score),
 every subset of k = 2..N, the six methods, the three fusion kinds, 32 prompts × 64 tokens of
@@ -24,7 +26,7 @@ from modelalloy.apps.demo import CORPORA, DOMAINS, METHODS, DemoError, DemoSetti
 @dataclasses.dataclass(frozen=True)
 class DemoStudySettings:
     domains: tuple[str, ...] = DOMAINS
-    strengths: tuple[float, ...] = (0.5, 1.0)  # shares of the demo's target validation gain
+    strengths: tuple[float, ...] = (0.5, 1.0)  # shares of each full specialist's training steps
     eval_tokens: int = 1536  # per set, in windows of 128: 12 units
     window: int = 128
     sample_per_k: int | None = 2  # subsets drawn per k (seeded); None: every one (11 for four domains)
@@ -44,17 +46,19 @@ def study_spec(cache: Path, settings: DemoStudySettings, progress: StepProgress 
     base = base_checkpoint(cache, progress)
     specialists = []
     for name in settings.domains:
+        full = fine_tune(base, corpora[name], specialist_dir(cache, name, demo), demo, progress)  # the demo's own
+        steps = json.loads((full / "demo_training.json").read_text())["steps"]
         paths = []
         for share in settings.strengths:
-            s = demo if share == 1.0 else dataclasses.replace(demo, target_gain=demo.target_gain * share)
-            paths.append(str(fine_tune(base, corpora[name], specialist_dir(cache, name, s), s, progress)))
+            s = dataclasses.replace(demo, stop_after=max(1, round(share * steps)))  # the full run's first steps
+            paths.append(str(full if share == 1.0 else fine_tune(base, corpora[name], specialist_dir(cache, name, s), s, progress)))
         specialists.append({"name": name, "checkpoints": paths})
     sets = [{"name": n, "texts": pieces(c.held_out), "max_tokens": settings.eval_tokens, "window": settings.window, "batch_size": 4}
             | ({"expert": n} if n in settings.domains else {}) for n, c in corpora.items()]
     return {
         "base": str(base),
         "specialists": specialists,
-        "strengths": [f"gain {round(100 * demo.target_gain * s)}%" for s in settings.strengths],
+        "strengths": [f"{round(100 * s)}% of training" for s in settings.strengths],
         "sets": sets,
         "methods": list(METHODS),
         "experts": {"sample_per_k": settings.sample_per_k},
@@ -80,6 +84,12 @@ def run_demo_study(cache: str | Path = ".cache/demo", out: str | Path | None = N
         spec = spec.quick()
     built = time.perf_counter()
     result = run_study(spec, out, progress=progress, **ray)
-    timings = {"base and specialists": built - start, "study": time.perf_counter() - built}
-    (out / "timings.json").write_text(json.dumps(timings))
+    timings = {"training the specialists": round(built - start, 1)} | result.get("timings", {}) | {"total": round(time.perf_counter() - start, 1)}
+    # Every run's laps, oldest first: a cached rerun does not hide what the first run took.
+    history = out / "timings.json"
+    try:
+        runs = json.loads(history.read_text()).get("runs", [])
+    except (OSError, ValueError, AttributeError):
+        runs = []
+    history.write_text(json.dumps({"runs": [*runs, {"finished": time.strftime("%Y-%m-%dT%H:%M:%S%z"), "seconds": timings}]}, indent=1))
     return result, timings

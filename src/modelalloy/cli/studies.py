@@ -216,6 +216,7 @@ def study(
         common.out.print_json(json.dumps(data))
         return
     _print_study(data)
+    common.out.print("timings: " + ", ".join(f"{k} {v:.0f}s" for k, v in data["timings"].items()), highlight=False)
     for w in data["warnings"]:
         common.err.print(f"[yellow]warning:[/] {w}", highlight=False, soft_wrap=True)
     common.err.print(f"wrote {out_dir / 'study.json'} and {out_dir / 'study.html'}", highlight=False)

@@ -27,7 +27,7 @@ from modelalloy.evaluate import bootstrap as bs
 from modelalloy.evaluate.bootstrap import Bootstrap
 from modelalloy.evaluate.cache import ScoreCache, is_config, model_fingerprint, set_fingerprint
 from modelalloy.evaluate.rate import MergeRate, SetInfo, merge_rate, rank
-from modelalloy.evaluate.scoring import classification, multiple_choice, perplexity
+from modelalloy.evaluate.scoring import classification, multiple_choice, perplexities, perplexity
 from modelalloy.evaluate.sets import EvalError, EvalSet, read_choices, read_labeled, read_texts
 from modelalloy.evaluate.shared import BottomSharing
 from modelalloy.methods import REQUIRED, get_method
@@ -130,6 +130,18 @@ def score(model, tokenizer, eval_set: EvalSet, *, progress: Callable[[int, int],
     if entropy:
         result.setdefault("entropy", None)
     return result
+
+
+def perplexity_set(logits_of, tokenizer, eval_set: EvalSet, *, progress: Callable[[int, int], None] | None = None, entropy: bool = False,
+                   device="cpu") -> dict:
+    """`score`'s result on a perplexity set for each model that `logits_of` yields (keyed as it
+    keys them; see `scoring.perplexities`), all scored on the same batches."""
+    results = perplexities(logits_of, tokenizer, read_texts(eval_set), max_tokens=eval_set.max_tokens, window=eval_set.window,
+                           stride=eval_set.stride, batch_size=eval_set.batch_size, unit=eval_set.unit, progress=progress,
+                           entropy=entropy, device=device)
+    for result in results.values():
+        result |= {"score": result["perplexity"], "metric": eval_set.metric}
+    return results
 
 
 def progress_unit(eval_set: EvalSet) -> str:

@@ -8,7 +8,7 @@ scores the per-unit record a bootstrap resamples (``"units"``, see `evaluate.boo
 from __future__ import annotations
 
 import math
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Hashable, Iterable, Sequence
 
 import numpy as np
 import torch
@@ -92,20 +92,47 @@ def perplexity(
     Returns {"perplexity", "nll" (mean, nats), "tokens" (scored), "units": {"kind": "perplexity",
     "unit", "nll": [sum per unit], "tokens": [count per unit]}}.
     """
-    from modelalloy.evaluate.allocator import reused_buffers
     from modelalloy.evaluate.shared import forward
 
+    model.eval()
+
+    def logits_of(input_ids, mask, batch):
+        yield None, forward(model, input_ids, mask, batch, bottom)
+
+    return perplexities(logits_of, tokenizer, texts, max_tokens=max_tokens, window=window, stride=stride, batch_size=batch_size,
+                        unit=unit, progress=progress, entropy=entropy, device=next(model.parameters()).device)[None]
+
+
+@torch.inference_mode()
+def perplexities(
+    logits_of: Callable[[torch.Tensor, torch.Tensor, int], Iterable[tuple[Hashable, torch.Tensor]]],
+    tokenizer,
+    texts: Sequence[str],
+    *,
+    max_tokens: int = 4096,
+    window: int = 512,
+    stride: int | None = None,
+    batch_size: int = 4,
+    unit: str = "auto",
+    progress: ProgressFn | None = None,
+    entropy: bool = False,
+    device: torch.device | str = "cpu",
+) -> dict[Hashable, dict]:
+    """`perplexity` for several models on the same batches: `logits_of(input_ids, mask, batch
+    index)` yields (key, logits) for each, one at a time (so only one model's logits are held);
+    returns {key: what `perplexity` returns}. Models whose forward passes share work (an
+    ensemble's subsets over the same experts) run it once per batch."""
     if unit not in UNIT_KINDS:
         raise EvalError(f"unit {unit!r}: use one of {', '.join(UNIT_KINDS)}")
+    from modelalloy.evaluate.allocator import reused_buffers
+
     ids, doc_of = token_stream_with_docs(tokenizer, texts, max_tokens)
     if len(ids) < 2:
         raise EvalError("perplexity needs at least two tokens of text")
     stride = stride or window - 1
     spans = windows(len(ids), window, stride)
-    device = next(model.parameters()).device
-    model.eval()
-    token_nll = torch.zeros(len(ids), dtype=torch.float64)  # NLL of predicting token t; t = 0 is never a target
-    token_entropy = torch.zeros(len(ids), dtype=torch.float64) if entropy else None  # of the distribution that predicted t
+    token_nll: dict[Hashable, torch.Tensor] = {}  # NLL of predicting token t; t = 0 is never a target
+    token_entropy: dict[Hashable, torch.Tensor] = {}  # of the distribution that predicted t
     n_targets = len(ids) - 1
     done = 0
     with reused_buffers():  # each batch's logits reuse the last one's memory (evaluate.allocator)
@@ -120,38 +147,42 @@ def perplexity(
                 input_ids[row, : end - start] = torch.tensor(ids[start:end])
                 mask[row, : end - start] = 1
                 targets[row, first - start - 1 : end - start - 1] = torch.tensor(ids[first:end])
-            logits = forward(model, input_ids.to(device), mask.to(device), b // batch_size, bottom).float()
-            nll = torch.nn.functional.cross_entropy(logits.flatten(0, 1), targets.to(device).flatten(), ignore_index=-100, reduction="none")
-            nll = nll.view(len(batch), width).double().cpu()  # a sync point on CUDA, once per batch
-            for row, (start, first, end) in enumerate(batch):
-                token_nll[first:end] = nll[row, first - start - 1 : end - start - 1]
-                if token_entropy is not None:
-                    token_entropy[first:end] = predictive_entropy(logits[row, first - start - 1 : end - start - 1]).cpu()
-                done += end - first
-            del logits  # [batch, width, vocab] floats: the largest buffer here, freed before the next batch
+            for key, logits in logits_of(input_ids.to(device), mask.to(device), b // batch_size):
+                logits = logits.float()
+                nll = torch.nn.functional.cross_entropy(logits.flatten(0, 1), targets.to(device).flatten(), ignore_index=-100, reduction="none")
+                nll = nll.view(len(batch), width).double().cpu()  # a sync point on CUDA, once per batch
+                mine = token_nll.setdefault(key, torch.zeros(len(ids), dtype=torch.float64))
+                for row, (start, first, end) in enumerate(batch):
+                    mine[first:end] = nll[row, first - start - 1 : end - start - 1]
+                    if entropy:
+                        token_entropy.setdefault(key, torch.zeros(len(ids), dtype=torch.float64))[first:end] = \
+                            predictive_entropy(logits[row, first - start - 1 : end - start - 1]).cpu()
+                del logits  # [batch, width, vocab] floats: the largest buffer here, freed before the next model's
+            done += sum(end - first for _, first, end in batch)
             if progress is not None:
                 progress(done, n_targets)
-    per_token = token_nll[1:].numpy()
     if unit == "auto":
         unit = "document" if doc_of[-1] + 1 >= len(spans) else "window"
     if unit == "document":
         groups = np.asarray(doc_of[1:])
     else:
         groups = np.repeat(np.arange(len(spans)), [end - first for _, first, end in spans])
-    unit_nll = np.bincount(groups, weights=per_token)
     unit_tokens = np.bincount(groups)
     kept = unit_tokens > 0  # a document whose only token is the first of the stream scores nothing
-    total = float(per_token.sum())
-    mean = total / n_targets
-    result = {
-        "perplexity": math.exp(mean),
-        "nll": mean,
-        "tokens": n_targets,
-        "units": {"kind": "perplexity", "unit": unit, "nll": unit_nll[kept].tolist(), "tokens": unit_tokens[kept].tolist()},
-    }
-    if token_entropy is not None:
-        result["entropy"] = float(token_entropy[1:].mean())
-    return result
+    results = {}
+    for key, nll in token_nll.items():
+        per_token = nll[1:].numpy()
+        unit_nll = np.bincount(groups, weights=per_token, minlength=len(unit_tokens))
+        mean = float(per_token.sum()) / n_targets
+        results[key] = {
+            "perplexity": math.exp(mean),
+            "nll": mean,
+            "tokens": n_targets,
+            "units": {"kind": "perplexity", "unit": unit, "nll": unit_nll[kept].tolist(), "tokens": unit_tokens[kept].tolist()},
+        }
+        if entropy:
+            results[key]["entropy"] = float(token_entropy[key][1:].mean())
+    return results
 
 
 def predictive_entropy(logits: torch.Tensor) -> torch.Tensor:

@@ -19,6 +19,7 @@ import hashlib
 import json
 import os
 import shutil
+import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -28,13 +29,13 @@ import torch
 from modelalloy.config import MergeConfig
 from modelalloy.errors import ModelAlloyError
 from modelalloy.evaluate import score
-from modelalloy.evaluate.runner import ScoreCache, method_variant, model_fingerprint, set_fingerprint
+from modelalloy.evaluate.runner import ScoreCache, method_variant, model_fingerprint, perplexity_set, set_fingerprint
 from modelalloy.evaluate.shared import BottomSharing
 from modelalloy.evaluate.sets import read_texts
 from modelalloy.methods import get_method
 from modelalloy.study import diagnostics as diag
 from modelalloy.study.assemble import assemble
-from modelalloy.study.probes import Ensemble, greedy_continuations, parameter_count, prompts_from, repetition
+from modelalloy.study.probes import Ensemble, EnsembleFamily, greedy_continuations, parameter_count, prompts_from, repetition
 from modelalloy.study.spec import StudySpec
 
 Progress = Callable[[str, int, int], None]
@@ -81,6 +82,22 @@ class _Measurer:
         rep = repetition(greedy_continuations(model, self.prompts, self.spec.coherence.new_tokens)) if generate else None
         return {"sets": results, "repetition": rep, "meta": {"params": parameter_count(model), "extra": getattr(model, "study_extra", {})}}
 
+    def measure_ensembles(self, label: str, experts: dict[str, torch.nn.Module], subsets: list[tuple[str, ...]], sets: list[str]) -> dict:
+        """{subset: what `measure` gives its ensemble} on the named perplexity sets, every subset's
+        ensemble from one pass of each expert per batch (`EnsembleFamily`); other kinds of set are
+        left to `measure` (they are not in the records)."""
+        family = EnsembleFamily(experts, subsets)
+        depth_key = self.sharing.enter(label, next(iter(experts.values())))
+        results: dict[tuple[str, ...], dict] = {tuple(s): {} for s in subsets}
+        for s in self.spec.sets:
+            if s.name in sets and s.kind == "perplexity":
+                cb = (lambda d, t, _w=f"{label} / {s.name}": self.progress(_w, d, t)) if self.progress else None
+                bottom = self.sharing.bottom(s, depth_key, self.tok)
+                for subset, result in perplexity_set(family.logits_of(bottom), self.tok, s, progress=cb, entropy=True).items():
+                    results[subset][s.name] = result
+        return {subset: {"sets": r, "repetition": None, "meta": {"params": sum(parameter_count(experts[n]) for n in subset), "extra": {}}}
+                for subset, r in results.items()}
+
 
 class _Scorer:
     """Models' records, from `OUT/scores.json` where kept there, else measured (and then kept)."""
@@ -108,6 +125,24 @@ class _Scorer:
         if measured["repetition"] is not None:
             self.cache.put(rep_key, measured["repetition"])
         self.cache.put(meta_key, measured["meta"])
+
+    def run_ensembles(self, label: str, experts: dict[str, str], subsets: list[tuple[str, ...]], key_of: Callable[[dict[str, str]], str]) -> None:
+        """Keeps the ensembles of `subsets` of `experts` (name: checkpoint) not kept yet, measured
+        together (`_Measurer.measure_ensembles`); `key_of({name: path})` is an ensemble's key."""
+        todo = {}
+        for subset in subsets:
+            sets, _ = self.missing(key_of({n: experts[n] for n in subset}), generate=False)
+            if sets:
+                todo[subset] = sets
+        if not todo:
+            return
+        needed = {n: experts[n] for n in experts if any(n in s for s in todo)}
+        models = {n: _load_dir(p) for n, p in needed.items()}
+        sets = sorted({n for s in todo.values() for n in s})
+        for subset, measured in self.measurer.measure_ensembles(label, models, list(todo), sets).items():
+            if measured["sets"]:
+                self.keep(key_of({n: experts[n] for n in subset}), measured)
+        del models
 
     def run(self, label: str, key: str, load: Callable[[], torch.nn.Module], *, generate: bool = True) -> Scored:
         """The model's record; `load()` is called only if something is not kept yet."""
@@ -263,11 +298,20 @@ def run_study(spec: StudySpec, out: str | Path, *, progress: Progress | None = N
         if progress:
             progress(name, done, total)
 
+    laps: dict[str, float] = {}  # wall seconds per step of this run (a resumed run's cached steps take about none)
+    clock = [time.perf_counter()]
+
+    def lap(name: str) -> None:
+        now = time.perf_counter()
+        laps[name] = round(laps.get(name, 0.0) + now - clock[0], 1)
+        clock[0] = now
+
     refs = {"base": spec.base} | {f"{n}@{st}": s.paths[i] for i, st in enumerate(strengths) for n, s in zip(names, spec.specialists)}
     for i, (label, path) in enumerate(refs.items()):
         stage("stage 1/5: base and specialists", i, len(refs))
         models[label] = scorer.run(label, model_fingerprint(path), lambda p=path: _load_dir(p))
     stage("stage 1/5: base and specialists", len(refs), len(refs))
+    lap("base and specialists")
 
     dstore = ScoreCache(out / "diagnostics.json")
     interference, divergence = {}, {}
@@ -287,6 +331,7 @@ def run_study(spec: StudySpec, out: str | Path, *, progress: Progress | None = N
             dstore.put("divergence/" + dkey, pairs)
         divergence[st] = pairs
         stage(f"stage 3/5: divergence ({st})", 1, 1)
+    lap("weight diagnostics and divergence")
 
     jobs = []
     for st in strengths:
@@ -315,12 +360,18 @@ def run_study(spec: StudySpec, out: str | Path, *, progress: Progress | None = N
         runs.append({"label": label, "method": method.label, "experts": list(subset), "strength": st, "scored": scored,
                      "interference": interference[st][subset] | {"mean_cka": diag.subset_cka(divergence[st], subset)}})
     stage("stage 4/5: merges (in memory)", total, total)
+    lap("merges")
 
     fusion = []
     base_params = models["base"].params
     mlp = _mlp_params(spec.base) if "moe" in spec.fusion else 0
     total = len(strengths) * len(subsets) * len(spec.fusion)
+    del merges  # the merges' inputs, kept in memory for them
+    ensemble_key = lambda experts: _sha("ensemble", *(model_fingerprint(p) for p in experts.values()))  # noqa: E731
     for st in strengths:
+        if "ensemble" in spec.fusion:
+            scorer.run_ensembles(f"ensembles|{st}", {n: refs[f"{n}@{st}"] for n in names}, subsets, ensemble_key)
+            lap("ensembles")
         for subset in subsets:
             experts = {n: refs[f"{n}@{st}"] for n in subset}
             for kind in spec.fusion:
@@ -328,9 +379,10 @@ def run_study(spec: StudySpec, out: str | Path, *, progress: Progress | None = N
                 label = f"{kind}|{st}|{'+'.join(subset)}"
                 record = {"label": label, "kind": kind, "experts": list(subset), "strength": st}
                 if kind == "ensemble":
-                    key = _sha("ensemble", *(model_fingerprint(p) for p in experts.values()))
+                    key = ensemble_key(experts)
                     record["scored"] = scorer.run(label, key, lambda e=experts: Ensemble([_load_dir(p) for p in e.values()]), generate=False)
                     record |= {"params": len(subset) * base_params, "forward_passes": len(subset)}
+                    lap("ensembles")
                 elif kind == "moe":
                     cfg, load = _moe(spec, experts, prompts, out / "work")
                     key = _sha("moe", cfg.model_dump_json(), *(model_fingerprint(p) for p in experts.values()))
@@ -341,6 +393,7 @@ def run_study(spec: StudySpec, out: str | Path, *, progress: Progress | None = N
                     # A token runs attention once and `top` of the k expert MLPs: one pass, its
                     # active parameters those of the dense model plus (top − 1) more MLPs.
                     record |= {"params": scored.params, "active_params": base_params + (top - 1) * mlp, "forward_passes": 1}
+                    lap("mixtures of experts")
                 else:  # oracle_routing: each set scored by its own expert, others by the best of the subset
                     record |= {"scored": None, "params": len(subset) * base_params, "forward_passes": 1}
                 fusion.append(record)
@@ -349,6 +402,8 @@ def run_study(spec: StudySpec, out: str | Path, *, progress: Progress | None = N
     stage("rating", 0, 1)
     result = assemble(spec, models, runs, fusion, divergence, out=out)
     stage("rating", 1, 1)
+    lap("rating")
+    result["timings"] = laps
     (out / "study.json").write_text(json.dumps(result, indent=1))
     return result
 
