@@ -553,3 +553,28 @@ def test_breadcrumbs_counts_match_mergekit_015_on_small_tensors(n, density, gamm
     assert np.count_nonzero(mask) == int(density * n)
     dropped_top = np.count_nonzero(~mask & (np.abs(delta) > np.abs(delta[mask]).max()))
     assert dropped_top == min(int(gamma * n), n - int(density * n))
+
+
+@pytest.mark.parametrize("n", [7, 64, 256])
+def test_breadcrumbs_with_tied_magnitudes_differs_from_mergekit_only_in_which_tied_entries_stay(n):
+    """Equal |δ| at a cut: ranked by index here (larger rank to the lower index), by torch.sort's
+    unstable order in mergekit 0.1.5. The same count and the same magnitudes are kept either way."""
+    import torch
+
+    density, gamma = 0.7, 0.05
+    rng = np.random.default_rng(100 + n)
+    # Multiples of 2^-10, so that (base + δ) − base is δ exactly and the ties survive the subtraction.
+    base = (rng.integers(-1024, 1024, n) / 1024).astype(np.float32)
+    delta = (rng.choice([1.0, 2.0, 3.0, 4.0], n) * rng.choice([-1.0, 1.0], n) / 1024).astype(np.float32)  # many ties
+    got = run("breadcrumbs", [base + delta], base, weight=[1.0], density=[density], gamma=[gamma], **{"lambda": 1.0}, normalize=False, rescale=False)
+    keep, top = int(density * n), min(int(gamma * n), n - int(density * n))
+    by_rank = np.lexsort((np.arange(n), -np.abs(delta)))  # decreasing |δ|, ties in index order
+    ours = np.zeros(n, bool)
+    ours[by_rank[top : top + keep]] = True
+    close(got, base + delta * ours, 1e-6)
+    ascending = torch.sort(torch.from_numpy(np.abs(delta))).indices.numpy()  # as mergekit 0.1.5 sorts
+    theirs = np.zeros(n, bool)
+    n_bot = max(0, n - keep - int(gamma * n))
+    theirs[ascending[n_bot : n_bot + keep]] = True
+    assert ours.sum() == theirs.sum() == keep
+    np.testing.assert_array_equal(np.sort(np.abs(delta[ours])), np.sort(np.abs(delta[theirs])))

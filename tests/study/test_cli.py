@@ -51,3 +51,15 @@ def test_study_command_and_analyze_with_its_prediction(study_yaml, study_models,
     result = runner.invoke(app, ["analyze", str(study_models["base"]), *ft, "--study", str(out / "study.json"), "--method", "slerp"])
     assert result.exit_code == 2 and "--method slerp" in result.output
 
+
+
+def test_study_charts_give_each_method_its_own_colour_and_each_strength_its_own_line():
+    from modelalloy.report.study_view import _style
+
+    methods = ["linear", "ties", "della", "task_arithmetic", "dare_ties", "dare_linear", "moe (fusion)", "ensemble (fusion)", "oracle_routing (fusion)"]
+    strengths = ["50% of training", "100% of training"]
+    styles = {(m, st): _style(m, st, methods, strengths) for m in methods for st in strengths}
+    assert len({styles[m, strengths[0]]["color"] for m in methods}) == len(methods)  # nine series colours, none repeated
+    for m in methods:
+        half, full = styles[m, strengths[0]], styles[m, strengths[1]]
+        assert half["color"] == full["color"] and half["linestyle"] != full["linestyle"] and half["marker"] != full["marker"]

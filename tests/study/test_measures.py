@@ -84,3 +84,44 @@ def test_spearman_interval_is_seeded_and_covers_rho():
     assert ci[0] < spearman(x, y) < ci[1] and ci[0] > 0
     wide = spearman_interval(x[:8], y[:8], resamples=300, seed=0)
     assert wide[1] - wide[0] > ci[1] - ci[0]  # fewer merges, less certainty
+
+
+def test_interference_against_numpy_with_tensors_no_specialist_changed(tmp_path):
+    """Sign conflicts, cosines, norm ratio and relative norm over the whole model, by hand; the
+    specialists change only the top layer, so most tensors take the no-change shortcut."""
+    from itertools import combinations
+
+    from safetensors.numpy import load_file
+
+    from modelalloy.study.diagnostics import interference
+
+    from .conftest import tiny_llama
+
+    torch.manual_seed(0)
+    base = tiny_llama()
+    base.save_pretrained(tmp_path / "base")
+    names = ["a", "b", "c"]
+    for i, n in enumerate(names):
+        model = tiny_llama()
+        model.load_state_dict(base.state_dict())
+        with torch.no_grad():
+            for name, p in model.named_parameters():
+                if name.startswith("model.layers.1.mlp."):  # the top layer's MLP only
+                    noise = torch.randn_like(p) * 0.01
+                    noise[torch.rand_like(p) < 0.3 + 0.2 * i] = 0.0  # zeros, so some entries have fewer than two movers
+                    p.add_(noise)
+        model.save_pretrained(tmp_path / n)
+    subsets = [("a", "b"), ("a", "c"), ("a", "b", "c")]
+    got = interference(str(tmp_path / "base"), {n: str(tmp_path / n) for n in names}, subsets)
+    b = load_file(tmp_path / "base" / "model.safetensors")
+    ds = {n: np.concatenate([(load_file(tmp_path / n / "model.safetensors")[k].astype(np.float64) - b[k].astype(np.float64)).ravel() for k in sorted(b)]) for n in names}
+    base_norm = np.sqrt(sum(float((b[k].astype(np.float64) ** 2).sum()) for k in b))
+    for s in subsets:
+        stack = np.stack([ds[n] for n in s])
+        pos, neg = (stack > 0).sum(0), (stack < 0).sum(0)
+        norms = np.linalg.norm(stack, axis=1)
+        cos = [stack[i] @ stack[j] / (norms[i] * norms[j]) for i, j in combinations(range(len(s)), 2)]
+        assert got[s]["sign_conflict"] == pytest.approx(((pos > 0) & (neg > 0)).sum() / ((pos + neg) >= 2).sum(), rel=1e-12)
+        assert got[s]["mean_cosine"] == pytest.approx(np.mean(cos), rel=1e-9)
+        assert got[s]["norm_ratio"] == pytest.approx(norms.max() / norms.min(), rel=1e-9)
+        assert got[s]["relative_norm"] == pytest.approx(norms.mean() / base_norm, rel=1e-9)

@@ -18,20 +18,34 @@ def _err(points):
     return [[v - ci[0] if ci else 0.0 for v, ci in points], [ci[1] - v if ci else 0.0 for v, ci in points]]
 
 
+_MARKERS = "os^Dv<>"
+_LINES = ("-", "--", ":", "-.")
+
+
+def _style(method: str, strength: str | None, methods: list[str], strengths: list[str]) -> dict:
+    """One colour per method (a study has up to ten: no colour repeats), one marker and line
+    style per strength, so a method's curves at two strengths read as one family."""
+    colour = plt.get_cmap("tab10" if len(methods) <= 10 else "tab20")(methods.index(method) % 20)
+    at = strengths.index(strength) if strength in strengths else 0
+    return {"color": colour, "marker": _MARKERS[at % len(_MARKERS)], "linestyle": _LINES[at % len(_LINES)]}
+
+
 def _curve_plot(rows: list[dict], x_key: str, title: str, xlabel: str, metric: str = "mean_nai") -> bytes:
-    series: dict[str, list] = {}
+    series: dict[tuple[str, str | None], list] = {}
     for r in rows:
         name = r["method"] if r["family"] == "merge" else f"{r['method']} (fusion)"
-        name += f" @ {r['strength']}" if x_key == "k" else ""
         if r[metric]["value"] is not None:
-            series.setdefault(name, []).append((r[x_key], r[metric]["value"], r[metric]["ci95"]))
+            key = (name, r["strength"] if x_key == "k" else None)
+            series.setdefault(key, []).append((r[x_key], r[metric]["value"], r[metric]["ci95"]))
+    methods = list(dict.fromkeys(n for n, _ in series))
+    strengths = list(dict.fromkeys(st for _, st in series if st is not None))
     fig, ax = plt.subplots(figsize=(8, 4))
     xs_all = list(dict.fromkeys(r[x_key] for r in rows))
-    for name, pts in series.items():
+    for (name, strength), pts in series.items():
         pts.sort(key=lambda p: xs_all.index(p[0]))
         xs = [xs_all.index(p[0]) if x_key != "k" else p[0] for p in pts]
-        ax.errorbar(xs, [p[1] for p in pts], yerr=_err([(p[1], p[2]) for p in pts]), marker="o", capsize=3,
-                    linestyle="--" if "fusion" in name else "-", label=name)
+        ax.errorbar(xs, [p[1] for p in pts], yerr=_err([(p[1], p[2]) for p in pts]), capsize=3,
+                    label=name + (f" @ {strength}" if strength is not None else ""), **_style(name, strength, methods, strengths))
     if x_key != "k":
         ax.set_xticks(range(len(xs_all)), xs_all)
     else:
@@ -51,13 +65,16 @@ def _law_plot(laws: list[dict]) -> bytes:
     from modelalloy.study.scaling_law import law
 
     fig, ax = plt.subplots(figsize=(7, 4))
+    methods = list(dict.fromkeys(e["method"] for e in laws))
+    strengths = list(dict.fromkeys(e["strength"] for e in laws))
     for e in laws:
         ks = [p["k"] for p in e["points"]]
         ys = [p["measured"] for p in e["points"]]
         err = [[y - p["ci95"][0] for y, p in zip(ys, e["points"])], [p["ci95"][1] - y for y, p in zip(ys, e["points"])]]
-        line = ax.errorbar(ks, ys, yerr=err, fmt="o", capsize=3, label=f"{e['method']} @ {e['strength']}")
+        style = _style(e["method"], e["strength"], methods, strengths)
+        ax.errorbar(ks, ys, yerr=err, fmt=style["marker"], color=style["color"], capsize=3, label=f"{e['method']} @ {e['strength']}")
         grid = np.linspace(min(ks), max(ks), 100)
-        ax.plot(grid, law(grid, *[v["value"] for v in e["params"].values()]), "--", color=line[0].get_color())
+        ax.plot(grid, law(grid, *[v["value"] for v in e["params"].values()]), linestyle=style["linestyle"], color=style["color"])
     ax.set_xlabel("experts merged (k)")
     ax.set_ylabel("held-in cross-entropy (nats)")
     ax.legend(fontsize=7)

@@ -55,10 +55,19 @@ def interference(
             if missing is not None:
                 raise PlanError(f"tensor {missing!r} is missing from specialist {name} ({experts[name]}); a study compares models of the base's layout")
         for t_i, t in enumerate(tensors):
-            base_t = b.read(t).double()
-            deltas = torch.stack([c.read(t).double().flatten() - base_t.flatten() for c in ckpts])  # [models, entries]
-            dots += (deltas @ deltas.T).numpy()
+            raw = b.read(t)
+            base_t = raw.double()
             base_sq += float(base_t.square().sum())
+            theirs = [c.read(t) for c in ckpts]
+            if all(torch.equal(x, raw) for x in theirs):
+                # No specialist changed it (top-layer fine-tunes leave most of the model as it was):
+                # zero task vectors add nothing to the dot products and hold no nonzero entry.
+                if progress:
+                    progress(t_i + 1, len(tensors))
+                continue
+            deltas = torch.stack([x.double().flatten() - base_t.flatten() for x in theirs])  # [models, entries]
+            del theirs
+            dots += (deltas @ deltas.T).numpy()
             for s in subsets:
                 c_, e_ = sign_conflicts([deltas[index[n]] for n in s])
                 conflicts[s][0] += c_
