@@ -44,11 +44,16 @@ def test_fine_tune_trains_only_the_top_layers_and_is_cached(tmp_path, train):
     assert (out / "model.safetensors").stat().st_mtime_ns == mtime  # reused, not retrained
 
 
-def test_training_stops_once_the_validation_gain_is_reached(tmp_path):
+def _tiny_base(tmp_path):
+    """(a tiny base's directory, a small repetitive corpus): what the training tests fine-tune."""
     base_dir = tmp_path / "base"
     tiny_llama(0).save_pretrained(base_dir)
     char_tokenizer().save_pretrained(base_dir)
-    corpus = demo.Corpus("verse", "test", ["abcabcabc " * 30] * 4, [])
+    return base_dir, demo.Corpus("verse", "test", ["abcabcabc " * 30] * 4, [])
+
+
+def test_training_stops_once_the_validation_gain_is_reached(tmp_path):
+    base_dir, corpus = _tiny_base(tmp_path)
     settings = demo.DemoSettings(max_steps=40, check_every=2, batch_size=2, seq_len=16, train_layers=1, learning_rate=3e-2, validation_tokens=32, target_gain=0.2)
     out = demo.fine_tune(base_dir, corpus, tmp_path / "ft", settings)
     log = json.loads((out / "demo_training.json").read_text())
@@ -60,10 +65,7 @@ def test_a_run_cut_short_is_the_full_runs_checkpoint_at_that_step(tmp_path):
     # demo-study's half-strength specialists: the first half of the full run, not another run.
     import dataclasses
 
-    base_dir = tmp_path / "base"
-    tiny_llama(0).save_pretrained(base_dir)
-    char_tokenizer().save_pretrained(base_dir)
-    corpus = demo.Corpus("verse", "test", ["abcabcabc " * 30] * 4, [])
+    base_dir, corpus = _tiny_base(tmp_path)
     full = demo.DemoSettings(max_steps=6, check_every=3, batch_size=2, seq_len=16, train_layers=1, learning_rate=3e-2, validation_tokens=32, target_gain=10.0)
     half = dataclasses.replace(full, stop_after=3)
     logs = [json.loads((demo.fine_tune(base_dir, corpus, tmp_path / n, s) / "demo_training.json").read_text()) for n, s in (("full", full), ("half", half))]

@@ -6,7 +6,7 @@ two strengths of the study. Cutting the same run short (same seed, same batches,
 does not depend on the length) makes that checkpoint the one the full run passed through; a
 half-strength specialist trained to half the target gain instead would be the full one for the
 three language domains, which reach the whole target at their first check. Held-out text of each domain (in the demo's pieces, the bootstrap's units) plus the
-BBC news control are the sets. Sizes for a first run of about half an hour on two CPU cores (32 min measured):
+BBC news control are the sets. Sizes for a first run under half an hour on two CPU cores (27 min 30 s measured):
 `eval_tokens` per set in windows of 128 (so ≥ 10 units, an interval per score),
 every subset of k = 2..N, the six methods, the three fusion kinds, 32 prompts × 64 tokens of
 greedy continuation per merge. Everything is cached under the demo's cache, so a rerun only

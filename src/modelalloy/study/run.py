@@ -15,6 +15,7 @@ only what is missing. MoE checkpoints are built in a `work` folder inside OUT an
 
 from __future__ import annotations
 
+import functools
 import hashlib
 import json
 import os
@@ -67,8 +68,14 @@ class _Measurer:
         self.spec, self.tok, self.progress = spec, tokenizer, progress
         per_set = -(-spec.coherence.prompts // len(spec.sets))  # an equal share of prompts from each set
         self.prompts = [p for s in spec.sets for p in prompts_from(tokenizer, read_texts(s), n=per_set, tokens=spec.coherence.prompt_tokens)][: spec.coherence.prompts]
-        # Merges of top-layer fine-tunes keep the base's bottom layers: those run once per set and batch.
-        self.sharing = BottomSharing({"base": spec.base} | {f"{sp.name}@{i}": p for sp in spec.specialists for i, p in enumerate(sp.paths)})
+
+    @functools.cached_property
+    def sharing(self) -> BottomSharing:
+        """Merges of top-layer fine-tunes keep the base's bottom layers: those run once per set and
+        batch. Built on first use (it hashes every checkpoint: 10 s on the demo), so a rerun that
+        measures nothing pays nothing."""
+        spec = self.spec
+        return BottomSharing({"base": spec.base} | {f"{sp.name}@{i}": p for sp in spec.specialists for i, p in enumerate(sp.paths)})
 
     def measure(self, label: str, model: torch.nn.Module, sets: list[str], generate: bool) -> dict:
         """{"sets": {name: result} for the named sets, "repetition" (if `generate`), "meta"}."""
