@@ -27,7 +27,7 @@ from modelalloy.evaluate import bootstrap as bs
 from modelalloy.evaluate.bootstrap import Bootstrap
 from modelalloy.evaluate.cache import ScoreCache, is_config, model_fingerprint, set_fingerprint
 from modelalloy.evaluate.rate import MergeRate, SetInfo, merge_rate, rank
-from modelalloy.evaluate.scoring import classification, multiple_choice, perplexities, perplexity
+from modelalloy.evaluate.scoring import classification, model_logits, multiple_choice, perplexities
 from modelalloy.evaluate.sets import EvalError, EvalSet, read_choices, read_labeled, read_texts
 from modelalloy.evaluate.shared import BottomSharing
 from modelalloy.methods import REQUIRED, get_method
@@ -111,20 +111,8 @@ def score(model, tokenizer, eval_set: EvalSet, *, progress: Callable[[int, int],
         result = multiple_choice(model, tokenizer, read_choices(eval_set), progress=progress)
         result["score"] = result["accuracy"]
     else:
-        result = perplexity(
-            model,
-            tokenizer,
-            read_texts(eval_set),
-            max_tokens=eval_set.max_tokens,
-            window=eval_set.window,
-            stride=eval_set.stride,
-            batch_size=eval_set.batch_size,
-            unit=eval_set.unit,
-            progress=progress,
-            bottom=bottom,
-            entropy=entropy,
-        )
-        result["score"] = result["perplexity"]
+        device = next(model.parameters()).device
+        result = perplexity_set(model_logits(model, bottom), tokenizer, eval_set, progress=progress, entropy=entropy, device=device)[None]
     result["metric"] = eval_set.metric
     result.setdefault("units", None)
     if entropy:

@@ -92,6 +92,12 @@ def perplexity(
     Returns {"perplexity", "nll" (mean, nats), "tokens" (scored), "units": {"kind": "perplexity",
     "unit", "nll": [sum per unit], "tokens": [count per unit]}}.
     """
+    return perplexities(model_logits(model, bottom), tokenizer, texts, max_tokens=max_tokens, window=window, stride=stride,
+                        batch_size=batch_size, unit=unit, progress=progress, entropy=entropy, device=next(model.parameters()).device)[None]
+
+
+def model_logits(model, bottom=None):
+    """The `logits_of` of `perplexities` for one model, keyed None (see `perplexity` for `bottom`)."""
     from modelalloy.evaluate.shared import forward
 
     model.eval()
@@ -99,8 +105,7 @@ def perplexity(
     def logits_of(input_ids, mask, batch):
         yield None, forward(model, input_ids, mask, batch, bottom)
 
-    return perplexities(logits_of, tokenizer, texts, max_tokens=max_tokens, window=window, stride=stride, batch_size=batch_size,
-                        unit=unit, progress=progress, entropy=entropy, device=next(model.parameters()).device)[None]
+    return logits_of
 
 
 @torch.inference_mode()

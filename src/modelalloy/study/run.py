@@ -77,13 +77,17 @@ class _Measurer:
         spec = self.spec
         return BottomSharing({"base": spec.base} | {f"{sp.name}@{i}": p for sp in spec.specialists for i, p in enumerate(sp.paths)})
 
+    def _set_progress(self, label: str, set_name: str):
+        """The scorer's progress(done, total) for one model (or family) on one set, or None."""
+        return (lambda d, t, _w=f"{label} / {set_name}": self.progress(_w, d, t)) if self.progress else None
+
     def measure(self, label: str, model: torch.nn.Module, sets: list[str], generate: bool) -> dict:
         """{"sets": {name: result} for the named sets, "repetition" (if `generate`), "meta"}."""
         depth_key = self.sharing.enter(label, model)
         results = {}
         for s in self.spec.sets:
             if s.name in sets:
-                cb = (lambda d, t, _w=f"{label} / {s.name}": self.progress(_w, d, t)) if self.progress else None
+                cb = self._set_progress(label, s.name)
                 bottom = self.sharing.bottom(s, depth_key, self.tok) if s.kind == "perplexity" else None
                 results[s.name] = score(model, self.tok, s, progress=cb, bottom=bottom, entropy=True)
         rep = repetition(greedy_continuations(model, self.prompts, self.spec.coherence.new_tokens)) if generate else None
@@ -98,7 +102,7 @@ class _Measurer:
         results: dict[tuple[str, ...], dict] = {tuple(s): {} for s in subsets}
         for s in self.spec.sets:
             if s.name in sets and s.kind == "perplexity":
-                cb = (lambda d, t, _w=f"{label} / {s.name}": self.progress(_w, d, t)) if self.progress else None
+                cb = self._set_progress(label, s.name)
                 bottom = self.sharing.bottom(s, depth_key, self.tok)
                 for subset, result in perplexity_set(family.logits_of(bottom), self.tok, s, progress=cb, entropy=True).items():
                     results[subset][s.name] = result
