@@ -270,3 +270,44 @@ def test_inputs_read_ahead_from_disk_or_from_the_page_cache_merge_alike(tmp_path
     a, b = open_checkpoint(str(tmp_path / "cold")), open_checkpoint(str(tmp_path / "warm"))
     for name in a.tensors:
         assert torch.equal(a.read(name), b.read(name)), name
+
+
+@pytest.mark.parametrize("method", ["ties", "dare_ties", "breadcrumbs"])
+def test_bfloat16_inputs_stream_as_stored_into_the_fused_kernels(tmp_path, method, monkeypatch):
+    """bf16 checkpoints merged in float32: the task-vector family takes the stored bf16 blocks
+    (widened exactly in its kernels, no float32 copy of each block) and writes the bits of the
+    whole-tensor path, which widens the tensors first."""
+    import json
+
+    from safetensors.torch import save_file
+
+    from modelalloy.methods.task_vector_merge import TaskVectorMerge
+
+    g = torch.Generator().manual_seed(8)
+    base = {"a.weight": torch.randn(24, 16, generator=g), "b.weight": torch.randn(40, generator=g)}
+    dirs = []
+    for i in range(3):
+        d = tmp_path / f"m{i}"
+        d.mkdir()
+        weights = {k: (v if i == 0 else v + torch.round(torch.randn(v.shape, generator=g) * 4) / 32).bfloat16() for k, v in base.items()}
+        save_file(weights, str(d / "model.safetensors"))
+        (d / "config.json").write_text(json.dumps({"model_type": "llama", "architectures": ["LlamaForCausalLM"]}))
+        dirs.append(str(d))
+    params = {"weight": 0.6, "density": 0.4} | ({"gamma": 0.05} if method == "breadcrumbs" else {})
+    config = {"merge_method": method, "base_model": dirs[0], "models": [{"model": dirs[0]}] + [{"model": d, "parameters": params} for d in dirs[1:]]}
+    parsed = modelalloy.parse_config(yaml.safe_dump(config))
+    seen = []
+    real_output = TaskVectorMerge.output
+    monkeypatch.setattr(TaskVectorMerge, "output", lambda self, block: (seen.append(block.base.dtype), real_output(self, block))[1])
+    monkeypatch.setattr(tensors, "block_rows", lambda spec: max(1, 48 // spec.row_length))
+    modelalloy.merge(parsed, tmp_path / "streamed", write_model_card=False, copy_tokenizer=False)
+    assert seen and set(seen) == {torch.bfloat16}
+    seen.clear()
+    monkeypatch.setattr(worker, "streams", lambda *a: False)
+    modelalloy.merge(parsed, tmp_path / "whole", write_model_card=False, copy_tokenizer=False)
+    assert set(seen) == {torch.float32}
+    a, b = open_checkpoint(str(tmp_path / "streamed")), open_checkpoint(str(tmp_path / "whole"))
+    for name in base:
+        assert a.read(name).dtype == torch.bfloat16
+        assert torch.equal(a.read(name).view(torch.int16), b.read(name).view(torch.int16)), name
+        assert not torch.equal(a.read(name), open_checkpoint(dirs[0]).read(name))

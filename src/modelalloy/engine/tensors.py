@@ -118,8 +118,10 @@ def stream_tensor(recipe: TensorRecipe, read: InputReader, plan: Plan, writer: S
     stored = {s: read.checkpoints[s.model].tensors[s.tensor].dtype for s in sources}
     spanned = {s: (id(recipe), s) for s in sources if spans is not None and (id(recipe), s) in spans}
     buffers = {s: torch.empty(rows * spec.row_length * stored[s].itemsize, dtype=torch.uint8) for s in sources}  # raw bytes, reused
-    # Inputs already in the config's dtype (or without one) are converted into reused buffers.
-    converted = {s: torch.empty(rows * spec.row_length, dtype=plan.compute_dtype) for s in sources if plan.input_dtype in (None, stored[s])}
+    # Inputs already in the config's dtype (or without one) are converted into reused buffers,
+    # unless the merge takes them as stored.
+    as_stored = merge.takes_bfloat16 and spec.dtype == torch.float32 and all(stored[s] == torch.bfloat16 and plan.input_dtype in (None, torch.bfloat16) for s in sources)
+    converted = {s: torch.empty(rows * spec.row_length, dtype=plan.compute_dtype) for s in sources if plan.input_dtype in (None, stored[s]) and not as_stored}
     for step in range(merge.passes + 1):
         with _naming(recipe):  # e.g. statistics that leave the method no answer
             merge.start(step)
@@ -137,7 +139,10 @@ def stream_tensor(recipe: TensorRecipe, read: InputReader, plan: Plan, writer: S
                         read.nonfinite.check(s.model, s.tensor, raw)
                     if s in hashes:
                         hashes[s].update(memoryview(raw.view(torch.uint8).numpy()))
-                value = converted[s][: raw.numel()].copy_(raw) if s in converted else to_compute_dtype(raw, plan)
+                if as_stored:
+                    value = raw
+                else:
+                    value = converted[s][: raw.numel()].copy_(raw) if s in converted else to_compute_dtype(raw, plan)
                 values[s] = value.reshape(-1, spec.row_length)
             block = Block(start, [values[s] for s in recipe.inputs], values[recipe.base] if recipe.base else None)
             with _naming(recipe):

@@ -75,6 +75,9 @@ class BlockMerge(ABC):
     # NaN too). The engine then skips its NaN check of the inputs, since the output's check fails
     # anyway, and checks a block's inputs only then, to name them.
     spreads_nonfinite: bool = False
+    # True when, computing in float32, it takes blocks of bfloat16 inputs as stored (and widens
+    # them exactly itself): the engine then skips converting each block to float32.
+    takes_bfloat16: bool = False
 
     def start(self, step: int) -> None:
         """Before each pass; the default has nothing to prepare."""

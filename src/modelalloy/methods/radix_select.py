@@ -8,8 +8,11 @@ from __future__ import annotations
 
 from collections.abc import Sequence
 
+import numpy as np
 import torch
 from torch import Tensor
+
+from modelalloy.methods import kernels
 
 _INT_OF = {torch.float32: torch.int32, torch.float64: torch.int64, torch.float16: torch.int16, torch.bfloat16: torch.int16}
 _DIGIT = 16  # radix digit width: 65536 bins per pass
@@ -24,9 +27,9 @@ class RadixSelect:
     pass over the data per 16 bits (2 for float32, 4 for float64), O(n), where a sort or
     kthvalue's quickselect needs the whole tensor in memory and dominated a whole TIES merge.
 
-    Per pass: `start(step)`, `observe(block)` for every block, and after the last pass `finish()`;
-    then `value[t]` is the k-th largest for `ks[t]`, `above[t]` how many entries exceed it and
-    `equal[t]` how many equal it.
+    Per pass: `start(step)`, `observe(block)` (or `observe_difference(x, base)`: |x − base|) for
+    every block, and after the last pass `finish()`; then `value[t]` is the k-th largest for
+    `ks[t]`, `above[t]` how many entries exceed it and `equal[t]` how many equal it.
     """
 
     def __init__(self, ks: Sequence[int], dtype: torch.dtype) -> None:
@@ -41,17 +44,35 @@ class RadixSelect:
         self._counts: dict[int, Tensor] = {}  # prefix -> histogram of the current digit
         self._equal = [0] * len(self.ks)
         self._step = -1
+        self._fused: np.ndarray | None = None  # this pass's histograms from the float32 kernel, per prefix
+
+    @property
+    def _prefixes(self) -> list[int]:
+        return list(dict.fromkeys(self._found))
 
     def start(self, step: int) -> None:
         if self._step >= 0:
             self._settle()
         self._step = step
         self._counts = {}
+        self._fused = None
+
+    def observe_difference(self, x: Tensor, base: Tensor) -> None:
+        """`observe(|x − base|)` without the temporaries: in float32 on the CPU, one pass of
+        `kernels.abs_delta_histogram` over the block (same counts); x and base may be bfloat16
+        (widened exactly in the kernel)."""
+        if self.dtype != torch.float32 or x.device.type != "cpu":
+            self.observe((x - base).abs())
+            return
+        prefixes = self._prefixes if self._step > 0 else []
+        if self._fused is None:
+            self._fused = np.zeros((max(1, len(prefixes)), 2**_DIGIT), dtype=np.int64)
+        kernels.abs_delta_histogram(kernels.kernel_array(x), kernels.kernel_array(base), kernels.scratch(base.numel()).view(np.uint32), self.shifts[self._step], np.array(prefixes, dtype=np.int64), self._fused)
 
     def observe(self, magnitude: Tensor) -> None:
         bits = magnitude.reshape(-1).view(self.int_dtype)
         shift = self.shifts[self._step]
-        for prefix in dict.fromkeys(self._found):
+        for prefix in self._prefixes:
             if self._step == 0:
                 chosen = bits
             else:  # only the entries that share the prefix found so far
@@ -67,6 +88,9 @@ class RadixSelect:
     def _settle(self) -> None:
         """Fix this pass's digit of every target from its histogram."""
         shift = self.shifts[self._step]
+        if self._fused is not None:
+            for prefix, counts in zip(self._prefixes if self._step > 0 else [0], self._fused):
+                self._counts[prefix] = self._counts[prefix] + torch.from_numpy(counts) if prefix in self._counts else torch.from_numpy(counts)
         for t, prefix in enumerate(self._found):
             counts = self._counts.get(prefix)
             if counts is None:

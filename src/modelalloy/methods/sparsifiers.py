@@ -17,8 +17,30 @@ import numpy as np
 import torch
 from torch import Tensor
 
+from modelalloy.methods import kernels
 from modelalloy.methods.blockwise import TensorSpec
 from modelalloy.methods.radix_select import RadixSelect
+
+
+@dataclass(frozen=True)
+class FusedKeep:
+    """What `kernels.merge_block` needs of one model's sparsifier for one block: a `kernels`
+    keep code; the two thresholds' comparison codes and values and the tie windows (value, skip,
+    stop) with their running counts `tie_seen` (the sparsifier's own array: the merge writes the
+    kernel's counts back), or a 0/1 mask; the keep-probability that inverse_p divides by."""
+
+    code: int
+    keep_probability: float = 1.0
+    low_compare: int = kernels.NO_COMPARE
+    low: float = 0.0
+    high_compare: int = kernels.NO_COMPARE
+    high: float = 0.0
+    tie_windows: tuple[tuple[float, int, int], ...] = ()
+    tie_seen: np.ndarray | None = None
+    mask: Tensor | None = None
+
+
+_COMPARE_CODES = {torch.ge: kernels.GREATER_EQUAL, torch.gt: kernels.GREATER}
 
 
 class Sparsifier:
@@ -32,12 +54,21 @@ class Sparsifier:
 
     passes = 0
     drops = False  # False: keeps every entry (no rescale either)
+    fusable = True  # has a `fused_keep` for every block
 
     def start(self, step: int) -> None:
         pass
 
     def observe(self, delta: Tensor) -> None:
         pass
+
+    def observe_difference(self, x: Tensor, base: Tensor) -> None:
+        """`observe(x − base)`; a sparsifier may fuse the two."""
+        self.observe(x - base)
+
+    def fused_keep(self, x: Tensor, base: Tensor) -> FusedKeep:
+        """In place of `sparsify_(x − base)` for the fused kernel: how this block is kept."""
+        return FusedKeep(kernels.KEEP_ALL)
 
     def sparsify_(self, delta: Tensor) -> float | Tensor:
         """Zero the dropped entries of `delta` in place; returns the keep-probability (a number
@@ -53,6 +84,9 @@ class DropAll(Sparsifier):
     def sparsify_(self, delta: Tensor) -> float | Tensor:
         delta.zero_()
         return 1.0
+
+    def fused_keep(self, x: Tensor, base: Tensor) -> FusedKeep:
+        return FusedKeep(kernels.DROP_ALL)
 
 
 class RankWindow(Sparsifier):
@@ -79,7 +113,7 @@ class RankWindow(Sparsifier):
         if step == self.passes:
             self.select.finish()
             self._cuts()
-        self.seen = [0] * len(self.windows)
+        self.seen = np.zeros(len(self.windows), dtype=np.int64)
 
     def _cuts(self) -> None:
         """Comparisons that keep the untied entries, and the tied entries to keep by index:
@@ -108,6 +142,15 @@ class RankWindow(Sparsifier):
 
     def observe(self, delta: Tensor) -> None:
         self.select.observe(delta.abs())
+
+    def observe_difference(self, x: Tensor, base: Tensor) -> None:
+        self.select.observe_difference(x, base)
+
+    def fused_keep(self, x: Tensor, base: Tensor) -> FusedKeep:
+        ties = tuple((value, skip, skip + count) for value, skip, count in self.windows)
+        low_compare, low = (_COMPARE_CODES[self.lower[0]], self.lower[1]) if self.lower else (kernels.NO_COMPARE, 0.0)
+        high_compare, high = (_COMPARE_CODES[self.upper[0]], self.upper[1]) if self.upper else (kernels.NO_COMPARE, 0.0)
+        return FusedKeep(kernels.KEEP_BY_THRESHOLDS, self.density, low_compare, low, high_compare, high, ties, self.seen)
 
     def keep(self, magnitude: Tensor) -> Tensor:
         """The 0/1 mask (magnitude's dtype) of this block's kept entries."""
@@ -164,23 +207,29 @@ class RandomKeep(Sparsifier):
     def replaying(self) -> bool:
         return self._replay is not None
 
-    def keep_where_below(self, delta: Tensor, probability: float | Tensor) -> None:
-        """δ ⊙ [u < probability], u uniform float32 draws (compared in float32, on the CPU)."""
+    def keep_mask(self, shape: torch.Size, probability: float | Tensor) -> Tensor:
+        """The next block's mask [u < probability] on the CPU, u uniform float32 draws (compared
+        in float32): float32 0/1, or uint8 0/1 when replayed."""
         if self._replay is not None:
-            bits = np.unpackbits(self._replay.pop(), count=delta.numel())
-            delta.mul_(torch.from_numpy(bits).reshape(delta.shape).to(delta.device))
-            return
-        draws = torch.rand(delta.shape, generator=self.generator, dtype=torch.float32, device="cpu")
+            return torch.from_numpy(np.unpackbits(self._replay.pop(), count=shape.numel())).reshape(shape)
+        draws = torch.rand(shape, generator=self.generator, dtype=torch.float32, device="cpu")
         if isinstance(probability, Tensor):
             probability = probability.to(device="cpu", dtype=torch.float32)
         mask = torch.lt(draws, probability, out=draws)
         if self._recorded is not None:
             self._recorded.append(np.packbits(mask.numpy().reshape(-1).astype(bool)))
-        delta.mul_(mask.to(device=delta.device, dtype=delta.dtype))
+        return mask
+
+    def keep_where_below(self, delta: Tensor, probability: float | Tensor) -> None:
+        """δ ⊙ [u < probability] (`keep_mask`)."""
+        delta.mul_(self.keep_mask(delta.shape, probability).to(device=delta.device, dtype=delta.dtype))
 
     def sparsify_(self, delta: Tensor) -> float | Tensor:
         self.keep_where_below(delta, self.density)
         return self.density
+
+    def fused_keep(self, x: Tensor, base: Tensor) -> FusedKeep:
+        return FusedKeep(kernels.KEEP_BY_MASK, self.density, mask=self.keep_mask(x.shape, self.density))
 
 
 # Rows per DELLA chunk: ranking needs two int64 argsorts per entry, so rank a few million
@@ -211,6 +260,8 @@ def della_keep_probability(delta: Tensor, density: float, epsilon: float) -> Ten
 
 class DellaKeep(RandomKeep):
     """DELLA's MagPrune: per-row keep-probabilities by magnitude rank (blocks are whole rows)."""
+
+    fusable = False  # per-entry keep-probabilities: the torch path
 
     def __init__(self, density: float, epsilon: float, seed: int) -> None:
         super().__init__(density, seed)

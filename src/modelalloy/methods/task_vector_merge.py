@@ -25,9 +25,11 @@ from __future__ import annotations
 import warnings
 from typing import Any
 
+import numpy as np
 import torch
 from torch import Tensor
 
+from modelalloy.methods import kernels
 from modelalloy.methods.blockwise import Block, BlockMerge, TensorSpec
 from modelalloy.methods.sparsifiers import MAGNITUDE, MAGNITUDE_OUTLIERS, RandomKeep, SparsifierKind, make_sparsifier
 
@@ -82,6 +84,10 @@ class TaskVectorMerge(BlockMerge):
                 s.reuse_masks = self.l1
         self.passes = self.statistics_passes + self.l1  # the l1 rescale needs ‖δ‖₁ before and after the mask
         self.scale = [1.0] * count
+        # float32 on the CPU: one fused kernel per block (`kernels.merge_block`, the same
+        # operations in the same order, ~4× less CPU); the rest keeps the torch path below.
+        self.fused = spec.dtype == torch.float32 and spec.device.type == "cpu" and consensus in (None, "sum") and all(s.fusable for s in self.sparsifiers)
+        self.takes_bfloat16 = self.fused
 
     def start(self, step: int) -> None:
         self.step = step
@@ -95,10 +101,10 @@ class TaskVectorMerge(BlockMerge):
 
     def observe(self, block: Block) -> None:
         for i, (x, s) in enumerate(zip(block.inputs, self.sparsifiers)):
-            delta = x - block.base
             if self.step < s.passes:
-                s.observe(delta)
+                s.observe_difference(x, block.base)
             elif self.step == self.statistics_passes and s.drops:  # the l1 pass
+                delta = x.float() - block.base.float() if self.fused else x - block.base  # fused: maybe bf16 blocks
                 self.before[i] += float(delta.abs().sum(dtype=torch.float64))
                 s.sparsify_(delta)
                 self.after[i] += float(delta.abs().sum(dtype=torch.float64))
@@ -115,7 +121,57 @@ class TaskVectorMerge(BlockMerge):
                 delta.div_(keep_probability)
         return delta.mul_(self.weight[i])
 
+    def _fused_output(self, block: Block) -> Tensor:
+        base = block.base
+        keeps = [s.fused_keep(x, base) for x, s in zip(block.inputs, self.sparsifiers)]
+        rescale, rescale_by = [kernels.RESCALE_NONE] * len(keeps), [1.0] * len(keeps)
+        for i, (s, keep) in enumerate(zip(self.sparsifiers, keeps)):
+            if s.drops and self.rescale == "l1":
+                rescale[i], rescale_by[i] = kernels.RESCALE_SCALE, self.scale[i]
+            elif s.drops and self.rescale == "inverse_p":
+                rescale[i], rescale_by[i] = kernels.RESCALE_DIVIDE, keep.keep_probability
+        tie_value = np.zeros((len(keeps), 2), dtype=np.float32)
+        tie_skip, tie_stop, tie_seen = (np.zeros((len(keeps), 2), dtype=np.int64) for _ in range(3))
+        for i, keep in enumerate(keeps):
+            for t, (value, skip, stop) in enumerate(keep.tie_windows):
+                tie_value[i, t], tie_skip[i, t], tie_stop[i, t], tie_seen[i, t] = value, skip, stop, keep.tie_seen[t]
+        no_mask = np.zeros(1, dtype=np.float32)
+        masks = tuple(no_mask if k.mask is None else k.mask.to(torch.float32).reshape(-1).numpy() for k in keeps)
+        out = torch.empty(base.shape, dtype=torch.float32)
+        divisor = sum(self.weight)
+        kernels.merge_block(
+            tuple(kernels.kernel_array(x) for x in block.inputs),
+            kernels.kernel_array(base),
+            masks,
+            out.view(-1).numpy(),
+            kernels.scratch((len(keeps) + 2) * base.numel()),
+            np.array([k.code for k in keeps], dtype=np.int64),
+            np.array([k.low_compare for k in keeps], dtype=np.int64),
+            np.array([k.low for k in keeps], dtype=np.float32),
+            np.array([k.high_compare for k in keeps], dtype=np.int64),
+            np.array([k.high for k in keeps], dtype=np.float32),
+            tie_value,
+            tie_skip,
+            tie_stop,
+            tie_seen,
+            np.array(rescale, dtype=np.int64),
+            np.array(rescale_by, dtype=np.float32),
+            np.array(self.weight, dtype=np.float32),
+            self.consensus is not None,
+            self.normalize,
+            np.float32(self.divisor_eps if min(self.weight) >= self.divisor_eps else _DIVISOR_EPS),
+            min(self.weight) >= self.divisor_eps,
+            np.float32(divisor if abs(divisor) >= _DIVISOR_EPS else 1.0),
+            np.float32(self.lambda_),
+        )
+        for i, keep in enumerate(keeps):
+            if keep.tie_windows:
+                keep.tie_seen[:] = tie_seen[i, : len(keep.tie_windows)]
+        return out
+
     def output(self, block: Block) -> Tensor:
+        if self.fused:
+            return self._fused_output(block)
         base, weight = block.base, self.weight
         acc = torch.float32 if self.low else base.dtype  # what sums accumulate in
         if self.consensus is None:

@@ -1,0 +1,263 @@
+"""Fused CPU kernels for the task-vector family's float32 blocks (numba).
+
+The torch path (`task_vector_merge.py`, `sparsifiers.py`, `radix_select.py`) runs a dozen
+elementwise operations per model over each block, each writing a temporary; these kernels make
+one pass over a block's entries with the same float32 operations in the same order, so their
+results are bit-identical (tests compare them on many tensors). They cover the float32 compute
+dtype on the CPU (the default): a 16-bit compute dtype, CUDA, the majority-count consensus and
+DELLA's per-entry keep-probabilities keep the torch path.
+
+Inputs may be float32 arrays or bfloat16 bits (uint16 arrays: the stored bytes of a bf16
+checkpoint, widened in the kernel exactly as torch's conversion does), so a merge of bf16 models
+computing in float32 never materialises float32 copies of its inputs.
+
+The kernels are serial and release the GIL: the engine's workers run one per core.
+"""
+
+from __future__ import annotations
+
+import threading
+
+import numba
+import numpy as np
+import torch
+from llvmlite import ir
+from numba.core import types
+from numba.extending import intrinsic, overload
+
+# How a model's entry is kept before the weights (`merge_block`'s `keep` codes).
+KEEP_ALL = 0  # no sparsifier: δ as it is
+KEEP_BY_THRESHOLDS = 1  # RankWindow without ties to resolve here: the two comparisons
+KEEP_BY_MASK = 2  # a given 0/1 mask (DARE's draws, RankWindow's tied entries): δ · mask
+DROP_ALL = 3  # zeroed (a density that keeps no entry)
+
+# Comparison codes of a threshold.
+NO_COMPARE, GREATER_EQUAL, GREATER = 0, 1, 2
+
+# Rescales after dropping (`rescale` codes).
+RESCALE_NONE, RESCALE_SCALE, RESCALE_DIVIDE = 0, 1, 2
+
+def kernel_array(t: torch.Tensor) -> np.ndarray:
+    """A CPU float32 or bfloat16 tensor as a flat array the kernels read (bf16 as its uint16 bits);
+    no copy when it is contiguous."""
+    flat = t.detach().reshape(-1)
+    return flat.view(torch.int16).numpy().view(np.uint16) if flat.dtype == torch.bfloat16 else flat.numpy()
+
+
+KERNEL_DTYPES = (torch.float32, torch.bfloat16)  # what `kernel_array` takes
+
+_scratch = threading.local()
+
+
+def scratch(entries: int) -> np.ndarray:
+    """A float32 buffer of `entries` for this thread's kernels, reused from call to call (a fresh
+    buffer of a block's size is page-faulted in on every call: twice a kernel's time)."""
+    buffer = getattr(_scratch, "buffer", None)
+    if buffer is None or buffer.size < entries:
+        buffer = _scratch.buffer = np.empty(entries, dtype=np.float32)
+    return buffer[:entries]
+
+
+@intrinsic
+def _float32_from_bits(typingctx, bits):
+    """The float32 whose bit pattern is the uint32 `bits`."""
+    def codegen(context, builder, signature, args):
+        return builder.bitcast(args[0], ir.FloatType())
+
+    return types.float32(types.uint32), codegen
+
+
+@intrinsic
+def _bits_of_float32(typingctx, value):
+    """The bit pattern of the float32 `value`, as uint32."""
+    def codegen(context, builder, signature, args):
+        return builder.bitcast(args[0], ir.IntType(32))
+
+    return types.uint32(types.float32), codegen
+
+
+def _load(a, j):
+    """Entry j of a float32 array, or of bfloat16 bits (uint16) widened to float32."""
+
+
+@overload(_load, inline="always")
+def _load_overload(a, j):
+    if a.dtype == types.uint16:
+        return lambda a, j: _float32_from_bits(np.uint32(a[j]) << np.uint32(16))
+    return lambda a, j: a[j]
+
+
+_OPTIONS = {"nogil": True, "cache": True, "error_model": "numpy", "boundscheck": False}
+
+
+@numba.njit(**_OPTIONS)
+def abs_delta_histogram(x, base, magnitude_bits, shift, prefixes, counts):
+    """Histogram of one 16-bit digit of |x − base|'s float32 bits, added to `counts`.
+
+    `magnitude_bits` is uint32 scratch of the block's size (the magnitudes first, then the
+    histogram: two loops run twice as fast as one). `shift` is the digit's lowest bit; with an
+    empty `prefixes` every entry counts (the top digit), else `counts[p]` counts the entries
+    whose bits above the digit equal `prefixes[p]`'s (RadixSelect's later passes)."""
+    n = base.size
+    for j in range(n):
+        magnitude_bits[j] = _bits_of_float32(abs(_load(x, j) - _load(base, j)))
+    if prefixes.size == 0:
+        row = counts[0]
+        for j in range(n):
+            row[(magnitude_bits[j] >> shift) & 0xFFFF] += 1
+        return
+    high = shift + 16
+    for p in range(prefixes.size):
+        top = np.uint32(prefixes[p]) >> high
+        row = counts[p]
+        for j in range(n):
+            bits = magnitude_bits[j]
+            if (bits >> high) == top:
+                row[(bits >> shift) & 0xFFFF] += 1
+
+
+@numba.njit(**_OPTIONS)
+def _kept_delta(x, base, row, code, low_compare, low, high_compare, high, mask, tie_value, tie_skip, tie_stop, tie_seen):
+    """row = one model's δ = x − base after its sparsifier (before the rescale), as the torch
+    path computes it: δ · mask, the mask 0/1 in float32 (zero_() for DROP_ALL).
+
+    Thresholds: the mask is [|δ| `low_compare` low] − [|δ| `high_compare` high]; then, for each
+    tie window t (RankWindow's: of the entries with |δ| = tie_value[t], in index order, keep those
+    whose count `tie_seen[t]` is in [tie_skip[t], tie_stop[t])), 1 on the kept tied entries;
+    `tie_seen` is advanced past this block. A window already passed is given as tie_stop = 0."""
+    n = base.size
+    if code == DROP_ALL:
+        for j in range(n):
+            row[j] = 0.0
+        return
+    if code == KEEP_ALL:
+        for j in range(n):
+            row[j] = _load(x, j) - _load(base, j)
+        return
+    if code == KEEP_BY_MASK:
+        for j in range(n):
+            row[j] = (_load(x, j) - _load(base, j)) * mask[j]
+        return
+    one, zero = np.float32(1.0), np.float32(0.0)
+    low_ge, low_gt = low_compare == GREATER_EQUAL, low_compare == GREATER
+    high_ge, high_gt = high_compare == GREATER_EQUAL, high_compare == GREATER
+    for j in range(n):
+        d = _load(x, j) - _load(base, j)
+        magnitude = abs(d)
+        keep = one if (low_ge and magnitude >= low) or (low_gt and magnitude > low) else zero
+        drop = one if (high_ge and magnitude >= high) or (high_gt and magnitude > high) else zero
+        row[j] = d * (keep - drop)
+    for t in range(tie_value.size):
+        if tie_seen[t] >= tie_stop[t]:
+            continue
+        value, seen = tie_value[t], tie_seen[t]
+        for j in range(n):
+            d = _load(x, j) - _load(base, j)
+            if abs(d) == value:
+                if tie_skip[t] <= seen < tie_stop[t]:
+                    row[j] = d
+                seen += 1
+        tie_seen[t] = seen
+
+
+@numba.njit(**_OPTIONS)
+def _elect_signs(deltas, sign, out, agreeing_weight):
+    """sign = copysign(1, Σ_i deltas[i]) (summed in model order); out = 0 and agreeing_weight = 0."""
+    one, zero = np.float32(1.0), np.float32(0.0)
+    n = sign.size
+    for j in range(n):
+        sign[j] = deltas[0, j]
+    for i in range(1, deltas.shape[0]):
+        row = deltas[i]
+        for j in range(n):
+            sign[j] = sign[j] + row[j]
+    for j in range(n):
+        sign[j] = np.copysign(one, sign[j])
+        out[j] = zero
+        agreeing_weight[j] = zero
+
+
+@numba.njit(**_OPTIONS)
+def _add_agreeing(row, w, sign, out, agreeing_weight):
+    """out += max(row·sign, 0); agreeing_weight += w where that is > 0."""
+    one, zero = np.float32(1.0), np.float32(0.0)
+    for j in range(out.size):
+        agreeing = row[j] * sign[j]
+        agreeing = zero if agreeing < zero else agreeing  # NaN stays NaN, as clamp_min keeps it
+        out[j] = out[j] + agreeing
+        agreeing_weight[j] = agreeing_weight[j] + w * (one if agreeing > zero else zero)
+
+
+@numba.njit(**_OPTIONS)
+def _signed_quotient(out, sign, agreeing_weight, divisor_floor, clamp_divisor):
+    """out = out·sign ÷ agreeing_weight, the divisor floored (`clamp_divisor`) or 1 where under the floor."""
+    one = np.float32(1.0)
+    n = out.size
+    if clamp_divisor:
+        for j in range(n):
+            divide_by = agreeing_weight[j]
+            divide_by = divisor_floor if divide_by < divisor_floor else divide_by
+            out[j] = (out[j] * sign[j]) / divide_by
+    else:
+        for j in range(n):
+            divide_by = agreeing_weight[j]
+            divide_by = one if abs(divide_by) < divisor_floor else divide_by
+            out[j] = (out[j] * sign[j]) / divide_by
+
+
+@numba.njit(**_OPTIONS)
+def merge_block(xs, base, masks, out, scratch, keep, low_compare, low, high_compare, high, tie_value, tie_skip, tie_stop, tie_seen, rescale, rescale_by, weight, consensus, normalize, divisor_floor, clamp_divisor, divisor, lambda_):
+    """One output block of the task-vector family in float32, into `out`.
+
+    Per model i (`xs[i]`, flat float32 or bf16 bits like `base`; `out` float32): δ = x − base, kept by `keep[i]`
+    (thresholds `low`/`high` with their comparison codes and the tie windows in row i of the
+    `tie_*` arrays (`_kept_delta`), or `masks[i]`), rescaled (× or ÷
+    `rescale_by[i]`), × `weight[i]`. Without `consensus`: Σ D_i, ÷ `divisor` if `normalize`.
+    With it (TIES, sum of mass): s = copysign(1, Σ D_i); Σ max(D_i·s, 0), × s, ÷ the agreeing
+    weights (floored at `divisor_floor` if `clamp_divisor`, else 1 where under it) if `normalize`.
+    Then × `lambda_` (when ≠ 1) and + base. `xs` and `masks` are tuples of equal-typed arrays;
+    `scratch` is float32 of at least (models + 2) × n entries (`scratch()`).
+    Models outer, entries inner: every inner loop is branch-free and vectorises."""
+    models, n = len(xs), base.size
+    one = np.float32(1.0)
+    deltas = scratch[: models * n].reshape((models, n))
+    for i in range(models):
+        row = deltas[i]
+        _kept_delta(xs[i], base, row, keep[i], low_compare[i], low[i], high_compare[i], high[i], masks[i], tie_value[i], tie_skip[i], tie_stop[i], tie_seen[i])
+        if rescale[i] == RESCALE_SCALE:
+            by = rescale_by[i]
+            for j in range(n):
+                row[j] = row[j] * by
+        elif rescale[i] == RESCALE_DIVIDE:
+            by = rescale_by[i]
+            for j in range(n):
+                row[j] = row[j] / by
+        w = weight[i]
+        for j in range(n):
+            row[j] = row[j] * w
+    if consensus:
+        sign = scratch[models * n : (models + 1) * n]
+        agreeing_weight = scratch[(models + 1) * n : (models + 2) * n]
+        _elect_signs(deltas, sign, out, agreeing_weight)
+        for i in range(models):
+            _add_agreeing(deltas[i], weight[i], sign, out, agreeing_weight)
+        if normalize:
+            _signed_quotient(out, sign, agreeing_weight, divisor_floor, clamp_divisor)
+        else:
+            for j in range(n):
+                out[j] = out[j] * sign[j]
+    else:
+        for j in range(n):
+            out[j] = deltas[0, j]
+        for i in range(1, models):
+            row = deltas[i]
+            for j in range(n):
+                out[j] = out[j] + row[j]
+        if normalize:
+            for j in range(n):
+                out[j] = out[j] / divisor
+    if lambda_ != one:
+        for j in range(n):
+            out[j] = out[j] * lambda_
+    for j in range(n):
+        out[j] = out[j] + _load(base, j)
