@@ -133,3 +133,27 @@ def test_what_the_kernels_do_not_cover_keeps_the_torch_path(name):
         assert not method.block_merge(TensorSpec((8, 8), torch.bfloat16, torch.device("cpu")), **params).fused
     else:  # per-entry keep-probabilities
         assert not method.block_merge(TensorSpec((8, 8), torch.float32, torch.device("cpu")), seed=0, **params).fused
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+@pytest.mark.parametrize("n", [1, 7, 8, 9, 1000])
+@pytest.mark.parametrize("density", [0.7, 0.1])
+def test_the_l1_kernel_packs_the_masks_and_sums_like_numpy(dtype, n, density):
+    g = torch.Generator().manual_seed(n)
+    base = torch.randn(n, generator=g).to(dtype)
+    x = (base.float() + 0.1 * torch.randn(n, generator=g)).to(dtype)
+    if n > 8:
+        x[3] = float("inf")  # δ·0 is NaN: the kept sum turns NaN when entry 3 is dropped, as torch's does
+    draws = torch.rand(n, generator=g)
+    draws[0] = float(np.float32(density))  # at the threshold: float32 comparison drops it
+    bits = np.full(-(-n // 8), 0xFF, dtype=np.uint8)
+    before, after = kernels.l1_sums_with_mask_bits(kernels.kernel_array(x), kernels.kernel_array(base), draws.numpy(), np.float32(density), bits)
+
+    delta = x.float().numpy() - base.float().numpy()
+    mask = draws.numpy() < np.float32(density)
+    assert not mask[0]
+    np.testing.assert_array_equal(bits, np.packbits(mask))
+    with np.errstate(invalid="ignore"):
+        kept = delta * mask.astype(np.float32)
+    np.testing.assert_allclose([before, after], [np.abs(delta.astype(np.float64)).sum(), np.abs(kept.astype(np.float64)).sum()], rtol=1e-12)
+

@@ -10,8 +10,9 @@ direct I/O), eight requests of up to 64 MiB in flight (measured: 2.0-2.1 GB/s, 1
 
 Direct reads fill no page cache for a second look, so a merge with statistics passes (TIES,
 SLERP, ...) keeps every span of its recipe until the recipe is done, and re-reads the spans
-(1.1B TIES, cold: 22.3-23.3 s -> 16.7-17.1 s, 38 -> 27 CPU-seconds). A recipe too large for half
-the buffers is left to the page cache (two workers must each be able to hold one). Where the
+(1.1B TIES, cold: 22.3-23.3 s -> 16.7-17.1 s, 38 -> 27 CPU-seconds). The buffers grow for such
+recipes up to the budget plus twice the largest input tensor; a recipe still too large for half
+of them is left to the page cache (two workers must each be able to hold one). Where the
 inputs are read three times or more, their cached spans are copied in too: once, by a reading
 thread, instead of once per pass by the worker (warm TIES 16.3-16.8 s -> 15.3-15.6 s; for two
 reads it does not pay, warm SLERP 5.8-6.5 s -> 6.3-6.7 s).
@@ -51,13 +52,14 @@ class SpanSource:
 
 
 class SpanReader:
-    """Reads `recipes[i]` (a list of (key, SpanSource)) for i = 0, 1, … with `READERS` threads into at
-    most `budget` bytes of reused, aligned buffers; `read(key, start, stop)` hands out a block.
+    """Reads `recipes[i]` (a list of (key, SpanSource)) for i = 0, 1, … with `READERS` threads into
+    `budget` bytes of reused, aligned buffers (more, up to `budget` + 2 × the largest input tensor,
+    where a recipe read in passes needs them); `read(key, start, stop)` hands out a block.
 
     A block never straddles two spans (spans are whole blocks). A span is given back when its
     key's next span is read, or at `release(key)` when the recipe is done with the key; a source
     read more than once keeps all its spans until then. A recipe with such a source whose spans
-    need more than half the buffers is not served (`key in reader` is false for its keys).
+    need more than half the buffers, even grown, is not served (`key in reader` is false for its keys).
     """
 
     def __init__(self, recipes: Sequence[Sequence[tuple[Hashable, SpanSource]]], *, budget: int = BUFFER_BUDGET, readers: int = READERS) -> None:
@@ -65,14 +67,24 @@ class SpanReader:
         # Enough buffers for a recipe to hold one span of every input while the next ones are read.
         count = max(MIN_SPANS, 2 * widest + 1)
         self._span_bytes = max(ALIGN, align_down(min(SPAN_BYTES, budget // count)))
+        span_lens = [{key: max(1, self._span_bytes // source.granule) * source.granule for key, source in recipe} for recipe in recipes]
+        held = [sum(-(-source.nbytes // span_len[key]) for key, source in recipe) for recipe, span_len in zip(recipes, span_lens)]
+        multi_pass = [any(source.reads > 1 for _, source in recipe) for recipe in recipes]
+        # A recipe read in passes holds all its spans, and two workers must each be able to hold
+        # one, plus a span for the next: the buffers grow for the largest such recipe, up to the
+        # budget plus twice the largest input tensor (so memory stays within 1 GB + 3 × the
+        # largest tensor). A 7B's MLP tensors (6 spans for 3 models) are then held, not re-read
+        # through the page cache at each pass.
+        largest = max((source.nbytes for recipe in recipes for _, source in recipe), default=0)
+        limit = (budget + 2 * largest) // self._span_bytes
+        count = max([count, *(2 * h + 1 for h, m in zip(held, multi_pass) if m and 2 * h + 1 <= limit)])
         self._capacity = count
         self._sources: dict[Hashable, SpanSource] = {}
         self._span_len: dict[Hashable, int] = {}
         self._jobs: list[tuple[Hashable, int]] = []
-        for recipe in recipes:
-            span_len = {key: max(1, self._span_bytes // source.granule) * source.granule for key, source in recipe}
+        for recipe, span_len, h, m in zip(recipes, span_lens, held, multi_pass):
             spans = {key: -(-source.nbytes // span_len[key]) for key, source in recipe}
-            if any(source.reads > 1 for _, source in recipe) and sum(spans.values()) > count // 2:
+            if m and h > count // 2:
                 continue  # held whole, it could keep the other worker from any buffer
             for key, source in recipe:
                 self._sources[key] = source

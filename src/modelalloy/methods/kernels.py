@@ -261,3 +261,27 @@ def merge_block(xs, base, masks, out, scratch, keep, low_compare, low, high_comp
             out[j] = out[j] * lambda_
     for j in range(n):
         out[j] = out[j] + _load(base, j)
+
+
+@numba.njit(**_OPTIONS)
+def l1_sums_with_mask_bits(x, base, draws, probability, bits):
+    """DARE's l1 pass over one block: (Σ|δ|, Σ|δ · m|) with δ = x − base and the mask
+    m = [draw < probability] (float32 comparison, as torch's), written as packed bits into
+    `bits` (`np.packbits`' layout: entry 8k+j is bit 7−j of byte k, the last byte's spare bits 0).
+    The sums accumulate in float64 in index order (torch sums in its own order: the two may
+    differ in the last bits of a float64, far below the float32 scale they give)."""
+    n = base.size
+    before = 0.0
+    after = 0.0
+    for k in range(bits.size):
+        byte = 0
+        for j in range(min(8, n - 8 * k)):
+            i = 8 * k + j
+            delta = _load(x, i) - _load(base, i)
+            keep = draws[i] < probability
+            if keep:
+                byte |= 128 >> j
+            before += abs(delta)
+            after += abs(delta * np.float32(1.0 if keep else 0.0))  # δ·0 as torch has it: NaN for ±Inf
+        bits[k] = byte
+    return before, after

@@ -88,6 +88,7 @@ class TaskVectorMerge(BlockMerge):
         # operations in the same order, ~4× less CPU); the rest keeps the torch path below.
         self.fused = spec.dtype == torch.float32 and spec.device.type == "cpu" and consensus in (None, "sum") and all(s.fusable for s in self.sparsifiers)
         self.takes_bfloat16 = self.fused
+        self.compute_dtype = spec.dtype
 
     def start(self, step: int) -> None:
         self.step = step
@@ -104,10 +105,9 @@ class TaskVectorMerge(BlockMerge):
             if self.step < s.passes:
                 s.observe_difference(x, block.base)
             elif self.step == self.statistics_passes and s.drops:  # the l1 pass
-                delta = x.float() - block.base.float() if self.fused else x - block.base  # fused: maybe bf16 blocks
-                self.before[i] += float(delta.abs().sum(dtype=torch.float64))
-                s.sparsify_(delta)
-                self.after[i] += float(delta.abs().sum(dtype=torch.float64))
+                before, after = s.fused_l1_sums(x, block.base) if self.fused else s.l1_sums(x, block.base, self.compute_dtype)
+                self.before[i] += before
+                self.after[i] += after
 
     def _weighted_delta(self, i: int, x: Tensor, base: Tensor) -> Tensor:
         """D_i = w_i · rescaled(δ_i ⊙ mask_i); a fresh tensor (later steps work in place)."""
