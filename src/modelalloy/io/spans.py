@@ -68,7 +68,8 @@ class SpanReader:
         count = max(MIN_SPANS, 2 * widest + 1)
         self._span_bytes = max(ALIGN, align_down(min(SPAN_BYTES, budget // count)))
         span_lens = [{key: max(1, self._span_bytes // source.granule) * source.granule for key, source in recipe} for recipe in recipes]
-        held = [sum(-(-source.nbytes // span_len[key]) for key, source in recipe) for recipe, span_len in zip(recipes, span_lens)]
+        span_counts = [{key: -(-source.nbytes // span_len[key]) for key, source in recipe} for recipe, span_len in zip(recipes, span_lens)]
+        held = [sum(spans.values()) for spans in span_counts]
         multi_pass = [any(source.reads > 1 for _, source in recipe) for recipe in recipes]
         # A recipe read in passes holds all its spans, and two workers must each be able to hold
         # one, plus a span for the next: the buffers grow for the largest such recipe, up to the
@@ -82,8 +83,7 @@ class SpanReader:
         self._sources: dict[Hashable, SpanSource] = {}
         self._span_len: dict[Hashable, int] = {}
         self._jobs: list[tuple[Hashable, int]] = []
-        for recipe, span_len, h, m in zip(recipes, span_lens, held, multi_pass):
-            spans = {key: -(-source.nbytes // span_len[key]) for key, source in recipe}
+        for recipe, span_len, spans, h, m in zip(recipes, span_lens, span_counts, held, multi_pass):
             if m and h > count // 2:
                 continue  # held whole, it could keep the other worker from any buffer
             for key, source in recipe:

