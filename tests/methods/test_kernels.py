@@ -72,7 +72,9 @@ def _bits(t):
 
 @pytest.mark.parametrize(("name", "params"), CASES, ids=[f"{n}-{i}" for i, (n, _) in enumerate(CASES)])
 @pytest.mark.parametrize("tied", [True, False])
-@pytest.mark.parametrize(("shape", "rows_per_block"), [((7,), 1), ((256,), 1), ((64, 33), 5), ((40, 96), 40)])
+# The last: blocks of 9600 entries, in tiles of TILE (4096): tie windows opening, closing and
+# wholly inside or outside a tile.
+@pytest.mark.parametrize(("shape", "rows_per_block"), [((7,), 1), ((256,), 1), ((64, 33), 5), ((40, 96), 40), ((96, 200), 48)])
 def test_fused_kernels_give_the_torch_paths_bits(name, params, tied, shape, rows_per_block):
     base, fts = _models(shape, tied=tied)
     wide_base, wide = base.float(), [t.float() for t in fts]
@@ -157,3 +159,14 @@ def test_the_l1_kernel_packs_the_masks_and_sums_like_numpy(dtype, n, density):
         kept = delta * mask.astype(np.float32)
     np.testing.assert_allclose([before, after], [np.abs(delta.astype(np.float64)).sum(), np.abs(kept.astype(np.float64)).sum()], rtol=1e-12)
 
+
+
+@pytest.mark.parametrize("seed", [0, 7, 2**40 + 3, -5])
+def test_the_draws_are_torch_rands(seed):
+    """Call after call, across the generator's 624-word refills and at odd sizes."""
+    draws = kernels.UniformDraws(seed)
+    generator = torch.Generator().manual_seed(seed)
+    for shape in [(5,), (1000,), (624,), (3, 7), (1 << 18,), (1,), (623,), (2, 1250)]:
+        ours = draws.draw(shape)
+        assert ours.shape == shape and ours.dtype == torch.float32
+        assert torch.equal(ours, torch.rand(shape, generator=generator))

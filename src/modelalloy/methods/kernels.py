@@ -87,6 +87,10 @@ def _load_overload(a, j):
     return lambda a, j: a[j]
 
 
+# Entries per tile of `merge_block`: its (models + 2) float32 rows of scratch stay in L1/L2 (measured,
+# two bf16 fine-tunes, 2^18-entry blocks: 2.03 ns per entry untiled, 1.68 with 4096, 1.71 with 16384).
+TILE = 4096
+
 _OPTIONS = {"nogil": True, "cache": True, "error_model": "numpy", "boundscheck": False}
 
 
@@ -151,13 +155,23 @@ def _kept_delta(x, base, row, code, low_compare, low, high_compare, high, mask, 
         if tie_seen[t] >= tie_stop[t]:
             continue
         value, seen = tie_value[t], tie_seen[t]
-        for j in range(n):
-            d = _load(x, j) - _load(base, j)
-            if abs(d) == value:
-                if tie_skip[t] <= seen < tie_stop[t]:
-                    row[j] = d
-                seen += 1
-        tie_seen[t] = seen
+        ties = 0
+        for j in range(n):  # a branch-free count first: mostly a whole tile is in or out of the window
+            ties += 1 if abs(_load(x, j) - _load(base, j)) == value else 0
+        if ties == 0 or seen + ties <= tie_skip[t]:
+            pass
+        elif tie_skip[t] <= seen and seen + ties <= tie_stop[t]:
+            for j in range(n):
+                d = _load(x, j) - _load(base, j)
+                row[j] = d if abs(d) == value else row[j]
+        else:  # the window starts or ends in this tile: in index order
+            for j in range(n):
+                d = _load(x, j) - _load(base, j)
+                if abs(d) == value:
+                    if tie_skip[t] <= seen < tie_stop[t]:
+                        row[j] = d
+                    seen += 1
+        tie_seen[t] = tie_seen[t] + ties
 
 
 @numba.njit(**_OPTIONS)
@@ -216,14 +230,25 @@ def merge_block(xs, base, masks, out, scratch, keep, low_compare, low, high_comp
     With it (TIES, sum of mass): s = copysign(1, Σ D_i); Σ max(D_i·s, 0), × s, ÷ the agreeing
     weights (floored at `divisor_floor` if `clamp_divisor`, else 1 where under it) if `normalize`.
     Then × `lambda_` (when ≠ 1) and + base. `xs` and `masks` are tuples of equal-typed arrays;
-    `scratch` is float32 of at least (models + 2) × n entries (`scratch()`).
-    Models outer, entries inner: every inner loop is branch-free and vectorises."""
-    models, n = len(xs), base.size
+    `scratch` is float32 of at least (models + 2) × min(n, TILE) entries (`scratch()`).
+    In tiles of TILE entries, in index order (the tie windows count in it); within a tile,
+    models outer, entries inner: every inner loop is branch-free and vectorises, in L1/L2."""
+    n = base.size
+    for lo in range(0, n, TILE):
+        hi = min(n, lo + TILE)
+        _merge_tile(xs, base, masks, out, scratch, keep, low_compare, low, high_compare, high, tie_value, tie_skip, tie_stop, tie_seen, rescale, rescale_by, weight, consensus, normalize, divisor_floor, clamp_divisor, divisor, lambda_, lo, hi)
+
+
+@numba.njit(**_OPTIONS)
+def _merge_tile(xs, base_all, masks, out_all, scratch, keep, low_compare, low, high_compare, high, tie_value, tie_skip, tie_stop, tie_seen, rescale, rescale_by, weight, consensus, normalize, divisor_floor, clamp_divisor, divisor, lambda_, lo, hi):
+    """Entries [lo, hi) of `merge_block`."""
+    models, n = len(xs), hi - lo
+    base, out = base_all[lo:hi], out_all[lo:hi]
     one = np.float32(1.0)
     deltas = scratch[: models * n].reshape((models, n))
     for i in range(models):
         row = deltas[i]
-        _kept_delta(xs[i], base, row, keep[i], low_compare[i], low[i], high_compare[i], high[i], masks[i], tie_value[i], tie_skip[i], tie_stop[i], tie_seen[i])
+        _kept_delta(xs[i][lo:hi], base, row, keep[i], low_compare[i], low[i], high_compare[i], high[i], masks[i][lo:hi], tie_value[i], tie_skip[i], tie_stop[i], tie_seen[i])
         if rescale[i] == RESCALE_SCALE:
             by = rescale_by[i]
             for j in range(n):
@@ -285,3 +310,71 @@ def l1_sums_with_mask_bits(x, base, draws, probability, bits):
             after += abs(delta * np.float32(1.0 if keep else 0.0))  # δ·0 as torch has it: NaN for ±Inf
         bits[k] = byte
     return before, after
+
+
+# torch.rand's draws on a CPU generator, three times as fast (1.3 ns an entry against 4.0): torch's
+# CPU generator is MT19937 seeded with the seed's low 32 bits (the reference `init_genrand`), and
+# its float32 uniform is the 24 low bits of each 32-bit output × 2^-24, drawn in index order.
+_MT_N, _MT_M = 624, 397
+
+
+@numba.njit(**_OPTIONS)
+def _mt_seed(state, seed):
+    state[0] = seed
+    for k in range(1, _MT_N):
+        prev = state[k - 1]
+        state[k] = np.uint32(1812433253) * (prev ^ (prev >> np.uint32(30))) + np.uint32(k)
+
+
+@numba.njit(**_OPTIONS)
+def _mt_twist(state):
+    """The next 624 words. In three runs, each of which reads word k+1 before it changes and word
+    k+M (or k+M−N) after: written through a buffer, each run's loop vectorises."""
+    upper, lower, matrix, one, zero = np.uint32(0x80000000), np.uint32(0x7FFFFFFF), np.uint32(0x9908B0DF), np.uint32(1), np.uint32(0)
+    run = _MT_N - _MT_M
+    buffer = np.empty(run, dtype=np.uint32)
+    for lo, hi, source in ((0, run, _MT_M), (run, 2 * run, 0), (2 * run, _MT_N - 1, run)):
+        for k in range(lo, hi):
+            y = (state[k] & upper) | (state[k + 1] & lower)
+            buffer[k - lo] = state[k - lo + source] ^ (y >> one) ^ ((zero - (y & one)) & matrix)
+        for k in range(lo, hi):
+            state[k] = buffer[k - lo]
+    y = (state[_MT_N - 1] & upper) | (state[0] & lower)
+    state[_MT_N - 1] = state[_MT_M - 1] ^ (y >> one) ^ ((zero - (y & one)) & matrix)
+
+
+@numba.njit(**_OPTIONS)
+def _mt_uniform(state, position, out):
+    """out = the next out.size float32 draws in [0, 1); `position[0]` is the next word's index."""
+    i, j, n = position[0], 0, out.size
+    scale = np.float32(1.0 / 16777216.0)
+    while j < n:
+        if i >= _MT_N:
+            _mt_twist(state)
+            i = 0
+        m = min(_MT_N - i, n - j)
+        for k in range(m):
+            y = state[i + k]
+            y ^= y >> np.uint32(11)
+            y ^= (y << np.uint32(7)) & np.uint32(0x9D2C5680)
+            y ^= (y << np.uint32(15)) & np.uint32(0xEFC60000)
+            y ^= y >> np.uint32(18)
+            out[j + k] = np.float32(y & np.uint32(0xFFFFFF)) * scale
+        i += m
+        j += m
+    position[0] = i
+
+
+class UniformDraws:
+    """The float32 draws `torch.rand(..., generator=torch.Generator().manual_seed(seed))` gives,
+    call after call (the tests compare them with torch's)."""
+
+    def __init__(self, seed: int) -> None:
+        self._state = np.empty(_MT_N, dtype=np.uint32)
+        _mt_seed(self._state, np.uint32(seed & 0xFFFFFFFF))
+        self._position = np.array([_MT_N], dtype=np.int64)
+
+    def draw(self, shape: torch.Size | tuple[int, ...]) -> torch.Tensor:
+        out = np.empty(int(np.prod(shape, dtype=np.int64)), dtype=np.float32)
+        _mt_uniform(self._state, self._position, out)
+        return torch.from_numpy(out).reshape(shape)
