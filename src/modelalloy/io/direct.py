@@ -3,9 +3,8 @@
 Why we bother: on the VM this project is built on, a copy out of freshly filled page-cache pages
 runs at ~1 GB/s of a core's time (the first touch of those pages is slow), and that copy was
 most of a cold merge's CPU. Reading 6.6 GB of cold inputs: one plain reader 3.0-10.8 s, almost
-all of it kernel time; eight direct readers of 64 MiB 3.1-3.4 s with 0.7 s of CPU. (The output
-is still written through the page cache: direct writes were measured too, and made cold merges
-slower; see bench/README.md.) Direct I/O wants the buffer's address, the file offset and the
+all of it kernel time; eight direct readers of 64 MiB 3.1-3.4 s with 0.7 s of CPU. The output
+is written direct too (`io/direct_writes.py`). Direct I/O wants the buffer's address, the file offset and the
 length in multiples of the device's block size; ALIGN (4096) covers the usual 512 and 4096.
 """
 
