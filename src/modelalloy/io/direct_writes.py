@@ -139,9 +139,7 @@ class DirectShard:
         for b in boundaries:
             page = align_down(b)
             if b % ALIGN and page not in self._edges:
-                self._edges[page] = [aligned_buffer(ALIGN), min(page + ALIGN, size) - page]
-        for buf, _ in self._edges.values():
-            buf.zero_()  # the padding past the file's end
+                self._edges[page] = [aligned_buffer(ALIGN).zero_(), min(page + ALIGN, size) - page]  # zeros: the padding past the file's end
         self._staged: dict[int, list] = {}  # tensor start -> [buffer or None, file offset of its byte 0, bytes in it]
         whole = align_down(len(header))
         if whole:
