@@ -125,6 +125,41 @@ def test_fused_radix_select_finds_the_sorted_values():
         assert select.equal[t] == int((magnitude == ordered[k - 1]).sum())
 
 
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64, torch.bfloat16, torch.float16])
+@pytest.mark.parametrize("bad", [None, float("nan"), float("inf"), -float("inf")])
+@pytest.mark.parametrize("where", ["x", "base"])
+def test_radix_select_sees_nonfinite_inputs_in_its_first_pass(dtype, bad, where):
+    """The top digit's bins from +Inf's bits up count |x − base|'s NaNs and Infs (kernel path for
+    float32 x and base of float32 or bfloat16, torch's otherwise)."""
+    g = torch.Generator().manual_seed(2)
+    base = torch.randn(1000, generator=g)
+    x = base + torch.randn(1000, generator=g) * 1e-2
+    base, x = base.to(dtype), x.to(dtype)
+    if bad is not None:
+        (x if where == "x" else base)[777] = bad
+    compute = torch.float32 if dtype == torch.bfloat16 else dtype  # the kernel widens bf16 itself
+    select = RadixSelect([10], compute)
+    for step in range(select.passes):
+        select.start(step)
+        for start in range(0, 1000, 300):
+            xs, bs = x[start : start + 300], base[start : start + 300]
+            if compute == torch.float32:
+                select.observe_difference(xs, bs)
+            else:
+                select.observe((xs - bs).abs())
+    select.finish()
+    assert select.saw_nonfinite == (bad is not None)
+
+
+def test_a_difference_overflowing_to_inf_counts_as_nonfinite():
+    base, x = torch.tensor([3e38, 0.0]), torch.tensor([-3e38, 1.0])  # finite, but x − base is −Inf
+    select = RadixSelect([1], torch.float32)
+    select.start(0)
+    select.observe_difference(x, base)
+    select.start(1)
+    assert select.saw_nonfinite
+
+
 @pytest.mark.parametrize("name", ["della", "ties"])
 def test_what_the_kernels_do_not_cover_keeps_the_torch_path(name):
     method = get_method(name)

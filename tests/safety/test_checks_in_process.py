@@ -4,6 +4,7 @@ epsilon range, overflow in the cast to the output dtype, a dangling symlink, dup
 from __future__ import annotations
 
 import os
+import warnings
 
 import pytest
 from alloy_helpers import copy_model, rewrite_weights, write_config
@@ -80,3 +81,48 @@ def test_input_inf_warns_and_the_inf_it_produces_is_an_error(tmp_path, llama):
     with pytest.warns(UserWarning, match=r"input tensors hold NaN or Inf: model\.layers\.2\.mlp\.gate_proj\.weight in .*inf; check those models"):
         with pytest.raises(MergeError, match=r"^model\.layers\.2\.mlp\.gate_proj\.weight: ties produced NaN or Inf"):
             modelalloy.merge(cfg, tmp_path / "out", threads=1)
+
+
+def _task_vector_config(method: str, *models) -> dict:
+    parameters = {"weight": 1.0} | ({} if method == "task_arithmetic" else {"density": 0.3})
+    return {"merge_method": method, "base_model": str(models[0]), "models": [{"model": str(m), "parameters": parameters} for m in models[1:]]}
+
+
+@pytest.mark.parametrize(("method", "poisoned", "value"), [("ties", "base", float("nan")), ("dare_ties", "ft_dense", float("inf"))])
+def test_nonfinite_inputs_are_named_when_the_first_pass_finds_them(tmp_path, llama, method, poisoned, value):
+    # TIES sees them in its radix select's histograms, DARE-TIES in its ‖δ‖₁ pass: the engine's own
+    # check then runs in the second pass, on that tensor only, and names the model.
+    models = {m: llama[m] for m in ("base", "ft_dense", "ft_sparse")}
+    models[poisoned] = copy_model(llama[poisoned], tmp_path / "poisoned")
+    rewrite_weights(models[poisoned], lambda s: s["model.layers.1.self_attn.o_proj.weight"].__setitem__((3, 5), value))
+    cfg = write_config(tmp_path / "m.yaml", _task_vector_config(method, *models.values()))
+    with pytest.warns(UserWarning, match=r"input tensors hold NaN or Inf: model\.layers\.1\.self_attn\.o_proj\.weight in .*poisoned; check those models"):
+        with pytest.raises(MergeError, match=rf"^model\.layers\.1\.self_attn\.o_proj\.weight: {method} produced NaN or Inf"):
+            modelalloy.merge(cfg, tmp_path / "out", threads=1)
+
+
+def test_finite_inputs_whose_difference_overflows_are_not_called_nonfinite(tmp_path, llama):
+    # 3e38 − (−3e38) is Inf in float32: the histograms see it, the check of the inputs finds nothing.
+    base, tuned = copy_model(llama["base"], tmp_path / "base"), copy_model(llama["ft_dense"], tmp_path / "tuned")
+    rewrite_weights(base, lambda s: s["model.layers.1.mlp.up_proj.weight"].__setitem__((0, 0), 3e38))
+    rewrite_weights(tuned, lambda s: s["model.layers.1.mlp.up_proj.weight"].__setitem__((0, 0), -3e38))
+    cfg = write_config(tmp_path / "m.yaml", _task_vector_config("ties", base, tuned))
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        with pytest.raises(MergeError, match=r"^model\.layers\.1\.mlp\.up_proj\.weight: ties produced NaN or Inf"):
+            modelalloy.merge(cfg, tmp_path / "out", threads=1)
+    assert not [w for w in caught if "input tensors hold" in str(w.message)]
+
+
+def test_finite_inputs_are_not_checked_again_when_the_first_pass_vouches_for_them(tmp_path, llama, monkeypatch):
+    from modelalloy.engine.inputs import NonFiniteInputs
+
+    checked: list[str] = []
+    real_check = NonFiniteInputs.check
+    monkeypatch.setattr(NonFiniteInputs, "check", lambda self, model, tensor, x: checked.append(tensor) or real_check(self, model, tensor, x))
+    for method in ("ties", "dare_ties", "task_arithmetic"):
+        checked.clear()
+        cfg = write_config(tmp_path / f"{method}.yaml", _task_vector_config(method, llama["base"], llama["ft_dense"], llama["ft_sparse"]))
+        modelalloy.merge(cfg, tmp_path / method, threads=1)
+        # Task arithmetic has no statistics pass: its inputs are checked block by block.
+        assert (len(checked) > 0) == (method == "task_arithmetic"), (method, len(checked))

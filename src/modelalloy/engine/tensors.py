@@ -122,9 +122,14 @@ def stream_tensor(recipe: TensorRecipe, read: InputReader, plan: Plan, writer: S
     # unless the merge takes them as stored.
     as_stored = merge.takes_bfloat16 and spec.dtype == torch.float32 and all(stored[s] == torch.bfloat16 and plan.input_dtype in (None, torch.bfloat16) for s in sources)
     converted = {s: torch.empty(rows * spec.row_length, dtype=plan.compute_dtype) for s in sources if plan.input_dtype in (None, stored[s]) and not as_stored}
+    # The inputs' NaN/Inf check (which names them) runs in the first pass, or, when the merge's
+    # first pass shows whether there is any (`finds_nonfinite`), in the second, only if it saw one.
+    check_in_pass = None if merge.spreads_nonfinite else 1 if merge.finds_nonfinite else 0
     for step in range(merge.passes + 1):
         with _naming(recipe):  # e.g. statistics that leave the method no answer
             merge.start(step)
+        if step == 1 and check_in_pass == 1 and not merge.first_pass_saw_nonfinite():
+            check_in_pass = None
         for first_row in range(0, spec.rows, rows):
             start, stop = first_row * spec.row_length, min(spec.rows, first_row + rows) * spec.row_length
             raws, values = {}, {}
@@ -134,11 +139,10 @@ def stream_tensor(recipe: TensorRecipe, read: InputReader, plan: Plan, writer: S
                 if raw is None:  # not read ahead, or in the page cache
                     raw = read.checkpoints[s.model].read_entries(s.tensor, start, stop, buffers[s])
                 raws[s] = raw = raw.view(stored[s])
-                if step == 0:
-                    if not merge.spreads_nonfinite:
-                        read.nonfinite.check(s.model, s.tensor, raw)
-                    if s in hashes:
-                        hashes[s].update(memoryview(raw.view(torch.uint8).numpy()))
+                if step == check_in_pass:
+                    read.nonfinite.check(s.model, s.tensor, raw)
+                if step == 0 and s in hashes:
+                    hashes[s].update(memoryview(raw.view(torch.uint8).numpy()))
                 if as_stored:
                     value = raw
                 else:

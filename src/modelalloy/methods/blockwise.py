@@ -75,12 +75,22 @@ class BlockMerge(ABC):
     # NaN too). The engine then skips its NaN check of the inputs, since the output's check fails
     # anyway, and checks a block's inputs only then, to name them.
     spreads_nonfinite: bool = False
+    # True when its first pass is a statistics pass whose numbers show, at no cost, whether any
+    # input (the base included) holds a NaN or Inf: TIES' histograms of |x − base|'s bits, DARE's
+    # ‖δ‖₁. The engine then skips its own check of the inputs in the first pass, and after it
+    # checks them (in the second pass, to name them) only if `first_pass_saw_nonfinite()`.
+    finds_nonfinite: bool = False
     # True when, computing in float32, it takes blocks of bfloat16 inputs as stored (and widens
     # them exactly itself): the engine then skips converting each block to float32.
     takes_bfloat16: bool = False
 
     def start(self, step: int) -> None:
         """Before each pass; the default has nothing to prepare."""
+
+    def first_pass_saw_nonfinite(self) -> bool:
+        """After `start(1)`, for a merge that `finds_nonfinite`: whether the first pass met a NaN or
+        Inf (a difference overflowing to Inf counts too; the engine's check then finds no input)."""
+        raise TypeError(f"{type(self).__name__} does not find non-finite inputs itself")
 
     def observe(self, block: Block) -> None:
         """One block of a statistics pass; a merge that declares passes must say what it gathers."""

@@ -29,7 +29,9 @@ class RadixSelect:
 
     Per pass: `start(step)`, `observe(block)` (or `observe_difference(x, base)`: |x − base|) for
     every block, and after the last pass `finish()`; then `value[t]` is the k-th largest for
-    `ks[t]`, `above[t]` how many entries exceed it and `equal[t]` how many equal it.
+    `ks[t]`, `above[t]` how many entries exceed it and `equal[t]` how many equal it. From the
+    second pass on, `saw_nonfinite` says whether the first met a NaN or Inf (their bits are the
+    highest: the top digit's bins from +Inf's up count them).
     """
 
     def __init__(self, ks: Sequence[int], dtype: torch.dtype) -> None:
@@ -45,6 +47,8 @@ class RadixSelect:
         self._equal = [0] * len(self.ks)
         self._step = -1
         self._fused: np.ndarray | None = None  # this pass's histograms from the float32 kernel, per prefix
+        self._infinity_digit = int(torch.tensor(float("inf"), dtype=dtype).view(self.int_dtype)) >> self.shifts[0]
+        self.saw_nonfinite = False
 
     @property
     def _prefixes(self) -> list[int]:
@@ -91,6 +95,8 @@ class RadixSelect:
         if self._fused is not None:
             for prefix, counts in zip(self._prefixes if self._step > 0 else [0], self._fused):
                 self._counts[prefix] = self._counts[prefix] + torch.from_numpy(counts) if prefix in self._counts else torch.from_numpy(counts)
+        if self._step == 0 and 0 in self._counts:
+            self.saw_nonfinite = bool(self._counts[0][self._infinity_digit :].any())
         for t, prefix in enumerate(self._found):
             counts = self._counts.get(prefix)
             if counts is None:

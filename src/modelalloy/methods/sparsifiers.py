@@ -55,6 +55,8 @@ class Sparsifier:
     passes = 0
     drops = False  # False: keeps every entry (no rescale either)
     fusable = True  # has a `fused_keep` for every block
+    # Its first statistics pass shows whether |δ| held a NaN or Inf (`saw_nonfinite` after it).
+    finds_nonfinite = False
 
     def start(self, step: int) -> None:
         pass
@@ -111,11 +113,13 @@ class RankWindow(Sparsifier):
     and only until the last of those is passed."""
 
     drops = True
+    finds_nonfinite = True
 
     def __init__(self, first: int, stop: int, dtype: torch.dtype, density: float) -> None:
         self.first, self.stop, self.density = first, stop, density
-        # The values at rank `first` (the largest kept) and at rank `stop - 1` (the smallest kept).
-        self.select = RadixSelect([first + 1, stop], dtype)
+        # The values at rank `stop - 1` (the smallest kept) and, when the window does not start at
+        # the top, at rank `first` (the largest kept): TIES (first = 0) needs one select, not two.
+        self.select = RadixSelect([stop, first + 1] if first > 0 else [stop], dtype)
         self.passes = self.select.passes
 
     def start(self, step: int) -> None:
@@ -131,26 +135,32 @@ class RankWindow(Sparsifier):
         """Comparisons that keep the untied entries, and the tied entries to keep by index:
         `windows` of (value, skip, count): of the entries equal to value, in index order, skip
         `skip` and keep the next `count`."""
-        (high, low), (above_high, above_low), (equal_high, equal_low) = self.select.value, self.select.above, self.select.equal
+        low, above_low, equal_low = self.select.value[0], self.select.above[0], self.select.equal[0]
         self.lower: tuple[Callable, float] | None = None
         self.upper: tuple[Callable, float] | None = None
         self.windows: list[tuple[float, int, int]] = []
-        if high == low:  # every kept entry ties at one value
-            self.windows.append((high, self.first - above_high, self.stop - self.first))
-            return
+        if self.first > 0:
+            high, above_high, equal_high = self.select.value[1], self.select.above[1], self.select.equal[1]
+            if high == low:  # every kept entry ties at one value
+                self.windows.append((high, self.first - above_high, self.stop - self.first))
+                return
         keep_low = self.stop - above_low
         if keep_low == equal_low:
             self.lower = (torch.ge, low)
         else:
             self.lower = (torch.gt, low)
             self.windows.append((low, 0, keep_low))
-        skip_high = self.first - above_high
         if self.first > 0:
+            skip_high = self.first - above_high
             if skip_high == 0:
                 self.upper = (torch.gt, high)
             else:
                 self.upper = (torch.ge, high)
                 self.windows.append((high, skip_high, equal_high - skip_high))
+
+    @property
+    def saw_nonfinite(self) -> bool:
+        return self.select.saw_nonfinite
 
     def observe(self, delta: Tensor) -> None:
         self.select.observe(delta.abs())

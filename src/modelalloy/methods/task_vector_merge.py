@@ -22,6 +22,7 @@ on the block size. Never more than a block of each task vector is alive.
 
 from __future__ import annotations
 
+import math
 import warnings
 from typing import Any
 
@@ -83,6 +84,9 @@ class TaskVectorMerge(BlockMerge):
             if isinstance(s, RandomKeep):
                 s.reuse_masks = self.l1
         self.passes = self.statistics_passes + self.l1  # the l1 rescale needs ‖δ‖₁ before and after the mask
+        # The first pass sees every model's |δ| (the base's too): in its radix select, or, when the
+        # l1 pass comes first, in ‖δ‖₁ (NaN or Inf if any |δ| is).
+        self.finds_nonfinite = count > 0 and all(s.finds_nonfinite or (self.statistics_passes == 0 and self.l1 and s.drops) for s in self.sparsifiers)
         self.scale = [1.0] * count
         # float32 on the CPU: one fused kernel per block (`kernels.merge_block`, the same
         # operations in the same order, ~4× less CPU); the rest keeps the torch path below.
@@ -99,6 +103,11 @@ class TaskVectorMerge(BlockMerge):
         if self.l1 and step == self.statistics_passes:
             self.before = [0.0] * len(self.sparsifiers)
             self.after = [0.0] * len(self.sparsifiers)
+
+    def first_pass_saw_nonfinite(self) -> bool:
+        if self.statistics_passes == 0:
+            return not all(math.isfinite(b) for b in self.before)
+        return any(s.saw_nonfinite for s in self.sparsifiers)
 
     def observe(self, block: Block) -> None:
         for i, (x, s) in enumerate(zip(block.inputs, self.sparsifiers)):
