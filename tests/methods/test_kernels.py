@@ -173,7 +173,7 @@ def test_what_the_kernels_do_not_cover_keeps_the_torch_path(name):
 
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
-@pytest.mark.parametrize("n", [1, 7, 8, 9, 1000])
+@pytest.mark.parametrize("n", [1, 7, 8, 9, 1000, 9001])
 @pytest.mark.parametrize("density", [0.7, 0.1])
 def test_the_l1_kernel_packs_the_masks_and_sums_like_numpy(dtype, n, density):
     g = torch.Generator().manual_seed(n)
@@ -184,7 +184,8 @@ def test_the_l1_kernel_packs_the_masks_and_sums_like_numpy(dtype, n, density):
     draws = torch.rand(n, generator=g)
     draws[0] = float(np.float32(density))  # at the threshold: float32 comparison drops it
     bits = np.full(-(-n // 8), 0xFF, dtype=np.uint8)
-    before, after = kernels.l1_sums_with_mask_bits(kernels.kernel_array(x), kernels.kernel_array(base), draws.numpy(), np.float32(density), bits)
+    scratch = np.empty(2 * min(n, kernels.TILE), dtype=np.float32)
+    before, after = kernels.l1_sums_with_mask_bits(kernels.kernel_array(x), kernels.kernel_array(base), draws.numpy(), np.float32(density), bits, scratch)
 
     delta = x.float().numpy() - base.float().numpy()
     mask = draws.numpy() < np.float32(density)

@@ -289,30 +289,56 @@ def _merge_tile(xs, base_all, masks, out_all, scratch, keep, low_compare, low, h
 
 
 @numba.njit(**_OPTIONS)
-def l1_sums_with_mask_bits(x, base, draws, probability, bits):
+def _sum_in_eight_lanes(a):
+    """Σ a in float64 in a fixed order: entry k into lane k mod 8, the lanes added pairwise. Eight
+    independent additions in flight, where one running sum waits on each (0.27 ns an entry, 1.0)."""
+    s0 = s1 = s2 = s3 = s4 = s5 = s6 = s7 = 0.0
+    full = a.size - a.size % 8
+    for k in range(0, full, 8):
+        s0 += a[k]
+        s1 += a[k + 1]
+        s2 += a[k + 2]
+        s3 += a[k + 3]
+        s4 += a[k + 4]
+        s5 += a[k + 5]
+        s6 += a[k + 6]
+        s7 += a[k + 7]
+    for k in range(full, a.size):
+        s0 += a[k]
+    return ((s0 + s1) + (s2 + s3)) + ((s4 + s5) + (s6 + s7))
+
+
+@numba.njit(**_OPTIONS)
+def l1_sums_with_mask_bits(x, base, draws, probability, bits, scratch):
     """DARE's l1 pass over one block: (Σ|δ|, Σ|δ · m|) with δ = x − base and the mask
     m = [draw < probability] (float32 comparison, as torch's), written as packed bits into
     `bits` (`np.packbits`' layout: entry 8k+j is bit 7−j of byte k, the last byte's spare bits 0).
-    The sums accumulate in float64 in index order (torch sums in its own order: the two may
-    differ in the last bits of a float64, far below the float32 scale they give)."""
+    The sums accumulate in float64, tile by tile in index order, each tile in eight lanes
+    (torch sums in an order of its own: the two may differ in the last bits of a float64, far
+    below the float32 scale they give). `scratch`: float32, ≥ 2 × min(n, TILE) entries."""
     n = base.size
+    zero, one = np.float32(0.0), np.float32(1.0)
     before = 0.0
     after = 0.0
+    for lo in range(0, n, TILE):
+        hi = min(n, lo + TILE)
+        xs, bs, ds = x[lo:hi], base[lo:hi], draws[lo:hi]  # slices, not lo + j: the loop then vectorises
+        magnitude, kept = scratch[: hi - lo], scratch[hi - lo : 2 * (hi - lo)]
+        for j in range(hi - lo):
+            d = abs(_load(xs, j) - _load(bs, j))
+            magnitude[j] = d
+            kept[j] = d * (one if ds[j] < probability else zero)  # δ·0 as torch has it: NaN for ±Inf
+        before += _sum_in_eight_lanes(magnitude)
+        after += _sum_in_eight_lanes(kept)
     for k in range(bits.size):
         byte = 0
         for j in range(min(8, n - 8 * k)):
-            i = 8 * k + j
-            delta = _load(x, i) - _load(base, i)
-            keep = draws[i] < probability
-            if keep:
-                byte |= 128 >> j
-            before += abs(delta)
-            after += abs(delta * np.float32(1.0 if keep else 0.0))  # δ·0 as torch has it: NaN for ±Inf
+            byte |= (128 >> j) if draws[8 * k + j] < probability else 0
         bits[k] = byte
     return before, after
 
 
-# torch.rand's draws on a CPU generator, three times as fast (1.3 ns an entry against 4.0): torch's
+# torch.rand's draws on a CPU generator, ten times as fast (0.41 ns an entry against 4.0): torch's
 # CPU generator is MT19937 seeded with the seed's low 32 bits (the reference `init_genrand`), and
 # its float32 uniform is the 24 low bits of each 32-bit output × 2^-24, drawn in index order.
 _MT_N, _MT_M = 624, 397
@@ -353,13 +379,14 @@ def _mt_uniform(state, position, out):
             _mt_twist(state)
             i = 0
         m = min(_MT_N - i, n - j)
+        words, draws = state[i : i + m], out[j : j + m]  # slices, not i + k: the loop then vectorises (3.4× faster)
         for k in range(m):
-            y = state[i + k]
+            y = words[k]
             y ^= y >> np.uint32(11)
             y ^= (y << np.uint32(7)) & np.uint32(0x9D2C5680)
             y ^= (y << np.uint32(15)) & np.uint32(0xEFC60000)
             y ^= y >> np.uint32(18)
-            out[j + k] = np.float32(y & np.uint32(0xFFFFFF)) * scale
+            draws[k] = np.float32(y & np.uint32(0xFFFFFF)) * scale
         i += m
         j += m
     position[0] = i
