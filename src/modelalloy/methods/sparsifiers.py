@@ -27,7 +27,8 @@ class FusedKeep:
     """What `kernels.merge_block` needs of one model's sparsifier for one block: a `kernels`
     keep code; the two thresholds' comparison codes and values and the tie windows (value, skip,
     stop) with their running counts `tie_seen` (the sparsifier's own array: the merge writes the
-    kernel's counts back), or a 0/1 mask; the keep-probability that inverse_p divides by."""
+    kernel's counts back), or a mask as packed bits (`np.packbits`' layout); the keep-probability
+    that inverse_p divides by."""
 
     code: int
     keep_probability: float = 1.0
@@ -37,7 +38,7 @@ class FusedKeep:
     high: float = 0.0
     tie_windows: tuple[tuple[float, int, int], ...] = ()
     tie_seen: np.ndarray | None = None
-    mask: Tensor | None = None
+    mask: np.ndarray | None = None
 
 
 _COMPARE_CODES = {torch.ge: kernels.GREATER_EQUAL, torch.gt: kernels.GREATER}
@@ -265,7 +266,14 @@ class RandomKeep(Sparsifier):
         return self.density
 
     def fused_keep(self, x: Tensor, base: Tensor) -> FusedKeep:
-        return FusedKeep(kernels.KEEP_BY_MASK, self.density, mask=self.keep_mask(x.shape, self.density))
+        """The block's mask as packed bits: replayed as recorded, or drawn and packed."""
+        if self._replay is not None:
+            return FusedKeep(kernels.KEEP_BY_MASK, self.density, mask=self._replay.pop())
+        bits = np.empty(-(-x.numel() // 8), dtype=np.uint8)
+        kernels.mask_bits_below(self.draws.draw(x.shape).reshape(-1).numpy(), np.float32(self.density), bits)
+        if self._recorded is not None:
+            self._recorded.append(bits)
+        return FusedKeep(kernels.KEEP_BY_MASK, self.density, mask=bits)
 
 
 # Rows per DELLA chunk: ranking needs two int64 argsorts per entry, so rank a few million

@@ -144,8 +144,8 @@ class TaskVectorMerge(BlockMerge):
         for i, keep in enumerate(keeps):
             for t, (value, skip, stop) in enumerate(keep.tie_windows):
                 tie_value[i, t], tie_skip[i, t], tie_stop[i, t], tie_seen[i, t] = value, skip, stop, keep.tie_seen[t]
-        no_mask = np.zeros(1, dtype=np.float32)
-        masks = tuple(no_mask if k.mask is None else k.mask.to(torch.float32).reshape(-1).numpy() for k in keeps)
+        no_mask = np.zeros(1, dtype=np.uint8)
+        masks = tuple(no_mask if k.mask is None else k.mask for k in keeps)
         out = torch.empty(base.shape, dtype=torch.float32)
         divisor = sum(self.weight)
         kernels.merge_block(
