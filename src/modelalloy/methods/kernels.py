@@ -87,7 +87,7 @@ def _load_overload(a, j):
     return lambda a, j: a[j]
 
 
-# Entries per tile of `merge_block`: its (models + 2) float32 rows of scratch stay in L1/L2 (measured,
+# Entries per tile of `merge_block`: its float32 rows of scratch (one a model) stay in L1/L2 (measured,
 # two bf16 fine-tunes, 2^18-entry blocks: 2.03 ns per entry untiled, 1.68 with 4096, 1.71 with 16384).
 TILE = 4096
 
@@ -151,13 +151,15 @@ def _kept_delta(x, base, row, code, low_compare, low, high_compare, high, mask, 
             row[j] = (_load(x, j) - _load(base, j)) * row[j]
         return
     one, zero = np.float32(1.0), np.float32(0.0)
-    low_ge, low_gt = low_compare == GREATER_EQUAL, low_compare == GREATER
-    high_ge, high_gt = high_compare == GREATER_EQUAL, high_compare == GREATER
+    # The comparison codes as 0/1 factors: `and`/`or` on them would branch in the loop, which
+    # then does not vectorise (0.33 ns an entry against 0.1).
+    low_ge, low_gt = one if low_compare == GREATER_EQUAL else zero, one if low_compare == GREATER else zero
+    high_ge, high_gt = one if high_compare == GREATER_EQUAL else zero, one if high_compare == GREATER else zero
     for j in range(n):
         d = _load(x, j) - _load(base, j)
         magnitude = abs(d)
-        keep = one if (low_ge and magnitude >= low) or (low_gt and magnitude > low) else zero
-        drop = one if (high_ge and magnitude >= high) or (high_gt and magnitude > high) else zero
+        keep = low_ge * (one if magnitude >= low else zero) + low_gt * (one if magnitude > low else zero)
+        drop = high_ge * (one if magnitude >= high else zero) + high_gt * (one if magnitude > high else zero)
         row[j] = d * (keep - drop)
     for t in range(tie_value.size):
         if tie_seen[t] >= tie_stop[t]:
@@ -183,51 +185,6 @@ def _kept_delta(x, base, row, code, low_compare, low, high_compare, high, mask, 
 
 
 @numba.njit(**_OPTIONS)
-def _elect_signs(deltas, sign, out, agreeing_weight):
-    """sign = copysign(1, Σ_i deltas[i]) (summed in model order); out = 0 and agreeing_weight = 0."""
-    one, zero = np.float32(1.0), np.float32(0.0)
-    n = sign.size
-    for j in range(n):
-        sign[j] = deltas[0, j]
-    for i in range(1, deltas.shape[0]):
-        row = deltas[i]
-        for j in range(n):
-            sign[j] = sign[j] + row[j]
-    for j in range(n):
-        sign[j] = np.copysign(one, sign[j])
-        out[j] = zero
-        agreeing_weight[j] = zero
-
-
-@numba.njit(**_OPTIONS)
-def _add_agreeing(row, w, sign, out, agreeing_weight):
-    """out += max(row·sign, 0); agreeing_weight += w where that is > 0."""
-    one, zero = np.float32(1.0), np.float32(0.0)
-    for j in range(out.size):
-        agreeing = row[j] * sign[j]
-        agreeing = zero if agreeing < zero else agreeing  # NaN stays NaN, as clamp_min keeps it
-        out[j] = out[j] + agreeing
-        agreeing_weight[j] = agreeing_weight[j] + w * (one if agreeing > zero else zero)
-
-
-@numba.njit(**_OPTIONS)
-def _signed_quotient(out, sign, agreeing_weight, divisor_floor, clamp_divisor):
-    """out = out·sign ÷ agreeing_weight, the divisor floored (`clamp_divisor`) or 1 where under the floor."""
-    one = np.float32(1.0)
-    n = out.size
-    if clamp_divisor:
-        for j in range(n):
-            divide_by = agreeing_weight[j]
-            divide_by = divisor_floor if divide_by < divisor_floor else divide_by
-            out[j] = (out[j] * sign[j]) / divide_by
-    else:
-        for j in range(n):
-            divide_by = agreeing_weight[j]
-            divide_by = one if abs(divide_by) < divisor_floor else divide_by
-            out[j] = (out[j] * sign[j]) / divide_by
-
-
-@numba.njit(**_OPTIONS)
 def merge_block(xs, base, masks, out, scratch, keep, low_compare, low, high_compare, high, tie_value, tie_skip, tie_stop, tie_seen, rescale, rescale_by, weight, consensus, normalize, divisor_floor, clamp_divisor, divisor, lambda_):
     """One output block of the task-vector family in float32, into `out`.
 
@@ -238,9 +195,9 @@ def merge_block(xs, base, masks, out, scratch, keep, low_compare, low, high_comp
     With it (TIES, sum of mass): s = copysign(1, Σ D_i); Σ max(D_i·s, 0), × s, ÷ the agreeing
     weights (floored at `divisor_floor` if `clamp_divisor`, else 1 where under it) if `normalize`.
     Then × `lambda_` (when ≠ 1) and + base. `xs` and `masks` are tuples of equal-typed arrays;
-    `scratch` is float32 of at least (models + 2) × min(n, TILE) entries (`scratch()`).
-    In tiles of TILE entries (a multiple of 8: whole bytes of the masks), in index order (the tie windows count in it); within a tile,
-    models outer, entries inner: every inner loop is branch-free and vectorises, in L1/L2."""
+    `scratch` is float32 of at least models × min(n, TILE) entries (`scratch()`).
+    In tiles of TILE entries (a multiple of 8: whole bytes of the masks), in index order (the tie
+    windows count in it), each in L1/L2 (`_merge_tile`); every inner loop is branch-free and vectorises."""
     n = base.size
     for lo in range(0, n, TILE):
         hi = min(n, lo + TILE)
@@ -249,10 +206,13 @@ def merge_block(xs, base, masks, out, scratch, keep, low_compare, low, high_comp
 
 @numba.njit(**_OPTIONS)
 def _merge_tile(xs, base_all, masks, out_all, scratch, keep, low_compare, low, high_compare, high, tie_value, tie_skip, tie_stop, tie_seen, rescale, rescale_by, weight, consensus, normalize, divisor_floor, clamp_divisor, divisor, lambda_, lo, hi):
-    """Entries [lo, hi) of `merge_block`."""
+    """Entries [lo, hi) of `merge_block`. Each model's kept and rescaled δ first, a loop each
+    (`_kept_delta`); then everything else in one loop over the entries with the models unrolled
+    inside it (their count is the tuple's, fixed when compiled, so the loop still vectorises), so
+    no step stores and reloads the tile. ×λ is exact when λ = 1."""
     models, n = len(xs), hi - lo
     base, out = base_all[lo:hi], out_all[lo:hi]
-    one = np.float32(1.0)
+    one, zero = np.float32(1.0), np.float32(0.0)
     deltas = scratch[: models * n].reshape((models, n))
     for i in range(models):
         row = deltas[i]
@@ -261,39 +221,34 @@ def _merge_tile(xs, base_all, masks, out_all, scratch, keep, low_compare, low, h
             by = rescale_by[i]
             for j in range(n):
                 row[j] = row[j] * by
-        elif rescale[i] == RESCALE_DIVIDE:
+        elif rescale[i] == RESCALE_DIVIDE:  # a loop of its own: a division is slow, and rare here
             by = rescale_by[i]
             for j in range(n):
                 row[j] = row[j] / by
-        w = weight[i]
-        for j in range(n):
-            row[j] = row[j] * w
-    if consensus:
-        sign = scratch[models * n : (models + 1) * n]
-        agreeing_weight = scratch[(models + 1) * n : (models + 2) * n]
-        _elect_signs(deltas, sign, out, agreeing_weight)
-        for i in range(models):
-            _add_agreeing(deltas[i], weight[i], sign, out, agreeing_weight)
-        if normalize:
-            _signed_quotient(out, sign, agreeing_weight, divisor_floor, clamp_divisor)
-        else:
-            for j in range(n):
-                out[j] = out[j] * sign[j]
-    else:
-        for j in range(n):
-            out[j] = deltas[0, j]
-        for i in range(1, models):
-            row = deltas[i]
-            for j in range(n):
-                out[j] = out[j] + row[j]
-        if normalize:
-            for j in range(n):
-                out[j] = out[j] / divisor
-    if lambda_ != one:
-        for j in range(n):
-            out[j] = out[j] * lambda_
     for j in range(n):
-        out[j] = out[j] + _load(base, j)
+        for i in range(models):
+            deltas[i, j] = deltas[i, j] * weight[i]
+        total = deltas[0, j]
+        for i in range(1, models):
+            total = total + deltas[i, j]
+        if consensus:
+            sign = np.copysign(one, total)
+            total = zero
+            agreeing_weight = zero
+            for i in range(models):
+                agreeing = deltas[i, j] * sign
+                agreeing = zero if agreeing < zero else agreeing  # NaN stays NaN, as clamp_min keeps it
+                total = total + agreeing
+                agreeing_weight = agreeing_weight + weight[i] * (one if agreeing > zero else zero)
+            if not normalize:
+                total = total * sign
+            elif clamp_divisor:
+                total = (total * sign) / (divisor_floor if agreeing_weight < divisor_floor else agreeing_weight)
+            else:
+                total = (total * sign) / (one if abs(agreeing_weight) < divisor_floor else agreeing_weight)
+        elif normalize:
+            total = total / divisor
+        out[j] = total * lambda_ + _load(base, j)
 
 
 @numba.njit(**_OPTIONS)

@@ -153,7 +153,7 @@ class TaskVectorMerge(BlockMerge):
             kernels.kernel_array(base),
             masks,
             out.view(-1).numpy(),
-            kernels.scratch((len(keeps) + 2) * min(base.numel(), kernels.TILE)),
+            kernels.scratch(len(keeps) * min(base.numel(), kernels.TILE)),
             np.array([k.code for k in keeps], dtype=np.int64),
             np.array([k.low_compare for k in keeps], dtype=np.int64),
             np.array([k.low for k in keeps], dtype=np.float32),
