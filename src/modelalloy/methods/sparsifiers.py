@@ -266,13 +266,11 @@ class RandomKeep(Sparsifier):
         return self.density
 
     def fused_keep(self, x: Tensor, base: Tensor) -> FusedKeep:
-        """The block's mask as packed bits: replayed as recorded, or drawn and packed."""
+        """The block's mask as packed bits: replayed as `fused_l1_sums` recorded it, or drawn and packed."""
         if self._replay is not None:
             return FusedKeep(kernels.KEEP_BY_MASK, self.density, mask=self._replay.pop())
         bits = np.empty(-(-x.numel() // 8), dtype=np.uint8)
         kernels.mask_bits_below(self.draws.draw(x.shape).reshape(-1).numpy(), np.float32(self.density), bits)
-        if self._recorded is not None:
-            self._recorded.append(bits)
         return FusedKeep(kernels.KEEP_BY_MASK, self.density, mask=bits)
 
 
